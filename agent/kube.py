@@ -1,0 +1,268 @@
+"""A thin raw-JSON client for the Kubernetes API.
+
+kubernetes_asyncio reads the kubeconfig (certificates, tokens, exec plugins);
+requests then go through one shared aiohttp session as plain dicts, because
+deserialising into generated model objects is many times slower (see
+shared/LIBRARIES.md) and the agent only needs a handful of verbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from agent import __version__
+
+USER_AGENT = f"kubelet-emu/{__version__}"
+JSON = dict[str, Any]
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class KubeconfigError(Exception):
+    """The kubeconfig cannot be read or names no usable cluster: not worth retrying."""
+
+
+class ApiError(Exception):
+    """An answer from the API server other than 2xx, or no answer at all."""
+
+    def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.method = method
+        self.path = path
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = f"{self.method} {self.path}: " if self.path else ""
+        if self.status == 0:
+            return f"{where}API server unreachable: {self.message}"
+        return f"{where}{self.status} {self.reason}: {self.message}"
+
+    @property
+    def unreachable(self) -> bool:
+        return self.status == 0
+
+    @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+class Kube:
+    """One connection pool to one API server, authenticated as the kubeconfig says."""
+
+    def __init__(self, host: str, ssl_context: ssl.SSLContext | bool, auth: Any | None = None):
+        self.host = host.rstrip("/")
+        self._ssl = ssl_context
+        self._auth = auth  # kubernetes_asyncio Configuration, for bearer tokens and their refresh
+        self._session: aiohttp.ClientSession | None = None
+        self.requests_by_verb: dict[str, int] = {}
+
+    @classmethod
+    async def from_kubeconfig(cls, path: str) -> Kube:
+        # Imported here: kubernetes_asyncio is heavy and only this loader needs it.
+        from kubernetes_asyncio.client import Configuration
+        from kubernetes_asyncio.config import ConfigException, load_kube_config
+
+        cfg = Configuration()
+        try:
+            await load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+        except FileNotFoundError as exc:
+            raise KubeconfigError(f"kubeconfig {path}: file not found") from exc
+        except (ConfigException, ValueError, TypeError, KeyError) as exc:
+            raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
+        except OSError as exc:
+            raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
+        if not cfg.host or not cfg.host.startswith(("https://", "http://")):
+            raise KubeconfigError(f"kubeconfig {path}: the current context names no API server URL")
+        context: ssl.SSLContext | bool = False
+        if cfg.host.startswith("https://"):
+            try:
+                context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+                if cfg.cert_file:
+                    context.load_cert_chain(cfg.cert_file, keyfile=cfg.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise KubeconfigError(f"kubeconfig {path}: cannot load its certificates: {exc}") from exc
+            if not cfg.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return cls(cfg.host, context, cfg)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                json_serialize=json.dumps,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _headers(self) -> dict[str, str]:
+        if self._auth is None:
+            return {}
+        if self._auth.refresh_api_key_hook is not None:
+            await self._auth.refresh_api_key_hook(self._auth)
+        token = self._auth.get_api_key_with_prefix("BearerToken") if self._auth.api_key else None
+        return {"Authorization": token} if token else {}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> JSON:
+        headers = await self._headers()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
+        try:
+            async with self.session.request(
+                method,
+                self.host + path,
+                params=_query(query),
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 300:
+                    raise _error_from(resp.status, resp.reason or "", raw, method, path)
+                return json.loads(raw) if raw else {}
+        except aiohttp.ClientError as exc:
+            raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, method, path) from exc
+        except TimeoutError as exc:
+            raise ApiError(0, "Timeout", f"no answer within {timeout:g}s", method, path) from exc
+
+    async def get(self, path: str, **query: Any) -> JSON:
+        return await self.request("GET", path, query=query)
+
+    async def create(self, path: str, body: JSON) -> JSON:
+        return await self.request("POST", path, body=body)
+
+    async def replace(self, path: str, body: JSON) -> JSON:
+        return await self.request("PUT", path, body=body)
+
+    async def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE_PATCH) -> JSON:
+        return await self.request("PATCH", path, body=body, content_type=content_type)
+
+    async def delete(self, path: str, body: JSON | None = None) -> JSON:
+        return await self.request("DELETE", path, body=body)
+
+    async def watch(
+        self, path: str, resource_version: str, *, timeout_seconds: int = 300, **query: Any
+    ) -> AsyncIterator[JSON]:
+        """Yield watch events ({"type", "object"}) from one watch request.
+
+        Ends when the server closes the stream. An ERROR event (such as 410
+        Gone) is raised as ApiError so the caller can relist.
+        """
+        params = dict(query)
+        params.update(
+            watch="true",
+            resourceVersion=resource_version,
+            allowWatchBookmarks="true",
+            timeoutSeconds=str(timeout_seconds),
+        )
+        headers = await self._headers()
+        self.requests_by_verb["WATCH"] = self.requests_by_verb.get("WATCH", 0) + 1
+        try:
+            async with self.session.get(
+                self.host + path,
+                params=_query(params),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30),
+            ) as resp:
+                if resp.status >= 300:
+                    raise _error_from(resp.status, resp.reason or "", await resp.read(), "WATCH", path)
+                async for line in _lines(resp.content):
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise ApiError(
+                            int(status.get("code") or 500),
+                            status.get("reason", "Error"),
+                            status.get("message", ""),
+                            "WATCH",
+                            path,
+                        )
+                    yield event
+        except aiohttp.ClientError as exc:
+            raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, "WATCH", path) from exc
+        except TimeoutError as exc:
+            raise ApiError(0, "Timeout", "watch stalled", "WATCH", path) from exc
+
+
+async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    # readline() caps a line at the read buffer size; Pod objects can be large,
+    # so assemble lines from chunks instead.
+    buf = b""
+    async for chunk in stream.iter_any():
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1 :]
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+def _query(query: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if not query:
+        return None
+    out: dict[str, str] = {}
+    for key, value in query.items():
+        if value is None:
+            continue
+        out[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+def _error_from(status: int, reason: str, raw: bytes, method: str, path: str) -> ApiError:
+    message = raw.decode(errors="replace").strip()
+    try:
+        body = json.loads(raw)
+        if isinstance(body, dict):
+            message = body.get("message", message)
+            reason = body.get("reason", reason)
+    except ValueError:
+        pass
+    return ApiError(status, reason, message, method, path)
+
+
+async def sleep_backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> None:
+    """Exponential backoff with a cap, for retrying while the API server is down."""
+    await asyncio.sleep(min(cap, base * (2 ** min(attempt, 10))))

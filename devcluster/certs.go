@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+type pkiPaths struct {
+	caCert, caKey                       string
+	apiserverCert, apiserverKey         string
+	kubeletClientCert, kubeletClientKey string
+	saKey, saPub                        string
+	adminKubeconfig                     string
+	schedulerKubeconfig, cmKubeconfig   string
+	adminCert, adminKey                 string
+}
+
+// writePKI creates (or reuses) every certificate and kubeconfig the control
+// plane and its clients need.
+func writePKI(dir, server string) (*pkiPaths, error) {
+	pkiDir := filepath.Join(dir, "pki")
+	ca, err := ensureCA(pkiDir)
+	if err != nil {
+		return nil, err
+	}
+	p := &pkiPaths{caCert: filepath.Join(pkiDir, "ca.crt"), caKey: filepath.Join(pkiDir, "ca.key")}
+	host, _ := os.Hostname()
+	if p.apiserverCert, p.apiserverKey, err = issue(pkiDir, ca, certSpec{
+		name: "apiserver", cn: "kube-apiserver", server: true,
+		dns: []string{"localhost", host, "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		ips: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")},
+	}); err != nil {
+		return nil, err
+	}
+	// The apiserver's identity toward kubelets (logs, exec, port-forward).
+	if p.kubeletClientCert, p.kubeletClientKey, err = issue(pkiDir, ca, certSpec{
+		name: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client", orgs: []string{"system:masters"},
+	}); err != nil {
+		return nil, err
+	}
+	if p.saKey, p.saPub, err = ensureServiceAccountKey(pkiDir); err != nil {
+		return nil, err
+	}
+	clients := []struct {
+		name, cn, org string
+		out           *string
+	}{
+		{"admin", "kubernetes-admin", "system:masters", &p.adminKubeconfig},
+		{"kube-scheduler", "system:kube-scheduler", "", &p.schedulerKubeconfig},
+		{"kube-controller-manager", "system:kube-controller-manager", "", &p.cmKubeconfig},
+	}
+	for _, c := range clients {
+		var orgs []string
+		if c.org != "" {
+			orgs = []string{c.org}
+		}
+		certPath, keyPath, err := issue(pkiDir, ca, certSpec{name: c.name, cn: c.cn, orgs: orgs})
+		if err != nil {
+			return nil, err
+		}
+		if c.name == "admin" {
+			p.adminCert, p.adminKey = certPath, keyPath
+		}
+		*c.out = filepath.Join(dir, c.name+".kubeconfig")
+		if err := writeKubeconfig(*c.out, server, p.caCert, certPath, keyPath, c.cn); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// waitReady polls /readyz with the admin identity until the apiserver answers.
+func waitReady(ctx context.Context, p *pkiPaths, apiErr <-chan error) error {
+	caPEM, err := os.ReadFile(p.caCert)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	cert, err := tls.LoadX509KeyPair(p.adminCert, p.adminKey)
+	if err != nil {
+		return err
+	}
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
+	}}
+	server, err := readServer(p.adminKubeconfig)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(120 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-apiErr:
+			return fmt.Errorf("kube-apiserver exited: %v", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+		resp, err := client.Get(server + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("kube-apiserver not ready after 120s")
+}

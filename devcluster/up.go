@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/spf13/pflag"
+	"go.etcd.io/etcd/server/v3/embed"
+
+	apiserverapp "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	cmapp "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	cmoptions "k8s.io/kubernetes/cmd/kube-controller-manager/app/options"
+	schedapp "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	schedoptions "k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+)
+
+// clusterState is written to DIR/cluster.json once every component started,
+// so that the Python side (and node-kubeconfig) can find the cluster.
+type clusterState struct {
+	Server          string `json:"server"`
+	AdminKubeconfig string `json:"admin_kubeconfig"`
+	CACert          string `json:"ca_cert"`
+	EtcdURL         string `json:"etcd_url"`
+	Pid             int    `json:"pid"`
+}
+
+const (
+	serviceCIDR = "10.96.0.0/16"
+	clusterCIDR = "10.244.0.0/16"
+)
+
+func readState(dir string) (*clusterState, error) {
+	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
+	if err != nil {
+		return nil, fmt.Errorf("no dev cluster in %s (run `up` first): %w", dir, err)
+	}
+	var s clusterState
+	return &s, json.Unmarshal(raw, &s)
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, n)
+	for i := range ports {
+		p, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		ports[i] = p
+	}
+	return ports, nil
+}
+
+func up(args []string) error {
+	fs := flag.NewFlagSet("up", flag.ContinueOnError)
+	dir := fs.String("dir", "", "cluster directory (certificates, etcd data, kubeconfigs)")
+	port := fs.Int("port", 6443, "kube-apiserver secure port on 127.0.0.1")
+	grace := fs.Duration("node-monitor-grace-period", 50*time.Second, "how long the node lifecycle controller waits before marking a silent node Unknown")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return fmt.Errorf("up needs --dir DIR")
+	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		return err
+	}
+	*dir = abs
+	_ = os.Remove(filepath.Join(*dir, "cluster.json"))
+
+	ports, err := freePorts(4)
+	if err != nil {
+		return err
+	}
+	etcdClient, etcdPeer, schedPort, cmPort := ports[0], ports[1], ports[2], ports[3]
+	server := fmt.Sprintf("https://127.0.0.1:%d", *port)
+
+	p, err := writePKI(*dir, server)
+	if err != nil {
+		return fmt.Errorf("certificates: %w", err)
+	}
+
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", etcdClient)
+	etcd, err := startEtcd(filepath.Join(*dir, "etcd"), etcdURL, fmt.Sprintf("http://127.0.0.1:%d", etcdPeer))
+	if err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	defer etcd.Close()
+
+	apiCmd := apiserverapp.NewAPIServerCommand()
+	ctx := apiCmd.Context() // the process's one signal context (SIGTERM/SIGINT)
+	apiCmd.SetArgs([]string{
+		"--etcd-servers=" + etcdURL,
+		"--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1",
+		"--secure-port=" + strconv.Itoa(*port),
+		"--endpoint-reconciler-type=none", // 127.0.0.1 is not a valid Endpoints address
+		"--tls-cert-file=" + p.apiserverCert, "--tls-private-key-file=" + p.apiserverKey,
+		"--client-ca-file=" + p.caCert,
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file=" + p.saPub,
+		"--service-account-signing-key-file=" + p.saKey,
+		"--service-cluster-ip-range=" + serviceCIDR,
+		"--authorization-mode=Node,RBAC",
+		"--enable-admission-plugins=NodeRestriction,RuntimeClass",
+		"--kubelet-client-certificate=" + p.kubeletClientCert, "--kubelet-client-key=" + p.kubeletClientKey,
+		"--kubelet-preferred-address-types=InternalIP,Hostname",
+		"--allow-privileged=true",
+		"--profiling=false",
+		"--cert-dir=" + filepath.Join(*dir, "pki", "apiserver-generated"),
+	})
+	apiErr := make(chan error, 1)
+	go func() { apiErr <- apiCmd.Execute() }()
+
+	if err := waitReady(ctx, p, apiErr); err != nil {
+		return err
+	}
+
+	compErr := make(chan error, 2)
+	go func() { compErr <- runScheduler(ctx, p.schedulerKubeconfig, schedPort) }()
+	go func() { compErr <- runControllerManager(ctx, p, cmPort, *grace) }()
+
+	state := clusterState{Server: server, AdminKubeconfig: p.adminKubeconfig, CACert: p.caCert, EtcdURL: etcdURL, Pid: os.Getpid()}
+	raw, _ := json.MarshalIndent(state, "", "  ")
+	if err := os.WriteFile(filepath.Join(*dir, "cluster.json"), raw, 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("devcluster: ready at %s, admin kubeconfig %s\n", server, p.adminKubeconfig)
+
+	select {
+	case err := <-apiErr:
+		return err
+	case err := <-compErr:
+		if ctx.Err() != nil {
+			return <-apiErr
+		}
+		return err
+	}
+}
+
+func startEtcd(dataDir, clientURL, peerURL string) (*embed.Etcd, error) {
+	cfg := embed.NewConfig()
+	cfg.Name = "devcluster"
+	cfg.Dir = dataDir
+	cu, _ := url.Parse(clientURL)
+	pu, _ := url.Parse(peerURL)
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.LogLevel = "error"
+	// A throwaway cluster: skip fsync so Pod churn is not disk bound.
+	cfg.UnsafeNoFsync = true
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		return e, nil
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("etcd did not become ready within 60s")
+	}
+}
+
+func parseInto(fs *pflag.FlagSet, args []string) error {
+	fs.ParseErrorsAllowlist.UnknownFlags = false
+	return fs.Parse(args)
+}
+
+func runScheduler(ctx context.Context, kubeconfig string, port int) error {
+	opts := schedoptions.NewOptions()
+	fs := pflag.NewFlagSet("kube-scheduler", pflag.ContinueOnError)
+	for _, f := range opts.Flags.FlagSets {
+		fs.AddFlagSet(f)
+	}
+	if err := parseInto(fs, []string{
+		"--kubeconfig=" + kubeconfig,
+		"--authentication-kubeconfig=" + kubeconfig,
+		"--authorization-kubeconfig=" + kubeconfig,
+		"--authentication-skip-lookup=true",
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1",
+		"--secure-port=" + strconv.Itoa(port),
+	}); err != nil {
+		return err
+	}
+	cc, sched, err := schedapp.Setup(ctx, opts)
+	if err != nil {
+		return fmt.Errorf("kube-scheduler: %w", err)
+	}
+	return schedapp.Run(ctx, cc, sched)
+}
+
+func runControllerManager(ctx context.Context, p *pkiPaths, port int, grace time.Duration) error {
+	s, err := cmoptions.NewKubeControllerManagerOptions()
+	if err != nil {
+		return err
+	}
+	fs := pflag.NewFlagSet("kube-controller-manager", pflag.ContinueOnError)
+	for _, f := range s.Flags(cmapp.KnownControllers(), cmapp.ControllersDisabledByDefault(), cmapp.ControllerAliases()).FlagSets {
+		fs.AddFlagSet(f)
+	}
+	if err := parseInto(fs, []string{
+		"--kubeconfig=" + p.cmKubeconfig,
+		"--authentication-kubeconfig=" + p.cmKubeconfig,
+		"--authorization-kubeconfig=" + p.cmKubeconfig,
+		"--authentication-skip-lookup=true",
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1",
+		"--secure-port=" + strconv.Itoa(port),
+		"--allocate-node-cidrs=true",
+		"--cluster-cidr=" + clusterCIDR,
+		"--node-cidr-mask-size=24",
+		"--service-cluster-ip-range=" + serviceCIDR,
+		"--root-ca-file=" + p.caCert,
+		"--service-account-private-key-file=" + p.saKey,
+		"--use-service-account-credentials=true",
+		"--cluster-signing-cert-file=" + p.caCert,
+		"--cluster-signing-key-file=" + p.caKey,
+		"--node-monitor-grace-period=" + grace.String(),
+		"--controllers=*",
+	}); err != nil {
+		return err
+	}
+	c, err := s.Config(ctx, cmapp.KnownControllers(), cmapp.ControllersDisabledByDefault(), cmapp.ControllerAliases())
+	if err != nil {
+		return fmt.Errorf("kube-controller-manager: %w", err)
+	}
+	return cmapp.Run(ctx, c.Complete())
+}
