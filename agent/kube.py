@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import yaml
 
 from agent import __version__
 
@@ -84,15 +86,16 @@ class Kube:
         from kubernetes_asyncio.client import Configuration
         from kubernetes_asyncio.config import ConfigException, load_kube_config
 
+        if not os.path.isfile(path):
+            raise KubeconfigError(f"kubeconfig {path}: file not found")
         cfg = Configuration()
         try:
             await load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
         except FileNotFoundError as exc:
             raise KubeconfigError(f"kubeconfig {path}: file not found") from exc
-        except (ConfigException, ValueError, TypeError, KeyError) as exc:
-            raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
-        except OSError as exc:
-            raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
+        except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
+            detail = " ".join(str(exc).split())  # YAML errors span lines; keep one
+            raise KubeconfigError(f"kubeconfig {path}: {detail}") from exc
         if not cfg.host or not cfg.host.startswith(("https://", "http://")):
             raise KubeconfigError(f"kubeconfig {path}: the current context names no API server URL")
         context: ssl.SSLContext | bool = False

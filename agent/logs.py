@@ -49,5 +49,7 @@ def setup(verbosity: int = 0) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
     # Third-party libraries speak only when something is wrong.
-    for noisy in ("aiohttp", "asyncio", "kubernetes_asyncio"):
+    for noisy in ("aiohttp", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its kubeconfig warnings repeat what the agent reports itself, in one line.
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.ERROR)

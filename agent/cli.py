@@ -1,0 +1,147 @@
+"""The `kubelet-emu` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+from agent import __version__
+
+
+def _default_state_dir() -> str:
+    return "/var/lib/kubelet-emu" if os.geteuid() == 0 else str(Path.home() / ".local/state/kubelet-emu/agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubelet-emu", description="A Kubernetes node agent that runs Pods "
+                                "through the runtime handler their RuntimeClass names.")  # fmt: skip
+    p.add_argument("--version", action="version", version=f"kubelet-emu {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="join the cluster as a Node and run the Pods bound to it")
+    run.add_argument("--kubeconfig", required=True, help="kubeconfig with this node's identity")
+    run.add_argument("--node-name", default=socket.gethostname().lower(), help="Node name (default: hostname)")
+    run.add_argument("--config", help="agent configuration (TOML): handlers, node labels and taints")
+    run.add_argument("--state-dir", default=_default_state_dir(), help="where the agent keeps its state")
+    run.add_argument("--node-ip", help="InternalIP to advertise (default: the address that routes to the API server)")
+    run.add_argument("--port", type=int, default=10250, help="kubelet API port advertised in the Node status")
+    run.add_argument("-v", "--verbose", action="count", default=0, help="more log output (debug)")
+
+    handlers = sub.add_parser("handlers", help="print and validate the runtime handler table")
+    handlers.add_argument("--config", help="agent configuration (TOML)")
+
+    demo = sub.add_parser("demo", help="start the dev cluster, an agent and the examples, and show them")
+    demo.add_argument("--dir", type=Path, default=None, help="cluster directory (default: the dev-cluster default)")
+    demo.add_argument("--port", type=int, default=6443)
+    demo.add_argument("--down", action="store_true", help="stop the demo's agent and cluster")
+
+    dev = sub.add_parser("dev-cluster", help="a real local control plane for tests and demos")
+    dsub = dev.add_subparsers(dest="dev_command", required=True)
+    from devcluster.manage import default_dir
+
+    d_up = dsub.add_parser("up", help="build if needed, start, wait until ready, print the admin kubeconfig")
+    d_up.add_argument("--dir", type=Path, default=default_dir())
+    d_up.add_argument("--port", type=int, default=6443, help="kube-apiserver port on 127.0.0.1")
+    d_up.add_argument("--node-monitor-grace-period", default="50s")
+    d_down = dsub.add_parser("down", help="stop the cluster and its processes")
+    d_down.add_argument("--dir", type=Path, default=default_dir())
+    d_kubectl = dsub.add_parser("kubectl", help="run kubectl against the cluster: dev-cluster kubectl -- ARGS")
+    d_kubectl.add_argument("--dir", type=Path, default=default_dir())
+    d_kubectl.add_argument("args", nargs=argparse.REMAINDER)
+    d_node = dsub.add_parser("node-kubeconfig", help="mint a node identity and print its kubeconfig path")
+    d_node.add_argument("--dir", type=Path, default=default_dir())
+    d_node.add_argument("node")
+    dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
+    return p
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"kubelet-emu: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.config import ConfigError, load_config
+    from agent.kube import KubeconfigError
+    from agent.runner import RunOptions, run
+
+    logs.setup(args.verbose)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    opts = RunOptions(
+        kubeconfig=args.kubeconfig,
+        node_name=args.node_name,
+        config=config,
+        state_dir=Path(args.state_dir),
+        node_ip=args.node_ip,
+        kubelet_port=args.port,
+    )
+    try:
+        return asyncio.run(run(opts))
+    except KubeconfigError as exc:
+        return _fail(str(exc), 2)
+
+
+def cmd_handlers(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, format_handler_table, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    print(format_handler_table(config))
+    return 0
+
+
+def cmd_dev_cluster(args: argparse.Namespace) -> int:
+    from devcluster import manage
+
+    try:
+        if args.dev_command == "build":
+            print(asyncio.run(manage.build()))
+        elif args.dev_command == "up":
+            cluster = asyncio.run(manage.up(args.dir, args.port, args.node_monitor_grace_period))
+            print(cluster.admin_kubeconfig)
+        elif args.dev_command == "down":
+            if not asyncio.run(manage.down(args.dir)):
+                print(f"no dev cluster was running in {args.dir}", file=sys.stderr)
+        elif args.dev_command == "node-kubeconfig":
+            print(asyncio.run(manage.node_kubeconfig(args.dir, args.node)))
+        elif args.dev_command == "kubectl":
+            cluster = manage.read_cluster(args.dir)
+            if cluster is None:
+                return _fail(f"no dev cluster is running in {args.dir}: run `kubelet-emu dev-cluster up` first")
+            kargs = args.args[1:] if args.args[:1] == ["--"] else args.args
+            argv, env = manage.kubectl_argv(cluster, kargs)
+            os.execvpe(argv[0], argv, env)
+    except manage.DevClusterError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent import demo
+    from devcluster import manage
+
+    directory = args.dir or manage.default_dir()
+    try:
+        return asyncio.run(demo.down(directory) if args.down else demo.demo(directory, args.port))
+    except manage.DevClusterError as exc:
+        return _fail(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "handlers": cmd_handlers, "dev-cluster": cmd_dev_cluster, "demo": cmd_demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

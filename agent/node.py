@@ -1,0 +1,136 @@
+"""Registers this host as a Node and keeps its status current."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.kube import ApiError, Kube, sleep_backoff
+from agent.lease import NodeLease
+from agent.logs import kv
+from agent.node_status import (
+    NodeFacts,
+    node_labels,
+    node_object,
+    node_status,
+    node_taints,
+    status_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 10.0  # check every 10 s, post when something changed
+STATUS_MAX_SILENCE = 300.0  # post at least every 5 min otherwise
+
+
+def explain(exc: ApiError, node: str) -> str:
+    """One line a user can act on."""
+    if exc.unreachable:
+        return f"API server unreachable ({exc.message}); retrying"
+    if exc.status == 401:
+        return "API server rejected the credentials (401 Unauthorized): check the kubeconfig's certificate or token"
+    if exc.forbidden:
+        return (
+            f"API server forbids this for node {node} ({exc.message}): use a node identity "
+            f"(CN system:node:{node}, O system:nodes) or grant the permission; retrying"
+        )
+    return exc.describe()
+
+
+class NodeAgent:
+    def __init__(self, kube: Kube, facts: NodeFacts):
+        self.kube = kube
+        self.facts = facts
+        self.name = facts.name
+        self.path = f"/api/v1/nodes/{facts.name}"
+        self.node: dict[str, Any] | None = None
+        self.lease: NodeLease | None = None
+        self.registered = asyncio.Event()
+        self._last_fingerprint: Any = None
+        self._last_post = 0.0
+
+    async def run(self) -> None:
+        await self.register()
+        self.lease = NodeLease(self.kube, self.name, self.node["metadata"]["uid"])
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.lease.run(), name="lease")
+            tg.create_task(self._status_loop(), name="node-status")
+
+    async def register(self) -> None:
+        """Create the Node, or adopt an existing one; retry with backoff until it works."""
+        attempt = 0
+        last_error = ""
+        while True:
+            try:
+                self.node = await self._register_once()
+                self.registered.set()
+                log.info("node registered", extra=kv(node=self.name, uid=self.node["metadata"]["uid"]))
+                return
+            except ApiError as exc:
+                message = explain(exc, self.name)
+                if message != last_error:  # say it once, not on every retry
+                    log.error(message, extra=kv(node=self.name))
+                    last_error = message
+            await sleep_backoff(attempt)
+            attempt += 1
+
+    async def _register_once(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        try:
+            return await self.kube.create("/api/v1/nodes", node_object(self.facts, now))
+        except ApiError as exc:
+            if exc.conflict and exc.reason == "AlreadyExists":
+                return await self._adopt()
+            raise
+
+    async def _adopt(self) -> dict[str, Any]:
+        existing = await self.kube.get(self.path)
+        wanted = node_labels(self.facts)
+        labels = existing["metadata"].get("labels") or {}
+        missing = {k: v for k, v in wanted.items() if labels.get(k) != v}
+        if missing:
+            existing = await self.kube.patch(self.path, {"metadata": {"labels": missing}})
+        current_taints = {(t["key"], t.get("value", ""), t["effect"]) for t in existing["spec"].get("taints") or []}
+        for taint in node_taints(self.facts):
+            if (taint["key"], taint.get("value", ""), taint["effect"]) not in current_taints:
+                # NodeRestriction forbids a node to change its own taints after creation.
+                log.warning(
+                    "configured taint is missing on the existing node; an admin must add it "
+                    "(or delete the Node so the agent re-creates it)",
+                    extra=kv(node=self.name, taint=taint["key"]),
+                )
+        log.info("adopting existing node", extra=kv(node=self.name))
+        return existing
+
+    async def post_status(self, force: bool = False) -> bool:
+        """Patch status/ when it changed, or when the last post is too old. Returns whether it posted."""
+        now = datetime.now(UTC)
+        previous = (self.node or {}).get("status", {}).get("conditions") or []
+        status = node_status(self.facts, now, previous)
+        fingerprint = status_fingerprint(status)
+        silent_for = time.monotonic() - self._last_post
+        if not force and fingerprint == self._last_fingerprint and silent_for < STATUS_MAX_SILENCE:
+            return False
+        self.node = await self.kube.patch(self.path + "/status", {"status": status})
+        self._last_fingerprint = status_fingerprint(node_status(self.facts, now, self.node["status"]["conditions"]))
+        self._last_post = time.monotonic()
+        return True
+
+    async def _status_loop(self) -> None:
+        failing = ""
+        while True:
+            try:
+                await self.post_status()
+                if failing:
+                    log.info("node status posted again", extra=kv(node=self.name))
+                failing = ""
+            except ApiError as exc:
+                message = explain(exc, self.name)
+                if message != failing:
+                    log.warning("cannot post node status: " + message, extra=kv(node=self.name))
+                failing = message
+                self._last_fingerprint = None  # post as soon as the API server is back
+            await asyncio.sleep(STATUS_INTERVAL)

@@ -1,0 +1,175 @@
+"""Build the Node object and its status, as the kubelet reports them (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.hostinfo import HostInfo
+
+HANDLER_LABEL_PREFIX = "runtime.kubelet-emu.io/"
+KUBELET_VERSION = f"kubelet-emu/{__version__}"
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """Everything the Node's status is computed from, apart from the clock."""
+
+    name: str
+    host: HostInfo
+    config: AgentConfig
+    internal_ip: str
+    kubelet_port: int
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def node_labels(facts: NodeFacts) -> dict[str, str]:
+    labels = {
+        "kubernetes.io/hostname": facts.name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": facts.host.arch,
+        "beta.kubernetes.io/os": "linux",
+        "beta.kubernetes.io/arch": facts.host.arch,
+    }
+    if facts.config.node.handler_labels:
+        for name in facts.config.handlers:
+            labels[HANDLER_LABEL_PREFIX + name] = "true"
+    labels.update(facts.config.node.labels)
+    return labels
+
+
+def node_taints(facts: NodeFacts) -> list[dict[str, str]]:
+    return [
+        {"key": t.key, "value": t.value, "effect": t.effect} if t.value else {"key": t.key, "effect": t.effect}
+        for t in facts.config.node.taints
+    ]
+
+
+def capacity(facts: NodeFacts) -> dict[str, str]:
+    return {
+        "cpu": str(facts.host.cpus),
+        "memory": f"{facts.host.memory_bytes // 1024}Ki",
+        "ephemeral-storage": f"{facts.host.ephemeral_storage_bytes // 1024}Ki",
+        "pods": str(facts.config.node.max_pods),
+    }
+
+
+def allocatable(facts: NodeFacts) -> dict[str, str]:
+    node = facts.config.node
+    cpu_milli = max(0, facts.host.cpus * 1000 - node.reserved_cpu_millis)
+    memory = max(0, facts.host.memory_bytes - node.reserved_memory_bytes)
+    alloc = capacity(facts)
+    alloc["cpu"] = f"{cpu_milli // 1000}" if cpu_milli % 1000 == 0 else f"{cpu_milli}m"
+    alloc["memory"] = f"{memory // 1024}Ki"
+    return alloc
+
+
+def runtime_handlers(config: AgentConfig) -> list[dict[str, Any]]:
+    """status.runtimeHandlers: every configured handler; "" stands for the default."""
+
+    def entry(name: str, handler: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "features": {
+                "recursiveReadOnlyMounts": handler.recursive_read_only_mounts,
+                "userNamespaces": handler.user_namespaces,
+            },
+        }
+
+    out = []
+    if config.default_runtime and config.default_runtime in config.handlers:
+        out.append(entry("", config.handlers[config.default_runtime]))
+    out.extend(entry(name, h) for name, h in sorted(config.handlers.items()))
+    return out
+
+
+_CONDITIONS = (
+    # type, status when healthy, reason, message
+    ("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+    ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+    ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+    ("Ready", "True", "KubeletReady", "kubelet-emu is posting ready status"),
+)
+
+
+def conditions(now: datetime, previous: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, str]]:
+    """Healthy conditions; a transition time is kept when the status did not change."""
+    before = {c.get("type"): c for c in previous}
+    stamp = rfc3339(now)
+    out = []
+    for ctype, status, reason, message in _CONDITIONS:
+        old = before.get(ctype)
+        transition = old.get("lastTransitionTime") if old and old.get("status") == status else None
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": transition or stamp,
+            }
+        )
+    return out
+
+
+def node_status(
+    facts: NodeFacts, now: datetime, previous_conditions: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    host = facts.host
+    return {
+        "capacity": capacity(facts),
+        "allocatable": allocatable(facts),
+        "conditions": conditions(now, previous_conditions),
+        "addresses": [
+            {"type": "InternalIP", "address": facts.internal_ip},
+            {"type": "Hostname", "address": host.hostname},
+        ],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": facts.kubelet_port}},
+        "nodeInfo": {
+            "machineID": host.machine_id,
+            "systemUUID": host.system_uuid,
+            "bootID": host.boot_id,
+            "kernelVersion": host.kernel,
+            "osImage": host.os_image,
+            "containerRuntimeVersion": f"kubelet-emu://{__version__}",
+            "kubeletVersion": KUBELET_VERSION,
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": host.arch,
+        },
+        "runtimeHandlers": runtime_handlers(facts.config),
+    }
+
+
+def node_object(facts: NodeFacts, now: datetime) -> dict[str, Any]:
+    """The Node as first created: labels and taints can only be set here under NodeRestriction."""
+    spec: dict[str, Any] = {}
+    taints = node_taints(facts)
+    if taints:
+        spec["taints"] = taints
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": facts.name,
+            "labels": node_labels(facts),
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": spec,
+        "status": node_status(facts, now),
+    }
+
+
+def status_fingerprint(status: Mapping[str, Any]) -> Any:
+    """What counts as a change worth posting: everything except heartbeat times."""
+    conds = tuple((c["type"], c["status"], c["reason"], c.get("lastTransitionTime")) for c in status["conditions"])
+    rest = {k: v for k, v in status.items() if k != "conditions"}
+    return (conds, repr(sorted(rest.items())))

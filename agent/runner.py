@@ -1,0 +1,73 @@
+"""Wires the agent together for `kubelet-emu run` and stops it cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.hostinfo import address_toward, read_host_info
+from agent.kube import Kube
+from agent.logs import kv
+from agent.node import NodeAgent
+from agent.node_status import NodeFacts
+
+log = logging.getLogger("agent")
+
+STOP_TIMEOUT = 4.0  # the whole shutdown must fit in 5 s
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    kubeconfig: str
+    node_name: str
+    config: AgentConfig
+    state_dir: Path
+    node_ip: str | None = None
+    kubelet_port: int = 10250
+
+
+async def run(opts: RunOptions) -> int:
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    kube = await Kube.from_kubeconfig(opts.kubeconfig)
+    facts = NodeFacts(
+        name=opts.node_name,
+        host=read_host_info(str(opts.state_dir)),
+        config=opts.config,
+        internal_ip=opts.node_ip or address_toward(kube.host),
+        kubelet_port=opts.kubelet_port,
+    )
+    node = NodeAgent(kube, facts)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info(
+        "kubelet-emu starting",
+        extra=kv(node=opts.node_name, server=kube.host, handlers=",".join(opts.config.handlers), pid=os.getpid()),
+    )
+    for warning in opts.config.warnings:
+        log.warning(warning)
+
+    main = asyncio.create_task(node.run(), name="node")
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if main in done:
+            main.result()  # re-raise a crash
+            return 1
+        log.info("stopping", extra=kv(node=opts.node_name))
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(main, STOP_TIMEOUT)
+        return 0
+    finally:
+        stopper.cancel()
+        await kube.close()

@@ -1,0 +1,176 @@
+"""Shared fixtures: one real dev control plane per test session, and real agent processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster import manage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, interval: float = 0.5, what: str = "") -> Any:
+    """Poll `check` until it returns something truthy; fail with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or check}; last value: {last!r}")
+        await asyncio.sleep(interval)
+
+
+class Kubectl:
+    """The dev cluster's own kubectl, as a user would run it."""
+
+    def __init__(self, cluster: manage.Cluster):
+        self.cluster = cluster
+
+    async def run(self, *args: str, check: bool = True, stdin: str | None = None) -> tuple[int, str, str]:
+        argv, env = manage.kubectl_argv(self.cluster, list(args))
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        if check and proc.returncode != 0:
+            pytest.fail(f"kubectl {' '.join(args)} failed ({proc.returncode}): {err.decode()}")
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    async def __call__(self, *args: str) -> str:
+        return (await self.run(*args))[1]
+
+    async def json(self, *args: str) -> Any:
+        return json.loads(await self(*args, "-o", "json"))
+
+    async def get(self, *args: str) -> Any | None:
+        """The object as JSON, or None when it does not exist."""
+        code, out, err = await self.run("get", *args, "-o", "json", check=False)
+        if code != 0:
+            if "NotFound" in err or "not found" in err:
+                return None
+            pytest.fail(f"kubectl get {' '.join(args)}: {err}")
+        return json.loads(out)
+
+    async def apply(self, manifest: str) -> str:
+        return (await self.run("apply", "-f", "-", stdin=manifest))[1]
+
+
+class AgentProcess:
+    """A real `kubelet-emu run` process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, node: str):
+        self.proc = proc
+        self.log_path = log_path
+        self.node = node
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self.alive:
+            self.kill(signal.SIGTERM)
+            try:
+                await self.wait(10)
+            except TimeoutError:
+                self.kill(signal.SIGKILL)
+                await self.proc.wait()
+
+
+def agent_argv() -> list[str]:
+    exe = shutil.which("kubelet-emu")
+    return [exe] if exe else [sys.executable, "-m", "agent.cli"]
+
+
+@pytest.fixture(scope="session")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[manage.Cluster]:
+    directory = Path(os.environ.get("KUBELET_EMU_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("devcluster"))
+    # A short grace period keeps the node-lifecycle test quick; everything else is the default.
+    c = await manage.up(directory, port=free_port(), node_monitor_grace_period="20s", quiet=True)
+    yield c
+    await manage.down(directory)
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: manage.Cluster) -> Kubectl:
+    return Kubectl(cluster)
+
+
+@pytest.fixture
+async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[AgentProcess]]]:
+    started: list[AgentProcess] = []
+
+    async def start(
+        node: str,
+        config: str | None = None,
+        kubeconfig: Path | None = None,
+        extra: tuple[str, ...] = (),
+        state_dir: Path | None = None,
+    ) -> AgentProcess:
+        if kubeconfig is None:
+            kubeconfig = await manage.node_kubeconfig(cluster.dir, node)
+        args = [*agent_argv(), "run", "--kubeconfig", str(kubeconfig), "--node-name", node]
+        args += ["--state-dir", str(state_dir or tmp_path / f"state-{node}")]
+        if config is not None:
+            config_path = tmp_path / f"{node}-{len(started)}.toml"
+            config_path.write_text(config)
+            args += ["--config", str(config_path)]
+        args += list(extra)
+        log_path = tmp_path / f"agent-{node}-{len(started)}.log"
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        agent = AgentProcess(proc, log_path, node)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        await agent.stop()
+    # Leave no stale Nodes behind: they would put the cluster in "full disruption" mode.
+    kubectl = Kubectl(cluster)
+    for node in {a.node for a in started}:
+        await delete_node(kubectl, node)
+
+
+async def delete_node(kubectl: Kubectl, node: str) -> None:
+    await kubectl.run("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for c in obj.get("status", {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return None

@@ -1,0 +1,139 @@
+"""Unit tests of the Node object and status the agent builds (pure functions, no cluster)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from agent.config import AgentConfig, Handler, NodeSettings, Taint
+from agent.hostinfo import HostInfo, go_arch
+from agent.node_status import (
+    NodeFacts,
+    allocatable,
+    capacity,
+    node_labels,
+    node_object,
+    node_status,
+    runtime_handlers,
+    status_fingerprint,
+)
+
+HOST = HostInfo(
+    hostname="box",
+    cpus=4,
+    memory_bytes=8 * 1024**3,
+    ephemeral_storage_bytes=100 * 1024**3,
+    kernel="6.1.0",
+    os_image="Debian GNU/Linux 12 (bookworm)",
+    arch="amd64",
+    machine_id="m",
+    boot_id="b",
+    system_uuid="u",
+)
+
+
+def facts(**node: object) -> NodeFacts:
+    settings = NodeSettings(
+        labels=node.pop("labels", {}),
+        taints=node.pop("taints", ()),
+        **node,
+    )
+    config = AgentConfig(
+        handlers={
+            "fast": Handler(name="fast", backend="emulated"),
+            "secure": Handler(name="secure", backend="oci", runtime_path="/bin/true", user_namespaces=True),
+        },
+        default_runtime="fast",
+        missing_handler="fail",
+        node=settings,
+        source=None,
+        warnings=(),
+    )
+    return NodeFacts(name="n1", host=HOST, config=config, internal_ip="10.1.2.3", kubelet_port=10250)
+
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def test_labels_include_well_known_handler_and_configured():
+    labels = node_labels(facts(labels={"team": "a"}))
+    assert labels["kubernetes.io/hostname"] == "n1"
+    assert labels["kubernetes.io/arch"] == "amd64"
+    assert labels["runtime.kubelet-emu.io/fast"] == "true"
+    assert labels["runtime.kubelet-emu.io/secure"] == "true"
+    assert labels["team"] == "a"
+
+
+def test_handler_labels_can_be_turned_off():
+    labels = node_labels(facts(handler_labels=False))
+    assert not any(k.startswith("runtime.kubelet-emu.io/") for k in labels)
+
+
+def test_capacity_and_allocatable_subtract_reserved():
+    f = facts(max_pods=300, reserved_cpu_millis=250, reserved_memory_bytes=512 * 1024**2)
+    assert capacity(f) == {"cpu": "4", "memory": "8388608Ki", "ephemeral-storage": "104857600Ki", "pods": "300"}
+    alloc = allocatable(f)
+    assert alloc["cpu"] == "3750m"
+    assert alloc["memory"] == f"{8388608 - 524288}Ki"
+    assert alloc["pods"] == "300"
+
+
+def test_allocatable_never_negative_and_whole_cpus_stay_whole():
+    f = facts(reserved_cpu_millis=1000)
+    assert allocatable(f)["cpu"] == "3"
+    f = facts(reserved_cpu_millis=99000, reserved_memory_bytes=10**15)
+    assert allocatable(f)["cpu"] == "0" and allocatable(f)["memory"] == "0Ki"
+
+
+def test_runtime_handlers_list_default_first_with_features():
+    handlers = runtime_handlers(facts().config)
+    assert [h["name"] for h in handlers] == ["", "fast", "secure"]
+    assert handlers[2]["features"] == {"recursiveReadOnlyMounts": False, "userNamespaces": True}
+
+
+def test_status_conditions_addresses_and_info():
+    status = node_status(facts(), NOW)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["Ready"]["status"] == "True" and by_type["Ready"]["reason"] == "KubeletReady"
+    assert by_type["MemoryPressure"]["status"] == "False"
+    assert by_type["Ready"]["lastHeartbeatTime"] == "2026-01-02T03:04:05Z"
+    assert status["addresses"] == [
+        {"type": "InternalIP", "address": "10.1.2.3"},
+        {"type": "Hostname", "address": "box"},
+    ]
+    assert status["nodeInfo"]["kubeletVersion"].startswith("kubelet-emu/")
+    assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10250}}
+
+
+def test_transition_time_kept_while_status_unchanged_and_reset_on_change():
+    first = node_status(facts(), NOW)
+    later = node_status(facts(), NOW + timedelta(seconds=30), first["conditions"])
+    ready = next(c for c in later["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "2026-01-02T03:04:05Z"
+    assert ready["lastHeartbeatTime"] == "2026-01-02T03:04:35Z"
+    unknown = [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2020-01-01T00:00:00Z"}]
+    recovered = node_status(facts(), NOW, unknown)
+    ready = next(c for c in recovered["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "2026-01-02T03:04:05Z"
+
+
+def test_fingerprint_ignores_heartbeats_only():
+    first = node_status(facts(), NOW)
+    later = node_status(facts(), NOW + timedelta(seconds=10), first["conditions"])
+    assert status_fingerprint(first) == status_fingerprint(later)
+    other = node_status(facts(max_pods=5), NOW + timedelta(seconds=10), first["conditions"])
+    assert status_fingerprint(first) != status_fingerprint(other)
+
+
+def test_node_object_carries_taints_only_at_creation():
+    obj = node_object(facts(taints=(Taint("k", "", "NoSchedule"), Taint("k2", "v", "NoExecute"))), NOW)
+    assert obj["spec"]["taints"] == [
+        {"key": "k", "effect": "NoSchedule"},
+        {"key": "k2", "value": "v", "effect": "NoExecute"},
+    ]
+    assert node_object(facts(), NOW)["spec"] == {}
+
+
+def test_go_arch_names():
+    assert go_arch("x86_64") == "amd64"
+    assert go_arch("aarch64") == "arm64"
+    assert go_arch("riscv64") == "riscv64"
