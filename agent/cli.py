@@ -71,11 +71,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runner import RunOptions, run
 
     logs.setup(args.verbose)
+    from runtimes.registry import known_backends
+
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, known_backends())
     except ConfigError as exc:
         return _fail(str(exc), 2)
     opts = RunOptions(
+        config_path=args.config,
         kubeconfig=args.kubeconfig,
         node_name=args.node_name,
         config=config,
@@ -91,9 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_handlers(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, format_handler_table, load_config
+    from runtimes.registry import known_backends
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, known_backends())
     except ConfigError as exc:
         return _fail(str(exc), 2)
     print(format_handler_table(config))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.config import AgentConfig
 from agent.kube import ApiError, Kube, sleep_backoff
 from agent.lease import NodeLease
 from agent.logs import kv
@@ -50,14 +53,23 @@ class NodeAgent:
         self.lease: NodeLease | None = None
         self.registered = asyncio.Event()
         self._last_fingerprint: Any = None
+        self._labels_dirty = False
+        self.wakeup = asyncio.Event()  # post now instead of at the next tick
         self._last_post = 0.0
 
     async def run(self) -> None:
-        await self.register()
+        """Heartbeats; call register() first."""
         self.lease = NodeLease(self.kube, self.name, self.node["metadata"]["uid"])
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.run(), name="lease")
             tg.create_task(self._status_loop(), name="node-status")
+
+    def set_config(self, config: AgentConfig) -> None:
+        """A reloaded configuration: new handler labels and runtimeHandlers go out at once."""
+        self.facts = dataclasses.replace(self.facts, config=config)
+        self._last_fingerprint = None
+        self._labels_dirty = True
+        self.wakeup.set()
 
     async def register(self) -> None:
         """Create the Node, or adopt an existing one; retry with backoff until it works."""
@@ -107,6 +119,9 @@ class NodeAgent:
 
     async def post_status(self, force: bool = False) -> bool:
         """Patch status/ when it changed, or when the last post is too old. Returns whether it posted."""
+        if self._labels_dirty:
+            self.node = await self._adopt()
+            self._labels_dirty = False
         now = datetime.now(UTC)
         previous = (self.node or {}).get("status", {}).get("conditions") or []
         status = node_status(self.facts, now, previous)
@@ -122,6 +137,7 @@ class NodeAgent:
     async def _status_loop(self) -> None:
         failing = ""
         while True:
+            self.wakeup.clear()
             try:
                 await self.post_status()
                 if failing:
@@ -133,4 +149,5 @@ class NodeAgent:
                     log.warning("cannot post node status: " + message, extra=kv(node=self.name))
                 failing = message
                 self._last_fingerprint = None  # post as soon as the API server is back
-            await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), STATUS_INTERVAL)

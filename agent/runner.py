@@ -10,12 +10,15 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
 from agent.kube import Kube
 from agent.logs import kv
 from agent.node import NodeAgent
 from agent.node_status import NodeFacts
+from agent.pods import PodController
+from runtimes.registry import known_backends
 
 log = logging.getLogger("agent")
 
@@ -30,6 +33,29 @@ class RunOptions:
     state_dir: Path
     node_ip: str | None = None
     kubelet_port: int = 10250
+    config_path: str | None = None  # re-read on SIGHUP
+    events: bool = True
+
+
+async def agent_main(node: NodeAgent, pods: PodController) -> None:
+    await node.register()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(node.run(), name="node")
+        tg.create_task(pods.run(), name="pods")
+
+
+def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> None:
+    """SIGHUP: re-read --config; a broken file is reported and the running config kept."""
+    try:
+        config = load_config(opts.config_path, known_backends())
+    except ConfigError as exc:
+        log.error("configuration not reloaded: " + str(exc))
+        return
+    for warning in config.warnings:
+        log.warning(warning)
+    node.set_config(config)
+    pods.set_config(config)
+    log.info("configuration reloaded", extra=kv(handlers=",".join(sorted(config.handlers))))
 
 
 async def run(opts: RunOptions) -> int:
@@ -43,11 +69,14 @@ async def run(opts: RunOptions) -> int:
         kubelet_port=opts.kubelet_port,
     )
     node = NodeAgent(kube, facts)
+    events = EventRecorder(kube, opts.node_name, enabled=opts.events)
+    pods = PodController(kube, node, opts.config, opts.state_dir, events)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods)
 
     log.info(
         "kubelet-emu starting",
@@ -56,7 +85,7 @@ async def run(opts: RunOptions) -> int:
     for warning in opts.config.warnings:
         log.warning(warning)
 
-    main = asyncio.create_task(node.run(), name="node")
+    main = asyncio.create_task(agent_main(node, pods), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -70,4 +99,5 @@ async def run(opts: RunOptions) -> int:
         return 0
     finally:
         stopper.cancel()
+        await pods.close()
         await kube.close()

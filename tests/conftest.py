@@ -80,10 +80,17 @@ class Kubectl:
 class AgentProcess:
     """A real `kubelet-emu run` process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, node: str):
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, node: str, config_path: Path | None):
         self.proc = proc
         self.log_path = log_path
         self.node = node
+        self.config_path = config_path
+
+    def reload(self, config: str) -> None:
+        """Rewrite the config file and send SIGHUP, as an admin would."""
+        assert self.config_path is not None
+        self.config_path.write_text(config)
+        self.proc.send_signal(signal.SIGHUP)
 
     @property
     def log(self) -> str:
@@ -144,6 +151,7 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
             kubeconfig = await manage.node_kubeconfig(cluster.dir, node)
         args = [*agent_argv(), "run", "--kubeconfig", str(kubeconfig), "--node-name", node]
         args += ["--state-dir", str(state_dir or tmp_path / f"state-{node}")]
+        config_path = None
         if config is not None:
             config_path = tmp_path / f"{node}-{len(started)}.toml"
             config_path.write_text(config)
@@ -152,7 +160,7 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
         log_path = tmp_path / f"agent-{node}-{len(started)}.log"
         with open(log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
-        agent = AgentProcess(proc, log_path, node)
+        agent = AgentProcess(proc, log_path, node, config_path)
         started.append(agent)
         return agent
 
@@ -167,6 +175,15 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
 
 async def delete_node(kubectl: Kubectl, node: str) -> None:
     await kubectl.run("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+
+
+async def wait_node_ready(kubectl: Kubectl, name: str, timeout: float = 20) -> dict[str, Any]:
+    async def ready() -> dict[str, Any] | None:
+        node = await kubectl.get("node", name)
+        c = condition(node, "Ready") if node else None
+        return node if c and c["status"] == "True" else None
+
+    return await eventually(ready, timeout, interval=0.2, what=f"node {name} Ready")
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:

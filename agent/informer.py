@@ -1,0 +1,121 @@
+"""List-then-watch of one kind of object, kept in a local store.
+
+Watches resume from the last resourceVersion seen (bookmarks included);
+410 Gone means the version is too old, so the informer relists and tells its
+consumer about objects that vanished meanwhile. Connection trouble is
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from agent.kube import ApiError, Kube, sleep_backoff
+from agent.logs import kv
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+Handler = Callable[[JSON], None]
+
+
+def object_key(obj: JSON) -> str:
+    meta = obj["metadata"]
+    return f"{meta.get('namespace', '')}/{meta['name']}"
+
+
+class Informer:
+    def __init__(
+        self,
+        kube: Kube,
+        path: str,
+        *,
+        on_upsert: Handler,
+        on_delete: Handler,
+        field_selector: str | None = None,
+        name: str = "",
+        page_size: int = 500,
+    ):
+        self.kube = kube
+        self.path = path
+        self.field_selector = field_selector
+        self.on_upsert = on_upsert
+        self.on_delete = on_delete
+        self.name = name or path
+        self.page_size = page_size
+        self.store: dict[str, JSON] = {}
+        self.synced = asyncio.Event()
+        self.resource_version = ""
+        self.relists = 0
+        self.watch_restarts = 0
+
+    async def _list(self) -> None:
+        items: list[JSON] = []
+        cont: str | None = None
+        while True:
+            page = await self.kube.get(
+                self.path,
+                fieldSelector=self.field_selector,
+                limit=self.page_size,
+                **({"continue": cont} if cont else {}),
+            )
+            items.extend(page.get("items") or [])
+            cont = page["metadata"].get("continue")
+            if not cont:
+                break
+        self.resource_version = page["metadata"]["resourceVersion"]
+        fresh = {object_key(o): o for o in items}
+        for key in list(self.store):
+            if key not in fresh:
+                self.on_delete(self.store.pop(key))
+        for key, obj in fresh.items():
+            self.store[key] = obj
+            self.on_upsert(obj)
+        self.relists += 1
+        self.synced.set()
+
+    async def _watch(self) -> None:
+        async for event in self.kube.watch(self.path, self.resource_version, fieldSelector=self.field_selector):
+            obj = event["object"]
+            rv = obj.get("metadata", {}).get("resourceVersion")
+            if rv:
+                self.resource_version = rv
+            kind = event["type"]
+            if kind == "BOOKMARK":
+                continue
+            key = object_key(obj)
+            if kind == "DELETED":
+                self.store.pop(key, None)
+                self.on_delete(obj)
+            else:
+                self.store[key] = obj
+                self.on_upsert(obj)
+
+    async def run(self) -> None:
+        need_list = True
+        attempt = 0
+        failing = ""
+        while True:
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                await self._watch()
+                attempt = 0
+                if failing:
+                    log.info("watch resumed", extra=kv(watch=self.name))
+                    failing = ""
+            except ApiError as exc:
+                self.watch_restarts += 1
+                if exc.gone:
+                    need_list = True  # our resourceVersion is too old: start over
+                    continue
+                message = exc.describe()
+                if message != failing:
+                    log.warning("watch failed; retrying with backoff", extra=kv(watch=self.name, error=message))
+                    failing = message
+                await sleep_backoff(attempt)
+                attempt += 1

@@ -1,0 +1,280 @@
+"""What the agent knows about a Pod, and the status it writes for it (pure functions).
+
+The phase and condition rules follow the kubelet's (pkg/kubelet/kubelet_pods.go
+getPhase, pkg/kubelet/status generate.go).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agent.node_status import rfc3339
+
+JSON = dict[str, Any]
+
+# Conditions this agent owns; any other (PodScheduled, readiness gates, DisruptionTarget) is kept.
+OWNED_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+
+
+@dataclass
+class ContainerRecord:
+    name: str
+    image: str
+    init: bool = False
+    sidecar: bool = False  # an init container with restartPolicy Always
+    state: str = "waiting"  # waiting | running | terminated
+    reason: str | None = "ContainerCreating"
+    message: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    container_id: str = ""
+    image_id: str = ""
+    restart_count: int = 0
+    last_terminated: JSON | None = None
+    ready: bool = False
+    has_started: bool = False  # ran at least once: a sidecar then counts as initialized
+
+    @property
+    def started(self) -> bool:
+        return self.state == "running"
+
+    def waiting(self, reason: str, message: str | None = None) -> None:
+        self.state, self.reason, self.message = "waiting", reason, message
+
+    def running(self, container_id: str, started_at: datetime, image_id: str = "") -> None:
+        self.state, self.reason, self.message = "running", None, None
+        self.container_id, self.started_at, self.image_id = container_id, started_at, image_id or self.image_id
+        self.finished_at = self.exit_code = self.signal = None
+        self.ready = True  # readiness probes arrive with the process backend
+        self.has_started = True
+
+    def terminated(
+        self, exit_code: int, finished_at: datetime, reason: str | None = None, message: str | None = None,
+        signal: int | None = None,
+    ) -> None:  # fmt: skip
+        self.state = "terminated"
+        self.exit_code, self.finished_at, self.signal = exit_code, finished_at, signal
+        self.reason = reason or ("Completed" if exit_code == 0 else "Error")
+        self.message = message
+        self.ready = False
+
+    def terminated_json(self) -> JSON:
+        out: JSON = {"exitCode": self.exit_code, "reason": self.reason}
+        if self.signal:
+            out["signal"] = self.signal
+        if self.message:
+            out["message"] = self.message
+        if self.started_at:
+            out["startedAt"] = rfc3339(self.started_at)
+        if self.finished_at:
+            out["finishedAt"] = rfc3339(self.finished_at)
+        if self.container_id:
+            out["containerID"] = self.container_id
+        return out
+
+    def to_json(self) -> JSON:
+        if self.state == "running":
+            state: JSON = {"running": {"startedAt": rfc3339(self.started_at)}} if self.started_at else {"running": {}}
+        elif self.state == "terminated":
+            state = {"terminated": self.terminated_json()}
+        else:
+            waiting: JSON = {"reason": self.reason} if self.reason else {}
+            if self.message:
+                waiting["message"] = self.message
+            state = {"waiting": waiting}
+        out: JSON = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": self.image_id,
+            "ready": self.ready,
+            "started": self.started,
+            "restartCount": self.restart_count,
+            "state": state,
+            "lastState": {"terminated": self.last_terminated} if self.last_terminated else {},
+        }
+        if self.container_id:
+            out["containerID"] = self.container_id
+        return out
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "terminated" and self.exit_code == 0
+
+
+@dataclass
+class PodRecord:
+    uid: str
+    host_ip: str
+    qos_class: str
+    init_containers: list[ContainerRecord]
+    containers: list[ContainerRecord]
+    restart_policy: str = "Always"
+    phase: str = "Pending"  # set to Failed/Succeeded once the Pod is over; Pending/Running are computed
+    reason: str | None = None
+    message: str | None = None
+    start_time: datetime | None = None
+    sandbox_ready: bool = False
+    pod_ips: tuple[str, ...] = ()
+    transitions: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+
+    @classmethod
+    def for_pod(cls, pod: JSON, host_ip: str, qos_class: str) -> PodRecord:
+        spec = pod["spec"]
+        inits = [
+            ContainerRecord(
+                name=c["name"], image=c.get("image", ""), init=True, sidecar=c.get("restartPolicy") == "Always"
+            )
+            for c in spec.get("initContainers") or []
+        ]
+        apps = [ContainerRecord(name=c["name"], image=c.get("image", "")) for c in spec.get("containers") or []]
+        return cls(
+            uid=pod["metadata"]["uid"],
+            host_ip=host_ip,
+            qos_class=qos_class,
+            init_containers=inits,
+            containers=apps,
+            restart_policy=spec.get("restartPolicy", "Always"),
+        )
+
+    def container(self, name: str) -> ContainerRecord:
+        for rec in self.init_containers + self.containers:
+            if rec.name == name:
+                return rec
+        raise KeyError(name)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def initialized(self) -> bool:
+        return all(c.has_started if c.sidecar else c.succeeded for c in self.init_containers)
+
+    def compute_phase(self) -> str:
+        """The kubelet's getPhase for a Pod that is not over."""
+        if self.terminal:
+            return self.phase
+        if not self.initialized:
+            failed_init = any(
+                c.state == "terminated" and c.exit_code != 0 and not c.sidecar for c in self.init_containers
+            )
+            if failed_init and self.restart_policy == "Never":
+                return "Failed"
+            return "Pending"
+        running = waiting = stopped = succeeded = 0
+        for c in self.containers:
+            if c.state == "running":
+                running += 1
+            elif c.state == "terminated":
+                stopped += 1
+                succeeded += c.exit_code == 0
+            elif c.last_terminated:  # waiting to restart: it has run
+                stopped += 1
+            else:
+                waiting += 1
+        if waiting:
+            return "Pending"
+        if running:
+            return "Running"
+        if stopped:
+            if self.restart_policy == "Always":
+                return "Running"
+            if stopped == succeeded:
+                return "Succeeded"
+            if self.restart_policy == "Never":
+                return "Failed"
+            return "Running"
+        return "Pending"
+
+
+def _condition(rec: PodRecord, ctype: str, ok: bool, now: datetime, reason: str | None, message: str | None) -> JSON:
+    status = "True" if ok else "False"
+    previous = rec.transitions.get(ctype)
+    if previous is None or previous[0] != status:
+        rec.transitions[ctype] = (status, now)
+    out: JSON = {
+        "type": ctype,
+        "status": status,
+        "lastProbeTime": None,
+        "lastTransitionTime": rfc3339(rec.transitions[ctype][1]),
+    }
+    if not ok and reason:
+        out["reason"] = reason
+    if not ok and message:
+        out["message"] = message
+    return out
+
+
+def conditions(rec: PodRecord, phase: str, now: datetime) -> list[JSON]:
+    incomplete_init = [c.name for c in rec.init_containers if not (c.has_started if c.sidecar else c.succeeded)]
+    unready = [c.name for c in rec.containers if not c.ready]
+    if phase == "Succeeded":
+        ready_reason, ready_message = "PodCompleted", None
+    elif phase == "Failed":
+        ready_reason, ready_message = "PodFailed", None
+    elif incomplete_init:
+        ready_reason, ready_message = (
+            "ContainersNotInitialized",
+            f"containers with incomplete status: [{' '.join(incomplete_init)}]",
+        )
+    else:
+        ready_reason, ready_message = "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
+    all_ready = not unready and phase == "Running"
+    init_ok = not incomplete_init or phase == "Succeeded"
+    init_reason = "PodCompleted" if phase in ("Succeeded", "Failed") and incomplete_init else "ContainersNotInitialized"
+    init_message = (
+        None if init_reason == "PodCompleted" else f"containers with incomplete status: [{' '.join(incomplete_init)}]"
+    )
+    return [
+        _condition(rec, "PodReadyToStartContainers", rec.sandbox_ready, now, None, None),
+        _condition(rec, "Initialized", init_ok, now, init_reason, init_message),
+        _condition(rec, "ContainersReady", all_ready, now, ready_reason, ready_message),
+        _condition(rec, "Ready", all_ready, now, ready_reason, ready_message),
+    ]
+
+
+def build_status(pod: JSON, rec: PodRecord, now: datetime) -> JSON:
+    """The whole status the agent owns, for a merge patch on pods/status."""
+    phase = rec.compute_phase()
+    foreign = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") not in OWNED_CONDITIONS]
+    status: JSON = {
+        "phase": phase,
+        "conditions": foreign + conditions(rec, phase, now),
+        "hostIP": rec.host_ip,
+        "hostIPs": [{"ip": rec.host_ip}],
+        "qosClass": rec.qos_class,
+        "containerStatuses": [c.to_json() for c in rec.containers],
+    }
+    if rec.init_containers:
+        status["initContainerStatuses"] = [c.to_json() for c in rec.init_containers]
+    if rec.start_time:
+        status["startTime"] = rfc3339(rec.start_time)
+    ips = rec.pod_ips or ((rec.host_ip,) if rec.sandbox_ready else ())
+    if ips:
+        status["podIP"] = ips[0]
+        status["podIPs"] = [{"ip": ip} for ip in ips]
+    if rec.reason:
+        status["reason"] = rec.reason
+    if rec.message:
+        status["message"] = rec.message
+    return status
+
+
+def rejected_status(pod: JSON, rec: PodRecord, reason: str, message: str, now: datetime) -> JSON:
+    """A Pod the node will not run (missing handler, admission): Failed with a reason, no containers."""
+    rec.phase, rec.reason, rec.message = "Failed", reason, message
+    foreign = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") not in OWNED_CONDITIONS]
+    return {
+        "phase": "Failed",
+        "reason": reason,
+        "message": message,
+        "hostIP": rec.host_ip,
+        "hostIPs": [{"ip": rec.host_ip}],
+        "qosClass": rec.qos_class,
+        "startTime": rfc3339(rec.start_time or now),
+        "conditions": foreign + conditions(rec, "Failed", now),
+    }

@@ -1,0 +1,365 @@
+"""One Pod's life on this node: resolve, admit, start, restart, stop, delete.
+
+Each Pod has its own worker task, so one Pod's slow start never holds up
+another, and the updates for one Pod are applied in order. Status changes
+are coalesced: the worker marks the Pod dirty and a single in-flight writer
+patches the newest status; nothing is written when nothing changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.kube import MERGE_PATCH, ApiError
+from agent.logs import kv
+from agent.pod_status import ContainerRecord, PodRecord, build_status, rejected_status
+from cgroups.resources import qos_class
+from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
+
+if TYPE_CHECKING:
+    from agent.pods import PodController
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+BACKOFF_INITIAL = 10.0
+BACKOFF_MAX = 300.0
+BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off afresh
+RETRY_MISSING_HANDLER = 10.0
+DEFAULT_GRACE = 30
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    reason: str  # RuntimeClassNotFound | RuntimeHandlerNotFound
+    message: str  # for the Pod status
+    event: str  # for the Warning Event, in the kubelet's wording
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PodWorker:
+    def __init__(self, controller: PodController, pod: JSON):
+        self.c = controller
+        self.pod = pod
+        meta = pod["metadata"]
+        self.uid: str = meta["uid"]
+        self.key = f"{meta['namespace']}/{meta['name']}"
+        self.rec = PodRecord.for_pod(pod, controller.host_ip, qos_class(pod))
+        self.backend: Backend | None = None
+        self.handler_name = ""
+        self.sandbox: Sandbox | None = None
+        self.handles: dict[str, ContainerHandle] = {}
+        self.admitted = False
+        self.deletion_requested = asyncio.Event()
+        self.gone = False  # the Pod object no longer exists
+        self.wake = asyncio.Event()  # handlers or RuntimeClasses changed
+        self._write_lock = asyncio.Lock()
+        self._flush_pending = False
+        self._last_written: JSON | None = None
+        self._override: JSON | None = None  # a rejected Pod's fixed status
+        self.task: asyncio.Task[None] | None = None
+
+    # --- inputs from the controller ------------------------------------------------------------
+
+    def update(self, pod: JSON) -> None:
+        self.pod = pod
+        if pod["metadata"].get("deletionTimestamp"):
+            self.deletion_requested.set()
+
+    def object_deleted(self) -> None:
+        self.gone = True
+        self.deletion_requested.set()
+
+    # --- status writing --------------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        if not self._flush_pending and not self.gone:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.c.spawn, self.flush())
+
+    async def flush(self) -> None:
+        async with self._write_lock:
+            self._flush_pending = False
+            if self.gone:
+                return
+            status = self._override or build_status(self.pod, self.rec, now())
+            if status == self._last_written:
+                return
+            ns, name = self.key.split("/", 1)
+            body = {"metadata": {"uid": self.uid}, "status": status}  # uid: never patch a namesake
+            try:
+                async with self.c.write_slots:
+                    self.pod = await self.c.kube.patch(
+                        f"/api/v1/namespaces/{ns}/pods/{name}/status", body, content_type=MERGE_PATCH
+                    )
+                self._last_written = status
+                self.c.status_writes += 1
+            except ApiError as exc:
+                if exc.not_found or exc.conflict:
+                    return  # deleted or replaced meanwhile: the watch will tell
+                log.warning("cannot update pod status; will retry", extra=kv(pod=self.key, error=exc.describe()))
+                await asyncio.sleep(1)
+                self.c.spawn(self._retry_flush())
+
+    async def _retry_flush(self) -> None:
+        self.mark_dirty()
+
+    # --- the life of the Pod -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        life = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.key}")
+        stop = asyncio.create_task(self.deletion_requested.wait())
+        try:
+            await asyncio.wait({life, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if life.done() and life.exception():
+                log.error("pod lifecycle crashed", exc_info=life.exception(), extra=kv(pod=self.key))
+            await self.deletion_requested.wait()  # a finished Pod stays until it is deleted
+            life.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await life
+            await self._terminate()
+        finally:
+            stop.cancel()
+            life.cancel()
+            self.c.release(self)
+
+    async def _lifecycle(self) -> None:
+        status = self.pod.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            self.rec.phase = status["phase"]  # over before we (re)started: nothing to run
+            return
+        backend = await self._resolve()
+        if backend is None:
+            return
+        rejection = self.c.admit(self)
+        if rejection:
+            self._reject(rejection.reason, rejection.message, event_reason=rejection.reason)
+            return
+        self.admitted = True
+        self.backend = backend
+        self.rec.start_time = _parse_time(status.get("startTime")) or now()
+        try:
+            self.sandbox = await backend.create_sandbox(self.pod)
+        except BackendError as exc:
+            self.c.events.pod_event(
+                self.pod, "Warning", "FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}"
+            )
+            self._reject("FailedCreatePodSandBox", str(exc), event_reason=None)
+            return
+        self.rec.sandbox_ready = True
+        self.rec.pod_ips = self.sandbox.ips
+        for c in self.rec.containers:
+            c.waiting("PodInitializing" if self.rec.init_containers else "ContainerCreating")
+        self.mark_dirty()
+        await self._adopt_running()
+
+        background: list[asyncio.Task[Any]] = []
+        try:
+            for spec in self.pod["spec"].get("initContainers") or []:
+                rec = self.rec.container(spec["name"])
+                if rec.sidecar:
+                    background.append(asyncio.create_task(self._run_container(spec, rec)))
+                    while not rec.has_started:  # the next init container waits for the sidecar's start
+                        await asyncio.sleep(0.05)
+                    continue
+                if rec.succeeded:
+                    continue
+                code = await self._run_container(spec, rec)
+                if code != 0:  # restartPolicy Never: the Pod fails
+                    return
+            for c in self.rec.containers:
+                if c.state == "waiting" and not c.last_terminated:
+                    c.waiting("ContainerCreating")
+            mains = [
+                asyncio.create_task(self._run_container(spec, self.rec.container(spec["name"])))
+                for spec in self.pod["spec"]["containers"]
+            ]
+            await asyncio.gather(*mains)
+            # Every app container is done for good: stop the sidecars, free the sandbox.
+        finally:
+            for task in background:
+                task.cancel()
+        await self._stop_all(self._grace())
+        self.rec.phase = self.rec.compute_phase()
+        await self._release_sandbox()
+        self.c.unadmit(self)
+        self.mark_dirty()
+
+    async def _resolve(self) -> Backend | None:
+        while True:
+            outcome = await self.c.resolve(self.pod)
+            if not isinstance(outcome, Unresolved):
+                self.handler_name, backend = outcome
+                return backend
+            self.c.events.pod_event(self.pod, "Warning", "FailedCreatePodSandBox", outcome.event)
+            if self.c.config.missing_handler != "retry":
+                self._reject(outcome.reason, outcome.message, event_reason=None)
+                return None
+            # The upstream behaviour, on request: stay Pending and try again.
+            for c in self.rec.containers:
+                c.waiting("ContainerCreating")
+            self.mark_dirty()
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), RETRY_MISSING_HANDLER)
+
+    def _reject(self, reason: str, message: str, event_reason: str | None) -> None:
+        if event_reason:
+            self.c.events.pod_event(self.pod, "Warning", event_reason, message)
+        self._override = rejected_status(self.pod, self.rec, reason, message, now())
+        log.info("pod rejected", extra=kv(pod=self.key, reason=reason))
+        self.mark_dirty()
+
+    async def _adopt_running(self) -> None:
+        """After an agent restart, carry on with containers the status shows running."""
+        assert self.backend and self.sandbox
+        statuses = (self.pod.get("status") or {}).get("containerStatuses") or []
+        inits = (self.pod.get("status") or {}).get("initContainerStatuses") or []
+        prefix = f"{self.backend.name}://"
+        specs = {c["name"]: c for c in (self.pod["spec"].get("initContainers") or []) + self.pod["spec"]["containers"]}
+        for status in inits + statuses:
+            name = status.get("name")
+            if name not in specs or not str(status.get("containerID", "")).startswith(prefix):
+                continue
+            rec = self.rec.container(name)
+            rec.restart_count = status.get("restartCount", 0)
+            last = (status.get("lastState") or {}).get("terminated")
+            rec.last_terminated = last
+            terminated = (status.get("state") or {}).get("terminated")
+            if rec.init and terminated and terminated.get("exitCode") == 0:
+                rec.terminated(0, _parse_time(terminated.get("finishedAt")) or now())
+                rec.container_id = status["containerID"]
+                continue
+            handle = await self.backend.adopt_container(self.sandbox, self.pod, specs[name], status)
+            if handle is not None:
+                self.handles[name] = handle
+                rec.running(status["containerID"], handle.started_at or now(), status.get("imageID", ""))
+
+    async def _run_container(self, spec: JSON, rec: ContainerRecord) -> int:
+        """Run one container until it is done for good; returns its last exit code."""
+        assert self.backend and self.sandbox
+        backend, name = self.backend, spec["name"]
+        backoff = BACKOFF_INITIAL
+        first_failure = True
+        while True:
+            handle = self.handles.get(name)
+            if handle is None:
+                try:
+                    handle = await backend.create_container(self.sandbox, self.pod, spec, rec.restart_count)
+                    self.c.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)
+                    await backend.start_container(handle)
+                except BackendError as exc:
+                    rec.waiting(exc.reason, str(exc))
+                    self.c.events.pod_event(self.pod, "Warning", "Failed", f"Error: {exc}", name)
+                    self.mark_dirty()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                self.handles[name] = handle
+                rec.running(backend.container_id(handle), handle.started_at or now(), handle.image_id)
+                self.c.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
+                self.mark_dirty()
+            exit_ = await backend.wait_container(handle)
+            del self.handles[name]
+            rec.terminated(exit_.exit_code, exit_.finished_at, exit_.reason, exit_.message, exit_.signal)
+            await backend.remove_container(handle)
+            self.mark_dirty()
+            if not self._restarts(rec, exit_.exit_code):
+                return exit_.exit_code
+            ran = (exit_.finished_at - (rec.started_at or exit_.finished_at)).total_seconds()
+            if ran >= BACKOFF_RESET_AFTER:
+                backoff, first_failure = BACKOFF_INITIAL, True
+            rec.last_terminated = rec.terminated_json()
+            if first_failure:
+                first_failure = False  # the kubelet restarts at once the first time
+            else:
+                pod_ref = f"{self.pod['metadata']['name']}_{self.pod['metadata']['namespace']}({self.uid})"
+                message = f"back-off {backoff:.0f}s restarting failed container={name} pod={pod_ref}"
+                rec.waiting("CrashLoopBackOff", message)
+                self.c.events.pod_event(self.pod, "Warning", "BackOff", message, name)
+                self.mark_dirty()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            rec.restart_count += 1
+
+    def _restarts(self, rec: ContainerRecord, exit_code: int) -> bool:
+        if rec.sidecar:
+            return True
+        policy = self.rec.restart_policy
+        return (policy == "Always" and not rec.init) or (policy in ("Always", "OnFailure") and exit_code != 0)
+
+    def _grace(self) -> float:
+        meta, spec = self.pod["metadata"], self.pod["spec"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE)
+        return float(grace)
+
+    async def _stop_all(self, grace: float) -> None:
+        if not self.backend or not self.handles:
+            return
+        backend = self.backend
+
+        async def stop(name: str, handle: ContainerHandle) -> None:
+            self.c.events.pod_event(self.pod, "Normal", "Killing", f"Stopping container {name}", name)
+            await backend.stop_container(handle, grace)
+
+        await asyncio.gather(*(stop(n, h) for n, h in list(self.handles.items())))
+
+    async def _release_sandbox(self) -> None:
+        if self.backend and self.sandbox:
+            sandbox, self.sandbox = self.sandbox, None
+            await self.backend.remove_sandbox(sandbox)
+            self.rec.sandbox_ready = False
+
+    async def _terminate(self) -> None:
+        """Graceful deletion: stop with the Pod's grace period, release, delete the object."""
+        grace = self._grace() if not self.gone else 0.0
+        handles = dict(self.handles)
+        await self._stop_all(grace)
+        if self.backend:
+            for name, handle in handles.items():
+                rec = self.rec.container(name)
+                if rec.state == "running":
+                    try:
+                        exit_ = await asyncio.wait_for(self.backend.wait_container(handle), grace + 5)
+                        rec.terminated(exit_.exit_code, exit_.finished_at, exit_.reason, exit_.message, exit_.signal)
+                    except TimeoutError:
+                        rec.terminated(137, now(), "Error", "did not stop in time")
+                await self.backend.remove_container(handle)
+        self.handles.clear()
+        await self._release_sandbox()
+        self.c.unadmit(self)
+        for c in self.rec.init_containers + self.rec.containers:
+            if c.state == "waiting":
+                c.ready = False
+        if self.gone:
+            return
+        if not self.rec.terminal and self._override is None:
+            # A deleted Pod ends terminal: Succeeded only if every container exited 0.
+            self.rec.phase = "Succeeded" if all(c.succeeded for c in self.rec.containers) else "Failed"
+        await self.flush()
+        ns, name = self.key.split("/", 1)
+        try:
+            await self.c.kube.delete(
+                f"/api/v1/namespaces/{ns}/pods/{name}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
+            )
+        except ApiError as exc:
+            if not (exc.not_found or exc.conflict):
+                log.warning("cannot delete pod", extra=kv(pod=self.key, error=exc.describe()))
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -1,0 +1,189 @@
+"""The Pod controller: watches the Pods bound to this node and gives each a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.admission import Rejection, admit
+from agent.config import AgentConfig
+from agent.events import EventRecorder
+from agent.informer import Informer
+from agent.kube import ApiError, Kube
+from agent.logs import kv
+from agent.node_status import allocatable
+from agent.pod_worker import PodWorker, Unresolved
+from runtimes.base import Backend, BackendContext
+from runtimes.registry import backend_class
+
+if TYPE_CHECKING:
+    from agent.node import NodeAgent
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+FINISHED_MEMORY = 120.0  # seconds to ignore late events about a Pod whose worker is done
+
+
+class PodController:
+    def __init__(self, kube: Kube, node: NodeAgent, config: AgentConfig, state_dir: Path, events: EventRecorder):
+        self.kube = kube
+        self.node = node
+        self.config = config
+        self.state_dir = state_dir
+        self.events = events
+        self.host_ip = node.facts.internal_ip
+        self.workers: dict[str, PodWorker] = {}
+        self.backends: dict[str, Backend] = {}
+        self.write_slots = asyncio.Semaphore(32)
+        self.status_writes = 0
+        self._finished: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.runtime_classes = Informer(
+            kube,
+            "/apis/node.k8s.io/v1/runtimeclasses",
+            on_upsert=self._runtime_class_changed,
+            on_delete=self._runtime_class_changed,
+            name="runtimeclasses",
+        )
+        self.pods = Informer(
+            kube,
+            "/api/v1/pods",
+            field_selector=f"spec.nodeName={node.name}",
+            on_upsert=self._pod_upserted,
+            on_delete=self._pod_deleted,
+            name="pods",
+        )
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.runtime_classes.run(), name="runtimeclass-watch")
+            await self.runtime_classes.synced.wait()
+            tg.create_task(self.pods.run(), name="pod-watch")
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- watch callbacks -------------------------------------------------------------------------
+
+    def _pod_upserted(self, pod: JSON) -> None:
+        uid = pod["metadata"]["uid"]
+        worker = self.workers.get(uid)
+        if worker is not None:
+            worker.update(pod)
+            return
+        if uid in self._finished:
+            return
+        worker = PodWorker(self, pod)
+        worker.update(pod)
+        self.workers[uid] = worker
+        worker.task = self.spawn(worker.run())
+
+    def _pod_deleted(self, pod: JSON) -> None:
+        worker = self.workers.get(pod["metadata"]["uid"])
+        if worker is not None:
+            worker.object_deleted()
+
+    def _runtime_class_changed(self, _: JSON) -> None:
+        self.wake_all()
+
+    def wake_all(self) -> None:
+        for worker in self.workers.values():
+            worker.wake.set()
+
+    def release(self, worker: PodWorker) -> None:
+        if self.workers.get(worker.uid) is worker:
+            del self.workers[worker.uid]
+        now = time.monotonic()
+        self._finished[worker.uid] = now
+        for uid, at in list(self._finished.items()):
+            if now - at > FINISHED_MEMORY:
+                del self._finished[uid]
+
+    # --- configuration ---------------------------------------------------------------------------
+
+    def set_config(self, config: AgentConfig) -> None:
+        """A reloaded configuration: new handlers serve waiting Pods at once."""
+        self.config = config
+        for name in list(self.backends):
+            if name not in config.handlers or config.handlers[name] != self.backends[name].handler:
+                self.backends.pop(name)  # running Pods keep their instance; new Pods get a fresh one
+        self.wake_all()
+
+    def backend_for(self, handler_name: str) -> Backend:
+        backend = self.backends.get(handler_name)
+        if backend is None:
+            handler = self.config.handlers[handler_name]
+            context = BackendContext(node_name=self.node.name, state_dir=self.state_dir / "runtimes" / handler_name)
+            backend = backend_class(handler.backend)(handler, context)
+            self.backends[handler_name] = backend
+        return backend
+
+    # --- RuntimeClass resolution -----------------------------------------------------------------
+
+    async def _runtime_class(self, name: str) -> JSON | None:
+        rc = self.runtime_classes.store.get(f"/{name}")
+        if rc is not None:
+            return rc
+        try:  # the cache may lag behind a RuntimeClass created a moment ago
+            return await self.kube.get(f"/apis/node.k8s.io/v1/runtimeclasses/{name}")
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    async def resolve(self, pod: JSON) -> tuple[str, Backend] | Unresolved:
+        """runtimeClassName -> RuntimeClass -> handler -> backend."""
+        handlers = self.config.handlers
+        have = ", ".join(sorted(handlers)) or "none"
+        class_name = pod["spec"].get("runtimeClassName")
+        if not class_name:
+            default = self.config.default_runtime
+            if default and default in handlers:
+                return default, self.backend_for(default)
+            message = (
+                f"the Pod names no RuntimeClass and node {self.node.name} has no default_runtime (handlers: {have})"
+            )
+            return Unresolved("RuntimeHandlerNotFound", message, f"Failed to create pod sandbox: {message}")
+        try:
+            rc = await self._runtime_class(class_name)
+        except ApiError as exc:
+            message = f'cannot read RuntimeClass "{class_name}": {exc.describe()}'
+            return Unresolved("RuntimeClassNotFound", message, f"Failed to create pod sandbox: {message}")
+        if rc is None:
+            message = f'RuntimeClass "{class_name}" not found'
+            return Unresolved("RuntimeClassNotFound", message, f"Failed to create pod sandbox: {message}")
+        handler = rc.get("handler", "")
+        if handler not in handlers:
+            message = (
+                f'RuntimeClass "{class_name}" names handler "{handler}", which node {self.node.name} does not have '
+                f"(its handlers: {have})"
+            )
+            event = f'Failed to create pod sandbox: no runtime for "{handler}" is configured ({message})'
+            return Unresolved("RuntimeHandlerNotFound", message, event)
+        return handler, self.backend_for(handler)
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def admit(self, worker: PodWorker) -> Rejection | None:
+        node_obj = self.node.node or {}
+        labels = dict(node_obj.get("metadata", {}).get("labels") or {})
+        admitted = [w.pod for w in self.workers.values() if w.admitted and w is not worker]
+        return admit(worker.pod, self.node.name, labels, allocatable(self.node.facts), admitted)
+
+    def unadmit(self, worker: PodWorker) -> None:
+        worker.admitted = False
+
+    async def close(self) -> None:
+        for backend in self.backends.values():
+            try:
+                await backend.close()
+            except Exception:
+                log.exception("backend close failed", extra=kv(backend=backend.name))

@@ -1,0 +1,151 @@
+"""The interface every runtime backend implements, and the errors it may raise.
+
+A backend runs the containers of Pods for one runtime handler. The agent
+drives it: one sandbox per Pod, then containers inside it. Backends speak in
+plain dicts for Pod and container specs (the API server's JSON) and in the
+small dataclasses below for what they report back.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from agent.config import Handler
+
+JSON = dict[str, Any]
+
+
+# --- errors: each maps to the waiting/terminated reason the kubelet would show -----------------
+
+
+class BackendError(Exception):
+    """A runtime operation failed. `reason` is what the container status shows."""
+
+    reason: ClassVar[str] = "RunContainerError"
+
+
+class SandboxError(BackendError):
+    reason = "FailedCreatePodSandBox"
+
+
+class CreateContainerConfigError(BackendError):
+    """The Pod spec cannot be turned into a container (a missing Secret key, say)."""
+
+    reason = "CreateContainerConfigError"
+
+
+class CreateContainerError(BackendError):
+    reason = "CreateContainerError"
+
+
+class RunContainerError(BackendError):
+    reason = "RunContainerError"
+
+
+class ImagePullError(BackendError):
+    reason = "ErrImagePull"
+
+
+class InvalidImageNameError(BackendError):
+    reason = "InvalidImageName"
+
+
+class NotSupportedError(BackendError):
+    """The backend does not offer this optional operation (exec on the emulated backend, say)."""
+
+    reason = "NotSupported"
+
+
+# --- what backends report ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    id: str
+    pod_uid: str
+    ips: tuple[str, ...] = ()  # empty: the Pod uses the host's IP
+
+
+@dataclass(frozen=True)
+class ContainerExit:
+    exit_code: int
+    finished_at: datetime
+    signal: int | None = None
+    reason: str | None = None  # None: the agent derives Completed/Error from the code; or "OOMKilled"
+    message: str | None = None
+
+
+@dataclass
+class ContainerHandle:
+    """A created container. `id` is unique within the backend; `started_at` is set by start()."""
+
+    id: str
+    name: str
+    image: str
+    image_id: str = ""
+    started_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    node_name: str
+    state_dir: Path  # the backend's own directory under the agent's state dir
+
+
+class Backend(abc.ABC):
+    """One handler's backend. Subclasses set `name`, the containerID scheme (`<name>://<id>`)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, handler: Handler, context: BackendContext):
+        self.handler = handler
+        self.context = context
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend-wide resources when the agent stops (running containers stay)."""
+
+    @abc.abstractmethod
+    async def create_sandbox(self, pod: JSON) -> Sandbox: ...
+
+    @abc.abstractmethod
+    async def remove_sandbox(self, sandbox: Sandbox) -> None:
+        """Stop whatever is left of the sandbox and free it. Must be idempotent."""
+
+    @abc.abstractmethod
+    async def create_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
+    ) -> ContainerHandle: ...
+
+    @abc.abstractmethod
+    async def start_container(self, handle: ContainerHandle) -> None:
+        """Start it and set handle.started_at."""
+
+    @abc.abstractmethod
+    async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
+        """Resolve when the container exits (it may be cancelled; that must not stop the container)."""
+
+    @abc.abstractmethod
+    async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:
+        """Soft stop (SIGTERM or the like), then hard stop once the grace period ends."""
+
+    @abc.abstractmethod
+    async def remove_container(self, handle: ContainerHandle) -> None:
+        """Forget a stopped container. Must be idempotent."""
+
+    async def adopt_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, status: JSON
+    ) -> ContainerHandle | None:
+        """After an agent restart: take over the running container that `status` (a
+        containerStatuses entry) describes, or return None when it is gone."""
+        return None
+
+    async def exec(self, handle: ContainerHandle, command: list[str]) -> tuple[int, bytes]:
+        raise NotSupportedError(f"the {self.name} backend cannot exec into containers")
+
+    def container_id(self, handle: ContainerHandle) -> str:
+        return f"{self.name}://{handle.id}"

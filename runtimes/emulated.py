@@ -1,0 +1,125 @@
+"""The emulated backend: nothing runs, the lifecycle is played from the Pod spec.
+
+Containers start at once and stay running, unless the Pod's annotations ask
+them to exit after some time with some code, which lets Jobs complete and
+crash loops be played at scale:
+
+    emulated.kubelet-emu.io/exit-after: "2s"        every app container exits after 2 s
+    emulated.kubelet-emu.io/exit-code: "1"          ... with this code (default 0)
+    emulated.kubelet-emu.io/exit-after.<container>  per-container overrides
+    emulated.kubelet-emu.io/exit-code.<container>
+
+Init containers exit at once with code 0 unless annotated the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+from datetime import UTC, datetime
+
+from runtimes.base import (
+    JSON,
+    Backend,
+    ContainerExit,
+    ContainerHandle,
+    CreateContainerConfigError,
+    Sandbox,
+)
+
+PREFIX = "emulated.kubelet-emu.io/"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration such as 500ms, 2s or 1m")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _annotation(pod: JSON, key: str, container: str) -> str | None:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return annotations.get(f"{PREFIX}{key}.{container}", annotations.get(PREFIX + key))
+
+
+def planned_exit(pod: JSON, container: JSON, init: bool) -> tuple[float | None, int]:
+    """(seconds until exit or None for never, exit code) as the annotations ask."""
+    name = container["name"]
+    after = _annotation(pod, "exit-after", name)
+    code = _annotation(pod, "exit-code", name)
+    try:
+        seconds = parse_duration(after) if after is not None else (0.0 if init else None)
+        exit_code = int(code) if code is not None else 0
+    except ValueError as exc:
+        raise CreateContainerConfigError(f"annotation {PREFIX}exit-after/exit-code: {exc}") from exc
+    return seconds, exit_code
+
+
+class EmulatedBackend(Backend):
+    name = "emulated"
+
+    _ids = itertools.count(1)
+
+    async def create_sandbox(self, pod: JSON) -> Sandbox:
+        return Sandbox(id=f"sandbox-{pod['metadata']['uid']}", pod_uid=pod["metadata"]["uid"])
+
+    async def remove_sandbox(self, sandbox: Sandbox) -> None:
+        return None
+
+    async def create_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
+    ) -> ContainerHandle:
+        init = any(c["name"] == container["name"] for c in pod["spec"].get("initContainers") or [])
+        seconds, code = planned_exit(pod, container, init and container.get("restartPolicy") != "Always")
+        handle = ContainerHandle(
+            # The handler's name leads the id, so `kubectl get pod -o yaml` shows which handler ran it.
+            id=f"{self.handler.name}-{pod['metadata']['uid'][:8]}-{container['name']}-{restart_count}-{next(self._ids)}",
+            name=container["name"],
+            image=container.get("image", ""),
+        )
+        handle.extra.update(exit_after=seconds, exit_code=code, stopped=asyncio.Event(), stop_code=None)
+        return handle
+
+    async def start_container(self, handle: ContainerHandle) -> None:
+        handle.started_at = datetime.now(UTC)
+
+    async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
+        stopped: asyncio.Event = handle.extra["stopped"]
+        seconds = handle.extra["exit_after"]
+        if seconds is None:
+            await stopped.wait()
+        elif seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), seconds)
+        if stopped.is_set():
+            # Stopped by the agent: a well-behaved process exits on SIGTERM.
+            return ContainerExit(exit_code=handle.extra["stop_code"], finished_at=handle.extra["stopped_at"])
+        return ContainerExit(exit_code=handle.extra["exit_code"], finished_at=datetime.now(UTC))
+
+    async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:
+        stopped: asyncio.Event = handle.extra["stopped"]
+        if not stopped.is_set():
+            handle.extra.update(stop_code=143, stopped_at=datetime.now(UTC))  # 128 + SIGTERM
+            stopped.set()
+
+    async def remove_container(self, handle: ContainerHandle) -> None:
+        return None
+
+    async def adopt_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, status: JSON
+    ) -> ContainerHandle | None:
+        """Nothing really ran, so a restarted agent simply carries on where the status says."""
+        running = (status.get("state") or {}).get("running")
+        if not running:
+            return None
+        handle = await self.create_container(sandbox, pod, container, status.get("restartCount", 0))
+        handle.id = status["containerID"].split("://", 1)[1]
+        handle.started_at = datetime.fromisoformat(running["startedAt"].replace("Z", "+00:00"))
+        if handle.extra["exit_after"] is not None:
+            elapsed = (datetime.now(UTC) - handle.started_at).total_seconds()
+            handle.extra["exit_after"] = max(0.0, handle.extra["exit_after"] - elapsed)
+        return handle
