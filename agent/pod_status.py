@@ -209,6 +209,18 @@ def _condition(rec: PodRecord, ctype: str, ok: bool, now: datetime, reason: str 
     return out
 
 
+def _foreign_conditions(pod: JSON, rec: PodRecord, now: datetime) -> list[JSON]:
+    """Conditions others own, kept as they are; PodScheduled added when the Pod was bound
+    directly (nodeName preset), as the kubelet does."""
+    kept = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") not in OWNED_CONDITIONS]
+    if not any(c.get("type") == "PodScheduled" for c in kept):
+        since = rec.transitions.setdefault("PodScheduled", ("True", now))[1]
+        kept.insert(
+            0, {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": rfc3339(since)}
+        )
+    return kept
+
+
 def conditions(rec: PodRecord, phase: str, now: datetime) -> list[JSON]:
     incomplete_init = [c.name for c in rec.init_containers if not (c.has_started if c.sidecar else c.succeeded)]
     unready = [c.name for c in rec.containers if not c.ready]
@@ -240,7 +252,7 @@ def conditions(rec: PodRecord, phase: str, now: datetime) -> list[JSON]:
 def build_status(pod: JSON, rec: PodRecord, now: datetime) -> JSON:
     """The whole status the agent owns, for a merge patch on pods/status."""
     phase = rec.compute_phase()
-    foreign = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") not in OWNED_CONDITIONS]
+    foreign = _foreign_conditions(pod, rec, now)
     status: JSON = {
         "phase": phase,
         "conditions": foreign + conditions(rec, phase, now),
@@ -267,7 +279,7 @@ def build_status(pod: JSON, rec: PodRecord, now: datetime) -> JSON:
 def rejected_status(pod: JSON, rec: PodRecord, reason: str, message: str, now: datetime) -> JSON:
     """A Pod the node will not run (missing handler, admission): Failed with a reason, no containers."""
     rec.phase, rec.reason, rec.message = "Failed", reason, message
-    foreign = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") not in OWNED_CONDITIONS]
+    foreign = _foreign_conditions(pod, rec, now)
     return {
         "phase": "Failed",
         "reason": reason,
