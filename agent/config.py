@@ -27,8 +27,21 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
-_TOP_KEYS = {"default_runtime", "missing_handler", "import", "node", "runtimes"}
-_NODE_KEYS = {"labels", "taints", "max_pods", "handler_labels", "pod_pids_limit", "reserved"}
+_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes"}
+EVENT_POLICIES = ("all", "warnings", "none")
+_NODE_KEYS = {
+    "labels",
+    "taints",
+    "max_pods",
+    "handler_labels",
+    "pod_pids_limit",
+    "reserved",
+    "cgroup_root",
+    "cgroup_driver",
+    "container_log_max_size",
+    "container_log_max_files",
+}
+CGROUP_DRIVERS = ("cgroupfs", "systemd")
 _HANDLER_KEYS = {
     "backend",
     "runtime_path",
@@ -93,6 +106,10 @@ class NodeSettings:
     pod_pids_limit: int = -1
     reserved_cpu_millis: int = 0
     reserved_memory_bytes: int = 0
+    cgroup_root: str = "kubepods"  # the Pod cgroups' parent in every hierarchy
+    cgroup_driver: str = "cgroupfs"  # "systemd": the kubelet's systemd slice naming
+    container_log_max_size: int = 10 * 1024 * 1024
+    container_log_max_files: int = 5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", dict(self.labels))
@@ -107,6 +124,7 @@ class AgentConfig:
     node: NodeSettings
     source: str | None  # path, or None for the built-in default
     warnings: tuple[str, ...]
+    events: str = "all"  # "all" | "warnings" (failures only: cheap at scale) | "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
@@ -410,7 +428,25 @@ def _parse_node(t: _Table, warnings: list[str]) -> NodeSettings:
         raise t.error(f"pod_pids_limit must be -1 (unlimited) or a positive integer, not {pids}")
     reserved = t.table("reserved")
     reserved.warn_unknown({"cpu", "memory"}, warnings)
+    cgroup_root = t.str_("cgroup_root", "kubepods")
+    if not cgroup_root or cgroup_root.startswith("/") or ".." in cgroup_root.split("/"):
+        raise t.error(f'cgroup_root must be a relative path such as "kubepods", not {_q(cgroup_root)}')
+    driver = t.str_("cgroup_driver", "cgroupfs")
+    if driver not in CGROUP_DRIVERS:
+        raise t.error(f'cgroup_driver must be "cgroupfs" or "systemd", not {_q(driver)}')
+    log_files = t.int_("container_log_max_files", 5)
+    if log_files < 2:
+        raise t.error(f"container_log_max_files must be at least 2, not {log_files}")
+    raw_size = t.data.get("container_log_max_size", "10Mi")
+    try:
+        log_size = memory_bytes(raw_size)
+    except (ValueError, TypeError, ArithmeticError):
+        raise t.error(f'container_log_max_size {_q(str(raw_size))} is not a size such as "10Mi"') from None
     return NodeSettings(
+        cgroup_root=cgroup_root,
+        cgroup_driver=driver,
+        container_log_max_size=log_size,
+        container_log_max_files=log_files,
         labels=labels.data,
         taints=taints,
         max_pods=max_pods,
@@ -479,6 +515,9 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
     missing_handler = root.str_("missing_handler", "fail")
     if missing_handler not in MISSING_HANDLER_POLICIES:
         raise root.error(f'missing_handler must be "fail" or "retry", not {_q(str(missing_handler))}')
+    events = root.str_("events", "all")
+    if events not in EVENT_POLICIES:
+        raise root.error(f'events must be "all", "warnings" or "none", not {_q(str(events))}')
     node = _parse_node(root.table("node"), warnings)
 
     candidates: dict[str, _Candidate] = {}
@@ -540,6 +579,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
         node=node,
         source=file,
         warnings=tuple(warnings),
+        events=events,
     )
 
 

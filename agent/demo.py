@@ -84,11 +84,11 @@ async def demo(directory: Path, port: int) -> int:
         for path in manifests:
             code, out = await _kubectl(cluster, "apply", "-f", str(path))
             _say("   " + out.strip().replace("\n", "\n   "))
-        await asyncio.sleep(3)
+        await asyncio.sleep(5)
         _say((await _kubectl(cluster, "get", "runtimeclass"))[1])
         columns = (
-            "custom-columns=POD:.metadata.name,CLASS:.spec.runtimeClassName,PHASE:.status.phase,"
-            "REASON:.status.reason,CONTAINER:.status.containerStatuses[0].containerID"
+            "custom-columns=POD:.metadata.name,CLASS:.spec.runtimeClassName,NODE:.spec.nodeName,"
+            "PHASE:.status.phase,REASON:.status.reason,CONTAINER-ID:.status.containerStatuses[0].containerID"
         )
         _say((await _kubectl(cluster, "get", "pods", "-o", columns))[1])
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"

@@ -22,17 +22,17 @@ COMPONENT = "kubelet-emu"
 
 
 class EventRecorder:
-    def __init__(self, kube: Kube, node_name: str, enabled: bool = True):
+    def __init__(self, kube: Kube, node_name: str, policy: str = "all"):
         self.kube = kube
         self.node = node_name
-        self.enabled = enabled
+        self.policy = policy  # "all", "warnings" or "none" (agent config key `events`)
         self._pending: set[asyncio.Task[None]] = set()
         self.posted = 0
 
     def pod_event(
         self, pod: dict[str, Any], event_type: str, reason: str, message: str, container: str | None = None
     ) -> None:
-        if not self.enabled:
+        if self.policy == "none" or (self.policy == "warnings" and event_type != "Warning"):
             return
         meta = pod["metadata"]
         involved = {

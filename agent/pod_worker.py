@@ -318,7 +318,7 @@ class PodWorker:
     async def _release_sandbox(self) -> None:
         if self.backend and self.sandbox:
             sandbox, self.sandbox = self.sandbox, None
-            await self.backend.remove_sandbox(sandbox)
+            await self.backend.remove_sandbox(sandbox, self.pod)
             self.rec.sandbox_ready = False
 
     async def _terminate(self) -> None:

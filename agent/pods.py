@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -17,6 +18,7 @@ from agent.kube import ApiError, Kube
 from agent.logs import kv
 from agent.node_status import allocatable
 from agent.pod_worker import PodWorker, Unresolved
+from cgroups.manager import CgroupError, CgroupManager
 from runtimes.base import Backend, BackendContext
 from runtimes.registry import backend_class
 
@@ -27,6 +29,17 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 FINISHED_MEMORY = 120.0  # seconds to ignore late events about a Pod whose worker is done
+
+
+def _cgroup_manager(config: AgentConfig) -> CgroupManager | None:
+    """The Pod cgroup manager, or None where cgroups cannot be used (not root, no controllers)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return CgroupManager(root=config.node.cgroup_root, driver=config.node.cgroup_driver)
+    except CgroupError as exc:
+        log.warning("pod cgroups unavailable; the process backend will refuse Pods", extra=kv(error=str(exc)))
+        return None
 
 
 class PodController:
@@ -43,6 +56,7 @@ class PodController:
         self.status_writes = 0
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.cgroups = _cgroup_manager(config)
         self.runtime_classes = Informer(
             kube,
             "/apis/node.k8s.io/v1/runtimeclasses",
@@ -121,10 +135,31 @@ class PodController:
         backend = self.backends.get(handler_name)
         if backend is None:
             handler = self.config.handlers[handler_name]
-            context = BackendContext(node_name=self.node.name, state_dir=self.state_dir / "runtimes" / handler_name)
+            node = self.config.node
+            context = BackendContext(
+                node_name=self.node.name,
+                state_dir=self.state_dir / "runtimes" / handler_name,
+                pods_dir=self.state_dir / "pods",
+                host_ip=self.host_ip,
+                lookup=self.lookup,
+                cgroups=self.cgroups,
+                pod_pids_limit=node.pod_pids_limit,
+                log_max_size=node.container_log_max_size,
+                log_max_files=node.container_log_max_files,
+            )
             backend = backend_class(handler.backend)(handler, context)
             self.backends[handler_name] = backend
         return backend
+
+    async def lookup(self, kind: str, namespace: str, name: str) -> JSON | None:
+        """A ConfigMap or Secret a container refers to (the node authorizer allows exactly those)."""
+        resource = {"ConfigMap": "configmaps", "Secret": "secrets"}[kind]
+        try:
+            return await self.kube.get(f"/api/v1/namespaces/{namespace}/{resource}/{name}")
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
 
     # --- RuntimeClass resolution -----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,7 +35,6 @@ class RunOptions:
     node_ip: str | None = None
     kubelet_port: int = 10250
     config_path: str | None = None  # re-read on SIGHUP
-    events: bool = True
 
 
 async def agent_main(node: NodeAgent, pods: PodController) -> None:
@@ -55,6 +55,7 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> Non
         log.warning(warning)
     node.set_config(config)
     pods.set_config(config)
+    pods.events.policy = config.events
     log.info("configuration reloaded", extra=kv(handlers=",".join(sorted(config.handlers))))
 
 
@@ -69,7 +70,7 @@ async def run(opts: RunOptions) -> int:
         kubelet_port=opts.kubelet_port,
     )
     node = NodeAgent(kube, facts)
-    events = EventRecorder(kube, opts.node_name, enabled=opts.events)
+    events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
 
     stop = asyncio.Event()
@@ -77,6 +78,8 @@ async def run(opts: RunOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods)
+    stats_path = opts.state_dir / "agent-stats.json"
+    loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods)
 
     log.info(
         "kubelet-emu starting",
@@ -100,4 +103,17 @@ async def run(opts: RunOptions) -> int:
     finally:
         stopper.cancel()
         await pods.close()
+        write_stats(stats_path, kube, pods)
         await kube.close()
+
+
+def write_stats(path: Path, kube: Kube, pods: PodController) -> None:
+    """API requests made over the agent's life, for benchmarks (the /metrics endpoint comes later)."""
+    stats = {
+        "requests_by_verb": kube.requests_by_verb,
+        "status_writes": pods.status_writes,
+        "events_posted": pods.events.posted,
+        "pod_watch_relists": pods.pods.relists,
+        "pod_watch_restarts": pods.pods.watch_restarts,
+    }
+    path.write_text(json.dumps(stats, indent=2))

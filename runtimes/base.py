@@ -9,6 +9,7 @@ small dataclasses below for what they report back.
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -91,10 +92,22 @@ class ContainerHandle:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Lookup = Callable[[str, str, str], Awaitable[JSON | None]]  # (kind, namespace, name) -> object or None
+
+
 @dataclass(frozen=True)
 class BackendContext:
+    """What the agent hands every backend."""
+
     node_name: str
     state_dir: Path  # the backend's own directory under the agent's state dir
+    pods_dir: Path  # <state>/pods: per-Pod directories with container logs (shared by all backends)
+    host_ip: str = "127.0.0.1"
+    lookup: Lookup | None = None  # reads ConfigMaps and Secrets for container environments
+    cgroups: Any = None  # cgroups.manager.CgroupManager, or None when cgroups are unavailable
+    pod_pids_limit: int = -1
+    log_max_size: int = 10 * 1024 * 1024
+    log_max_files: int = 5
 
 
 class Backend(abc.ABC):
@@ -113,7 +126,7 @@ class Backend(abc.ABC):
     async def create_sandbox(self, pod: JSON) -> Sandbox: ...
 
     @abc.abstractmethod
-    async def remove_sandbox(self, sandbox: Sandbox) -> None:
+    async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         """Stop whatever is left of the sandbox and free it. Must be idempotent."""
 
     @abc.abstractmethod
@@ -144,7 +157,9 @@ class Backend(abc.ABC):
         containerStatuses entry) describes, or return None when it is gone."""
         return None
 
-    async def exec(self, handle: ContainerHandle, command: list[str]) -> tuple[int, bytes]:
+    async def exec(
+        self, handle: ContainerHandle, command: list[str], timeout: float | None = None
+    ) -> tuple[int, bytes]:
         raise NotSupportedError(f"the {self.name} backend cannot exec into containers")
 
     def container_id(self, handle: ContainerHandle) -> str:

@@ -67,7 +67,7 @@ class EmulatedBackend(Backend):
     async def create_sandbox(self, pod: JSON) -> Sandbox:
         return Sandbox(id=f"sandbox-{pod['metadata']['uid']}", pod_uid=pod["metadata"]["uid"])
 
-    async def remove_sandbox(self, sandbox: Sandbox) -> None:
+    async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         return None
 
     async def create_container(

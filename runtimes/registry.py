@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "kubelet_emu.backends"
 
 _BUILTIN = {
     "emulated": "runtimes.emulated:EmulatedBackend",
+    "process": "runtimes.process:ProcessBackend",
 }
 
 

@@ -840,3 +840,13 @@ def test_format_handler_table() -> None:
 def test_format_handler_table_built_in() -> None:
     lines = format_handler_table(load_config(None)).splitlines()
     assert lines[1].split() == ["default", "(default)", "emulated", "-", "<built-in>"]
+
+
+def test_events_policy(tmp_path):
+    path = tmp_path / "events.toml"
+    path.write_text('events = "warnings"\n[runtimes.x]\nbackend = "emulated"\n')
+    assert load_config(path).events == "warnings"
+    assert load_config(None).events == "all"
+    path.write_text('events = "loud"\n[runtimes.x]\nbackend = "emulated"\n')
+    with pytest.raises(ConfigError, match=r"events\.toml: .*events must be"):
+        load_config(path)

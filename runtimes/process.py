@@ -1,0 +1,303 @@
+"""The process backend: each container is a host process in its own cgroup.
+
+The image names no filesystem here (it is recorded in the status as given);
+`command` + `args` run on the host with the container's environment, user
+and working directory. Each container gets a shim (runtimes/shim.py) that
+owns its pipes and exit status, so containers survive an agent restart and
+are adopted again from their state directory.
+
+State per container: <state>/pods/<ns>_<pod>_<uid>/<container>/<restartCount>/
+and the CRI log at <state>/pods/<ns>_<pod>_<uid>/<container>/<restartCount>.log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cgroups.manager import CgroupError, CgroupManager
+from cgroups.resources import container_resource_config, pod_resource_config
+from runtimes.base import (
+    JSON,
+    Backend,
+    ContainerExit,
+    ContainerHandle,
+    CreateContainerConfigError,
+    CreateContainerError,
+    RunContainerError,
+    Sandbox,
+    SandboxError,
+)
+from runtimes.container_env import EnvError, container_env, expand
+from runtimes.shim import proc_start_ticks
+
+SHIM_START_TIMEOUT = 10.0
+
+
+def pod_dir_name(pod: JSON) -> str:
+    meta = pod["metadata"]
+    return f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _alive(pid: int, start_ticks: int) -> bool:
+    try:
+        return proc_start_ticks(pid) == start_ticks
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+class ProcessBackend(Backend):
+    name = "process"
+
+    def __init__(self, handler: Any, context: Any):
+        super().__init__(handler, context)
+        self.cgroups: CgroupManager | None = context.cgroups
+        self.pods_dir: Path = context.pods_dir
+
+    # --- sandbox: the Pod's cgroup and directory ---------------------------------------------------
+
+    async def create_sandbox(self, pod: JSON) -> Sandbox:
+        if self.cgroups is None:
+            raise SandboxError("the process backend needs cgroups: run the agent as root on a cgroup v1 or v2 host")
+        config = pod_resource_config(pod, self.context.pod_pids_limit)
+        try:
+            await asyncio.to_thread(self.cgroups.ensure_pod, pod, config)
+        except (CgroupError, OSError) as exc:
+            raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
+        (self.pods_dir / pod_dir_name(pod)).mkdir(parents=True, exist_ok=True)
+        return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"])
+
+    async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
+        if self.cgroups is not None:
+            with contextlib.suppress(CgroupError, OSError):
+                await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
+
+    # --- containers --------------------------------------------------------------------------------
+
+    def _container_dir(self, pod: JSON, name: str) -> Path:
+        return self.pods_dir / pod_dir_name(pod) / name
+
+    async def create_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
+    ) -> ContainerHandle:
+        name = container["name"]
+        if not container.get("command") and not container.get("args"):
+            raise CreateContainerError(
+                f"container {name}: the process backend runs `command`/`args` on the host and needs one "
+                "(images are not unpacked by this backend)"
+            )
+        try:
+            env_list = await container_env(
+                pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, self.context.host_ip,
+            )  # fmt: skip
+        except EnvError as exc:
+            raise CreateContainerConfigError(str(exc)) from exc
+        env = dict(env_list)
+        argv = [expand(part, env) for part in (container.get("command") or []) + (container.get("args") or [])]
+        base_env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
+        base_env["HOSTNAME"] = pod["metadata"]["name"]
+        full_env = {**base_env, **env}
+
+        cdir = self._container_dir(pod, name)
+        run_dir = cdir / str(restart_count)
+        if run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cwd = container.get("workingDir") or str(self.pods_dir / pod_dir_name(pod))
+        if not os.path.isdir(cwd):
+            raise CreateContainerError(f"container {name}: workingDir {cwd} does not exist on this host")
+
+        security = {**(pod["spec"].get("securityContext") or {}), **(container.get("securityContext") or {})}
+        cgroup_procs: list[str] = []
+        if self.cgroups is not None:
+            try:
+                rel = await asyncio.to_thread(
+                    self.cgroups.ensure_container, pod, name, container_resource_config(container)
+                )
+            except (CgroupError, OSError) as exc:
+                raise CreateContainerError(f"container {name}: cannot create its cgroup: {exc}") from exc
+            cgroup_procs = self.cgroups.procs_paths(rel)
+        spec = {
+            "argv": argv,
+            "env": full_env,
+            "cwd": cwd,
+            "uid": security.get("runAsUser"),
+            "gid": security.get("runAsGroup"),
+            "cgroup_procs": cgroup_procs,
+            "log_path": str(cdir / f"{restart_count}.log"),
+            "log_max_size": self.context.log_max_size,
+            "log_max_files": self.context.log_max_files,
+        }
+        (run_dir / "spec.json").write_text(json.dumps(spec))
+        handle = ContainerHandle(
+            id=f"{pod['metadata']['uid'][:8]}-{name}-{restart_count}",
+            name=name,
+            image=container.get("image", ""),
+        )
+        handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec)
+        return handle
+
+    async def start_container(self, handle: ContainerHandle) -> None:
+        run_dir = Path(handle.extra["run_dir"])
+        oom_before = self._oom_kills(handle)
+        shim = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "runtimes.shim", str(run_dir / "spec.json"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=open(run_dir / "shim.log", "wb"),  # noqa: SIM115 - handed to the child
+            start_new_session=True,  # not in the agent's process group: survives the agent
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )  # fmt: skip
+        handle.extra["shim"] = shim
+        state_file = run_dir / "state.json"
+        deadline = asyncio.get_running_loop().time() + SHIM_START_TIMEOUT
+        while not state_file.exists():
+            if shim.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                log = (run_dir / "shim.log").read_text(errors="replace").strip()
+                raise RunContainerError(f"container {handle.name}: the shim did not start: {log or 'no output'}")
+            await asyncio.sleep(0.01)
+        state = json.loads(state_file.read_text())
+        state["oom_before"] = oom_before
+        (run_dir / "agent.json").write_text(json.dumps(state))
+        handle.extra["state"] = state
+        handle.started_at = _parse_time(state["started_at"])
+
+    def _cgroup(self, handle: ContainerHandle) -> str | None:
+        if self.cgroups is None:
+            return None
+        return self.cgroups.container_path(handle.extra["pod"], handle.name)
+
+    def _oom_kills(self, handle: ContainerHandle) -> int:
+        rel = self._cgroup(handle)
+        if rel is None:
+            return 0
+        try:
+            return self.cgroups.oom_kills(rel)  # type: ignore[union-attr]
+        except (CgroupError, OSError):
+            return 0
+
+    async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
+        run_dir = Path(handle.extra["run_dir"])
+        exit_file = run_dir / "exit.json"
+        state = handle.extra["state"]
+        shim = handle.extra.get("shim")
+        while not exit_file.exists():
+            if shim is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(shim.wait()), 1.0)
+            else:  # adopted after an agent restart: not our child, so poll
+                await asyncio.sleep(0.5)
+            if not exit_file.exists() and not _alive(state["shim_pid"], state["shim_start_ticks"]):
+                await asyncio.sleep(0.1)
+                if not exit_file.exists():
+                    return ContainerExit(
+                        exit_code=137, finished_at=datetime.now(UTC), reason="Error",
+                        message="the container's shim disappeared; its exit status is unknown",
+                    )  # fmt: skip
+        result = json.loads(exit_file.read_text())
+        reason = None
+        if self._oom_kills(handle) > state.get("oom_before", 0):
+            reason = "OOMKilled"
+        return ContainerExit(
+            exit_code=result["exit_code"],
+            signal=result.get("signal"),
+            finished_at=_parse_time(result["finished_at"]),
+            reason=reason,
+        )
+
+    async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:
+        state = handle.extra.get("state")
+        if not state:
+            return
+        pid, ticks = state["pid"], state["start_ticks"]
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        pre_stop = ((handle.extra["container"].get("lifecycle") or {}).get("preStop") or {}).get("exec")
+        if pre_stop and _alive(pid, ticks) and grace_seconds > 0:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.exec(handle, pre_stop.get("command") or []), grace_seconds)
+        if _alive(pid, ticks):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+        while _alive(pid, ticks) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if _alive(pid, ticks):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        await self._kill_cgroup(handle)
+
+    async def _kill_cgroup(self, handle: ContainerHandle) -> None:
+        """Nothing of the container survives, even a process that left its process group."""
+        rel = self._cgroup(handle)
+        if rel is None:
+            return
+        for other in await asyncio.to_thread(self.cgroups.pids, rel):  # type: ignore[union-attr]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGKILL)
+
+    async def remove_container(self, handle: ContainerHandle) -> None:
+        await self._kill_cgroup(handle)
+        rel = self._cgroup(handle)
+        if rel is not None:
+            with contextlib.suppress(CgroupError, OSError):
+                await asyncio.to_thread(self.cgroups.remove, rel)  # type: ignore[union-attr]
+
+    async def adopt_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, status: JSON
+    ) -> ContainerHandle | None:
+        restart = status.get("restartCount", 0)
+        run_dir = self._container_dir(pod, container["name"]) / str(restart)
+        try:
+            state = json.loads((run_dir / "agent.json").read_text())
+            spec = json.loads((run_dir / "spec.json").read_text())
+        except (OSError, ValueError):
+            return None
+        exited = (run_dir / "exit.json").exists()
+        if not exited and not _alive(state["pid"], state["start_ticks"]):
+            return None
+        handle = ContainerHandle(id=f"{pod['metadata']['uid'][:8]}-{container['name']}-{restart}",
+                                 name=container["name"], image=container.get("image", ""))  # fmt: skip
+        handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec, state=state)
+        handle.started_at = _parse_time(state["started_at"])
+        return handle
+
+    async def exec(
+        self, handle: ContainerHandle, command: list[str], timeout: float | None = None
+    ) -> tuple[int, bytes]:
+        """Run a command as the container would: its cgroup, user, directory and environment."""
+        spec = handle.extra["spec"]
+        if not command:
+            raise RunContainerError("exec: empty command")
+
+        def enter() -> None:
+            for procs in spec["cgroup_procs"]:
+                with open(procs, "w") as f:
+                    f.write("0")
+            if spec.get("gid") is not None:
+                os.setgroups([])
+                os.setgid(spec["gid"])
+            if spec.get("uid") is not None:
+                os.setuid(spec["uid"])
+
+        proc = await asyncio.create_subprocess_exec(
+            *command, env=spec["env"], cwd=spec["cwd"], preexec_fn=enter, start_new_session=True,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
+        return proc.returncode or 0, out

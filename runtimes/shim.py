@@ -1,0 +1,164 @@
+"""The per-container shim of the process backend (the role conmon plays for CRI-O).
+
+    python -m runtimes.shim SPEC.json
+
+The agent starts one shim per container in its own session, so the shim and
+the container outlive an agent restart. The shim starts the container
+process (own session and process group, in its cgroup before exec, with its
+user, directory and environment), copies its stdout/stderr into the CRI log
+file, waits for it, and writes the exit status next to the spec. Standard
+library only, to stay small: one shim per running container.
+
+Files in the container's state directory:
+    spec.json   what to run (written by the agent)
+    state.json  pids and start time (written by the shim once the process runs)
+    exit.json   exit code, signal and time (written by the shim at the end)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+
+from runtimes.crilog import CriLogWriter
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def proc_start_ticks(pid: int) -> int:
+    """Start time of a process in clock ticks since boot: with the pid, it names one process for good."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _child(spec: dict, out_w: int, err_w: int) -> None:
+    """In the forked child: become the container process, or exit 127/126 saying why."""
+    try:
+        os.setsid()  # own session and process group: the agent signals the whole group
+        for procs in spec.get("cgroup_procs", []):  # join the cgroup before exec, so all memory is charged there
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.closerange(3, 65536)
+        if spec.get("gid") is not None:
+            os.setgroups([])
+            os.setgid(spec["gid"])
+        if spec.get("uid") is not None:
+            os.setuid(spec["uid"])
+        os.chdir(spec["cwd"])
+        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+    except FileNotFoundError as exc:
+        os.write(2, f"exec {spec['argv'][0]!r}: {exc.strerror}\n".encode())
+        os._exit(127)
+    except BaseException as exc:
+        os.write(2, f"cannot start container: {exc}\n".encode())
+        os._exit(126)
+
+
+def _kill_leftovers(pgid: int, cgroup_procs: list[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    me = os.getpid()
+    for procs in cgroup_procs[:1]:
+        try:
+            with open(procs) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for other in pids:
+            if other != me:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other, signal.SIGKILL)
+
+
+def main(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    directory = os.path.dirname(spec_path)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r)
+        os.close(err_r)
+        _child(spec, out_w, err_w)
+    os.close(out_w)
+    os.close(err_w)
+    _write_json(
+        os.path.join(directory, "state.json"),
+        {
+            "shim_pid": os.getpid(),
+            "shim_start_ticks": proc_start_ticks(os.getpid()),
+            "pid": pid,
+            "start_ticks": proc_start_ticks(pid),
+            "started_at": _now(),
+        },
+    )
+
+    log = CriLogWriter(spec["log_path"], max_size=spec.get("log_max_size", 10 * 1024 * 1024),
+                       max_files=spec.get("log_max_files", 5))  # fmt: skip
+    sel = selectors.DefaultSelector()
+    sel.register(out_r, selectors.EVENT_READ, "stdout")
+    sel.register(err_r, selectors.EVENT_READ, "stderr")
+    open_fds = 2
+    status: int | None = None
+    drain_until = None
+    while open_fds and (drain_until is None or time.monotonic() < drain_until):
+        for key, _ in sel.select(timeout=0.2):
+            data = os.read(key.fd, 65536)
+            if data:
+                log.write(key.data, data)
+            else:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                open_fds -= 1
+        if status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                # The main process ended, so the container has: like a pid namespace
+                # going away, whatever it left behind goes too.
+                _kill_leftovers(pid, spec.get("cgroup_procs", []))
+                drain_until = time.monotonic() + 2.0
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    log.close()
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        result = {"exit_code": 128 + sig, "signal": sig}
+    else:
+        result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
+    result["finished_at"] = _now()
+    _write_json(os.path.join(directory, "exit.json"), result)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m runtimes.shim SPEC.json", file=sys.stderr)
+        sys.exit(2)
+    time.tzset()
+    sys.exit(main(sys.argv[1]))
