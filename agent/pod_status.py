@@ -37,19 +37,25 @@ class ContainerRecord:
     last_terminated: JSON | None = None
     ready: bool = False
     has_started: bool = False  # ran at least once: a sidecar then counts as initialized
+    startup_passed: bool = True  # false while a startup probe has not succeeded yet
 
     @property
     def started(self) -> bool:
-        return self.state == "running"
+        return self.state == "running" and self.startup_passed
 
     def waiting(self, reason: str, message: str | None = None) -> None:
         self.state, self.reason, self.message = "waiting", reason, message
 
-    def running(self, container_id: str, started_at: datetime, image_id: str = "") -> None:
+    def running(
+        self, container_id: str, started_at: datetime, image_id: str = "", *,
+        readiness_probe: bool = False, startup_probe: bool = False,
+    ) -> None:  # fmt: skip
         self.state, self.reason, self.message = "running", None, None
         self.container_id, self.started_at, self.image_id = container_id, started_at, image_id or self.image_id
         self.finished_at = self.exit_code = self.signal = None
-        self.ready = True  # readiness probes arrive with the process backend
+        # With probes, ready/started wait for their first success, as the kubelet does.
+        self.startup_passed = not startup_probe
+        self.ready = not readiness_probe and not startup_probe
         self.has_started = True
 
     def terminated(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
 from agent.pod_status import ContainerRecord, PodRecord, build_status, rejected_status
+from agent.probes import ProbeWorker
 from cgroups.resources import qos_class
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
 
@@ -243,6 +244,8 @@ class PodWorker:
             if handle is not None:
                 self.handles[name] = handle
                 rec.running(status["containerID"], handle.started_at or now(), status.get("imageID", ""))
+                rec.ready = bool(status.get("ready"))  # probes take over from what was last reported
+                rec.startup_passed = bool(status.get("started", True))
 
     async def _run_container(self, spec: JSON, rec: ContainerRecord) -> int:
         """Run one container until it is done for good; returns its last exit code."""
@@ -265,10 +268,21 @@ class PodWorker:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 self.handles[name] = handle
-                rec.running(backend.container_id(handle), handle.started_at or now(), handle.image_id)
+                rec.running(
+                    backend.container_id(handle),
+                    handle.started_at or now(),
+                    handle.image_id,
+                    readiness_probe=self._probes_run(spec, "readiness"),
+                    startup_probe=self._probes_run(spec, "startup"),
+                )
                 self.c.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
                 self.mark_dirty()
-            exit_ = await backend.wait_container(handle)
+            probes = self._start_probes(spec, rec, handle)
+            try:
+                exit_ = await backend.wait_container(handle)
+            finally:
+                for task in probes:
+                    task.cancel()
             del self.handles[name]
             rec.terminated(exit_.exit_code, exit_.finished_at, exit_.reason, exit_.message, exit_.signal)
             await backend.remove_container(handle)
@@ -290,6 +304,56 @@ class PodWorker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             rec.restart_count += 1
+
+    # --- probes ------------------------------------------------------------------------------------
+
+    def _probes_run(self, spec: JSON, kind: str) -> bool:
+        return bool(spec.get(f"{kind}Probe")) and self.backend is not None and self.backend.runs_probes
+
+    def _start_probes(self, spec: JSON, rec: ContainerRecord, handle: ContainerHandle) -> list[asyncio.Task[None]]:
+        """Startup first; readiness and liveness once it passed (or at once without one)."""
+        backend = self.backend
+        assert backend is not None
+        kinds = [k for k in ("startup", "readiness", "liveness") if self._probes_run(spec, k)]
+        if not kinds:
+            return []
+        pod_ip = (self.rec.pod_ips or (self.rec.host_ip,))[0]
+        tasks: list[asyncio.Task[None]] = []
+        name = spec["name"]
+
+        async def exec_(command: list[str], timeout: float) -> tuple[int, bytes]:
+            return await backend.exec(handle, command, timeout)
+
+        def launch(kind: str) -> None:
+            worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change)
+            tasks.append(asyncio.create_task(worker.run(), name=f"probe:{self.key}:{name}:{kind}"))
+
+        def on_change(kind: str, ok: bool, message: str) -> None:
+            if not ok:
+                self.c.events.pod_event(self.pod, "Warning", "Unhealthy", message, name)
+            if kind == "readiness":
+                rec.ready = ok and rec.startup_passed
+            elif kind == "startup" and ok:
+                rec.startup_passed = True
+                rec.ready = "readiness" not in kinds
+                for later in ("readiness", "liveness"):
+                    if later in kinds:
+                        launch(later)
+            elif not ok:  # a failed liveness or startup probe: the container is restarted
+                probe = spec[f"{kind}Probe"]
+                grace = float(probe.get("terminationGracePeriodSeconds") or self._grace())
+                self.c.events.pod_event(
+                    self.pod, "Normal", "Killing", f"Container {name} failed {kind} probe, will be restarted", name
+                )
+                self.c.spawn(backend.stop_container(handle, grace))
+            self.mark_dirty()
+
+        if "startup" in kinds:
+            launch("startup")
+        else:
+            for kind in kinds:
+                launch(kind)
+        return tasks
 
     def _restarts(self, rec: ContainerRecord, exit_code: int) -> bool:
         if rec.sidecar:

@@ -114,6 +114,7 @@ class Backend(abc.ABC):
     """One handler's backend. Subclasses set `name`, the containerID scheme (`<name>://<id>`)."""
 
     name: ClassVar[str]
+    runs_probes: ClassVar[bool] = True  # the emulated backend has nothing to probe
 
     def __init__(self, handler: Handler, context: BackendContext):
         self.handler = handler

@@ -61,6 +61,7 @@ def planned_exit(pod: JSON, container: JSON, init: bool) -> tuple[float | None, 
 
 class EmulatedBackend(Backend):
     name = "emulated"
+    runs_probes = False
 
     _ids = itertools.count(1)
 

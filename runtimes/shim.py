@@ -76,6 +76,27 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
         os._exit(126)
 
 
+def _become_subreaper() -> None:
+    """Orphans of the container are re-parented to the shim, which reaps them (as conmon does)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_orphans() -> None:
+    while True:
+        try:
+            done, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done == 0:
+            return
+
+
 def _kill_leftovers(pgid: int, cgroup_procs: list[str]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -96,6 +117,7 @@ def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     directory = os.path.dirname(spec_path)
+    _become_subreaper()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
@@ -145,6 +167,7 @@ def main(spec_path: str) -> int:
                 drain_until = time.monotonic() + 2.0
     if status is None:
         _, status = os.waitpid(pid, 0)
+    _reap_orphans()
     log.close()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)

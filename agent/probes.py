@@ -1,0 +1,298 @@
+"""Liveness, readiness and startup probes with the kubelet's semantics.
+
+One attempt (run_probe) follows pkg/probe and pkg/kubelet/prober/prober.go: exec, httpGet, tcpSocket,
+with the kubelet's success rules and failure wording. ProbeWorker follows prober/worker.go: the
+initial delay, the period, and the success/failure thresholds that turn attempts into a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from runtimes.container_env import expand
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+Exec = Callable[[list[str], float], Awaitable[tuple[int, bytes]]]  # (command, timeout) -> (exit code, output)
+
+KINDS = ("liveness", "readiness", "startup")
+USER_AGENT = "kube-probe/1.36"  # the kubelet sends kube-probe/<major>.<minor>; some apps key on it
+MAX_OUTPUT = 10 * 1024  # pkg/probe keeps at most 10 KiB of exec output or response body
+MAX_RETRIES = 3  # prober.go retries an attempt that errored (not one that failed)
+MAX_REDIRECTS = 10
+EXEC_GRACE = 1.0  # the backend enforces the exec timeout; this only guards against one that does not
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass
+class ProbeResult:
+    success: bool
+    message: str = ""
+    # The probe could not be run at all (unknown port name, no exec support...). The kubelet throws
+    # such results away: they count neither as success nor as failure.
+    error: bool = False
+
+
+class _ProbeError(Exception):
+    pass
+
+
+async def run_probe(probe: JSON, container: JSON, pod_ip: str, exec_: Exec | None) -> ProbeResult:
+    """One probe attempt, with the kubelet's retries of attempts that could not run."""
+    result = ProbeResult(False, "no attempt", error=True)
+    for _ in range(MAX_RETRIES):
+        try:
+            result = await _attempt(probe, container, pod_ip, exec_)
+        except _ProbeError as e:
+            result = ProbeResult(False, str(e), error=True)
+        if not result.error:
+            break
+    return result
+
+
+async def _attempt(probe: JSON, container: JSON, pod_ip: str, exec_: Exec | None) -> ProbeResult:
+    timeout = float(probe.get("timeoutSeconds") or 1)
+    if (action := probe.get("exec")) is not None:
+        return await _exec(action, container, timeout, exec_)
+    if (action := probe.get("httpGet")) is not None:
+        return await _http_get(action, container, pod_ip, timeout)
+    if (action := probe.get("tcpSocket")) is not None:
+        return await _tcp(action, container, pod_ip, timeout)
+    if probe.get("grpc") is not None:
+        return ProbeResult(False, "gRPC probes are not supported by kubelet-emu")
+    raise _ProbeError(f"missing probe handler for container {container.get('name')}")
+
+
+# --- exec ------------------------------------------------------------------------------------------
+
+
+async def _exec(action: JSON, container: JSON, timeout: float, exec_: Exec | None) -> ProbeResult:
+    if exec_ is None:
+        raise _ProbeError("exec probes are not supported by this runtime")
+    # Like the kubelet, expand $(VAR) with the container's literal env values only (valueFrom -> "").
+    static_env = {e["name"]: e.get("value") or "" for e in container.get("env") or []}
+    command = [expand(arg, static_env) for arg in action.get("command") or []]
+    try:
+        code, output = await asyncio.wait_for(exec_(command, timeout), timeout + EXEC_GRACE)
+    except TimeoutError:
+        joined = " ".join(command).replace("\\", "\\\\").replace('"', '\\"')
+        return ProbeResult(False, f'command "{joined}" timed out')
+    except _ProbeError:
+        raise
+    except Exception as e:  # the runtime could not exec: an error, not a failure
+        raise _ProbeError(str(e) or type(e).__name__) from e
+    # The message is the command's output, as in "Liveness probe failed: <output>".
+    return ProbeResult(code == 0, output[:MAX_OUTPUT].decode("utf-8", "replace"))
+
+
+# --- httpGet and tcpSocket ---------------------------------------------------------------------------
+
+
+def resolve_port(port: Any, container: JSON) -> int:
+    """An IntOrString port: a number, a named container port, or a number in a string."""
+    if isinstance(port, bool) or port is None:
+        raise _ProbeError(f"intOrString had no kind: {port!r}")
+    if isinstance(port, int):
+        number = port
+    else:
+        named = [p.get("containerPort", 0) for p in container.get("ports") or [] if p.get("name") == port]
+        if named:
+            number = int(named[0])
+        else:
+            try:
+                number = int(str(port), 10)
+            except ValueError:
+                raise _ProbeError(f'strconv.Atoi: parsing "{port}": invalid syntax') from None
+    if not 0 < number < 65536:
+        raise _ProbeError(f"invalid port number: {number}")
+    return number
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # net.JoinHostPort
+
+
+def _dial_error(address: str, host: str, e: OSError) -> str:
+    """Go's wording for a failed dial: 'dial tcp 10.0.0.1:81: connect: connection refused'."""
+    if isinstance(e, socket.gaierror):
+        return f"dial tcp: lookup {host}: no such host"
+    if e.errno:
+        text = os.strerror(e.errno)
+        text = text[:1].lower() + text[1:]
+        return f"dial tcp {address}: connect: {text}"
+    return f"dial tcp {address}: {e}"
+
+
+async def _tcp(action: JSON, container: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+    host = action.get("host") or pod_ip
+    port = resolve_port(action.get("port"), container)
+    address = _host_port(host, port)
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        return ProbeResult(False, f"dial tcp {address}: i/o timeout")
+    except OSError as e:
+        return ProbeResult(False, _dial_error(address, host, e))
+    writer.close()  # the probe only needs the handshake
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return ProbeResult(True)
+
+
+def _headers(action: JSON) -> tuple[CIMultiDict[str], set[str]]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for h in action.get("httpHeaders") or []:
+        headers.add(h.get("name", ""), h.get("value", ""))
+    skip: set[str] = set()
+    for name, default in (("User-Agent", USER_AGENT), ("Accept", "*/*")):
+        if name not in headers:
+            headers[name] = default
+        elif not any(headers.getall(name)):
+            # An explicitly empty header means "send none" (the kubelet deletes an empty Accept).
+            del headers[name]
+            skip.add(name)
+    return headers, skip
+
+
+async def _http_get(action: JSON, container: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+    scheme = (action.get("scheme") or "HTTP").lower()
+    host = action.get("host") or pod_ip
+    port = resolve_port(action.get("port"), container)
+    path = action.get("path") or ""
+    if path and not path.startswith("/"):
+        path = "/" + path
+    url = f"{scheme}://{_host_port(host, port)}{path}"
+    headers, skip = _headers(action)
+    current = url
+    # No keep-alive and no certificate checks, as the kubelet's prober transport.
+    connector = aiohttp.TCPConnector(ssl=False, force_close=True)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session,
+            asyncio.timeout(timeout),
+        ):
+            for _ in range(MAX_REDIRECTS + 1):
+                async with session.get(
+                    URL(current), headers=headers, skip_auto_headers=skip, allow_redirects=False
+                ) as resp:
+                    location = resp.headers.get("Location")
+                    if resp.status in _REDIRECTS and location:
+                        target = URL(current).join(URL(location))
+                        # Redirects are followed only on the same host; any other ends the probe
+                        # with the redirect response itself (a success with a warning).
+                        if target.host == URL(url).host:
+                            current = str(target)
+                            continue
+                    body = await resp.content.read(MAX_OUTPUT)
+                    return _http_result(resp.status, body)
+            return ProbeResult(False, f'Get "{current}": stopped after {MAX_REDIRECTS} redirects')
+    except TimeoutError:
+        message = "context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+        return ProbeResult(False, f'Get "{current}": {message}')
+    except aiohttp.ClientConnectorError as e:
+        return ProbeResult(False, f'Get "{current}": {_dial_error(_host_port(e.host, e.port), e.host, e.os_error)}')
+    except aiohttp.ServerDisconnectedError:
+        return ProbeResult(False, f'Get "{current}": EOF')
+    except (aiohttp.ClientError, OSError, ValueError) as e:
+        return ProbeResult(False, f'Get "{current}": {e}')
+
+
+def _http_result(status: int, body: bytes) -> ProbeResult:
+    if 200 <= status < 300:
+        return ProbeResult(True, body.decode("utf-8", "replace"))
+    if 300 <= status < 400:
+        return ProbeResult(True, f"Probe terminated redirects, Response body: {body.decode('utf-8', 'replace')}")
+    # Never the body: the kubelet keeps response bodies out of events (kubernetes issue 99425).
+    return ProbeResult(False, f"HTTP probe failed with statuscode: {status}")
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+class ProbeWorker:
+    """Probes one container (one instance of it: make a new worker for a restarted container).
+
+    The thresholded result starts as the kubelet's: readiness False until a success, liveness True
+    until failureThreshold failures in a row, startup unknown (None) until either threshold is met.
+    on_change(kind, ok, message) is called when that result changes. After a liveness or startup
+    failure the worker stops probing (the container is going to be restarted), and a startup probe
+    stops once it has succeeded; run() then idles until cancelled. The caller starts liveness and
+    readiness workers only once the startup probe, if any, has succeeded, as the kubelet does.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        probe: JSON,
+        container: JSON,
+        pod_ip: str,
+        exec_: Exec | None,
+        on_change: Callable[[str, bool, str], None],
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"probe kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        self.kind, self.probe, self.container, self.pod_ip = kind, probe, container, pod_ip
+        self.exec_, self.on_change = exec_, on_change
+        self.initial_delay = float(probe.get("initialDelaySeconds") or 0)
+        self.period = float(probe.get("periodSeconds") or 10)
+        self.failure_threshold = int(probe.get("failureThreshold") or 3)
+        # API validation requires 1 for liveness and startup probes.
+        self.success_threshold = int(probe.get("successThreshold") or 1) if kind == "readiness" else 1
+        self.result: bool | None = {"readiness": False, "liveness": True, "startup": None}[kind]
+        self.last: ProbeResult | None = None  # the latest attempt, whatever its effect
+        self._last_success: bool | None = None
+        self._run_length = 0  # attempts in a row with the same outcome
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self.initial_delay)
+        next_at = loop.time()
+        while await self.probe_once():
+            # A ticker: attempts start every period, whatever each took; missed ticks are dropped.
+            next_at += self.period
+            now = loop.time()
+            if next_at < now:
+                next_at = now
+            await asyncio.sleep(next_at - now)
+        await asyncio.Future()  # nothing more to do for this container: wait to be cancelled
+
+    async def probe_once(self) -> bool:
+        """One attempt and its effect on the result; False when this worker should stop probing."""
+        result = await run_probe(self.probe, self.container, self.pod_ip, self.exec_)
+        self.last = result
+        if result.error:
+            log.debug("%s probe of %s errored: %s", self.kind, self.container.get("name"), result.message)
+            return True
+        if result.success == self._last_success:
+            self._run_length += 1
+        else:
+            self._last_success, self._run_length = result.success, 1
+        threshold = self.success_threshold if result.success else self.failure_threshold
+        if self._run_length < threshold:
+            return True
+        if self.result != result.success:
+            self.result = result.success
+            message = "" if result.success else f"{self.kind.capitalize()} probe failed: {result.message}"
+            try:
+                self.on_change(self.kind, result.success, message)
+            except Exception:
+                log.exception("%s probe callback failed", self.kind)
+        if self.kind == "startup" and result.success:
+            return False  # started: the kubelet stops running the startup probe
+        if self.kind != "readiness" and not result.success:
+            self._run_length = 0
+            return False  # on hold until a new container, as worker.go does
+        return True

@@ -1,0 +1,298 @@
+"""Issue 4: Pods as real host processes in real cgroups whose limits include the RuntimeClass overhead.
+
+Runs against the real control plane, the real cgroup filesystem and real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Kubectl, condition, eventually, wait_node_ready
+
+from cgroups.manager import CgroupManager, detect_mode
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
+]
+
+CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
+CONFIG = f"""
+default_runtime = "procs"
+[node]
+cgroup_root = "{CGROUP_ROOT}"
+pod_pids_limit = 256
+[runtimes.procs]
+backend = "process"
+[runtimes.fake]
+backend = "emulated"
+"""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+async def phase(kubectl: Kubectl, name: str, want: str):
+    obj = await kubectl.get("pod", name)
+    return obj if obj and obj["status"].get("phase") == want else None
+
+
+async def container_state(kubectl: Kubectl, name: str, key: str, reason: str | None = None):
+    obj = await kubectl.get("pod", name)
+    for status in (obj or {}).get("status", {}).get("containerStatuses") or []:
+        state = status.get("state", {}).get(key)
+        if state is not None and (reason is None or state.get("reason") == reason):
+            return obj
+    return None
+
+
+@pytest.fixture(scope="module")
+def cgroups() -> CgroupManager:
+    return CgroupManager(detect_mode(), root=CGROUP_ROOT)
+
+
+@pytest.fixture
+async def node(kubectl, start_agent, tmp_path):
+    name = unique("emu-proc")
+    state = tmp_path / "state"
+    agent = await start_agent(name, CONFIG, state_dir=state)
+    await wait_node_ready(kubectl, name)
+    yield name, agent, state
+    await kubectl.run(
+        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1", check=False
+    )
+
+
+def pod_yaml(
+    name: str, node: str, command: str, *, extra_spec: str = "", container_extra: str = "", meta: str = ""
+) -> str:
+    return f"""
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+{meta}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 3
+{extra_spec}
+  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", {command!r}]
+{container_extra}
+"""
+
+
+def pids_in(cgroups: CgroupManager, relative: str) -> list[int]:
+    try:
+        return cgroups.pids(relative)
+    except Exception:
+        return []
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+async def test_process_runs_in_its_cgroup_and_logs_in_cri_format(kubectl, node, cgroups):
+    name, _, state = node
+    p = unique("p-run")
+    env = "    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]"
+    command = "echo hello from $(POD_NAME); echo oops >&2; exec sleep 3600"
+    await kubectl.apply(pod_yaml(p, name, command, container_extra=env))
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    status = obj["status"]["containerStatuses"][0]
+    assert status["containerID"].startswith("process://")
+    assert status["image"] == "busybox"
+
+    rel = cgroups.container_path(obj, "main")
+    pids = await eventually(lambda: asyncio.sleep(0, pids_in(cgroups, rel)), 5, what="a pid in the container cgroup")
+    assert any("sleep 3600" in cmdline(pid) for pid in pids)
+
+    meta = obj["metadata"]
+    log = state / "pods" / f"{meta['namespace']}_{p}_{meta['uid']}" / "main" / "0.log"
+    text = await eventually(lambda: asyncio.sleep(0, log.exists() and log.read_text()), 5, what="log file")
+    lines = text.splitlines()
+    assert any(line.split(" ", 3)[1:] == ["stdout", "F", f"hello from {p}"] for line in lines), lines
+    assert any(line.split(" ", 3)[1:] == ["stderr", "F", "oops"] for line in lines), lines
+
+
+async def test_pod_cgroup_enforces_runtime_class_overhead(kubectl, node, cgroups):
+    """The REFERENCE worked example (limits 100Mi+100Mi, overhead 250m/120Mi), with the cpu halved
+    (250m+750m instead of 500m+1500m) so that it fits a 2-CPU machine."""
+    name, _, _ = node
+    rc = unique("rc-procs")
+    await kubectl.apply(
+        f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: procs\n"
+        "overhead: {podFixed: {cpu: 250m, memory: 120Mi}}\n"
+    )
+    p = unique("p-overhead")
+    res = "resources: {{limits: {{cpu: {cpu}, memory: 100Mi}}}}"
+    await kubectl.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: {p}}}
+spec:
+  nodeName: {name}
+  runtimeClassName: {rc}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: a, image: busybox, command: [sleep, "3600"], {res.format(cpu="250m")}}}
+  - {{name: b, image: busybox, command: [sleep, "3600"], {res.format(cpu="750m")}}}
+""")
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    assert obj["status"]["qosClass"] == "Guaranteed"
+    pod_rel = cgroups.pod_path(obj)
+    assert pod_rel == f"{CGROUP_ROOT}/pod{obj['metadata']['uid']}"
+    values = cgroups.read_values(pod_rel)
+    assert values["memory.limit_in_bytes"] == "335544320"
+    assert values["cpu.cfs_quota_us"] == "125000"
+    assert values["cpu.cfs_period_us"] == "100000"
+    assert values["cpu.shares"] == str(1250 * 1024 // 1000)
+    assert values["pids.max"] == "256"
+    a = cgroups.read_values(cgroups.container_path(obj, "a"))
+    assert a["memory.limit_in_bytes"] == str(100 * 2**20) and a["cpu.cfs_quota_us"] == "25000"
+    b = cgroups.read_values(cgroups.container_path(obj, "b"))
+    assert b["cpu.cfs_quota_us"] == "75000"
+    await kubectl("delete", "pod", p, "--wait=true", "--timeout=20s")
+    for path in cgroups.absolute_paths(pod_rel):
+        assert not os.path.exists(path), f"{path} left behind"
+
+
+async def test_exit_codes_and_oom(kubectl, node):
+    name, _, _ = node
+    failing, oom = unique("p-exit"), unique("p-oom")
+    await kubectl.apply(pod_yaml(failing, name, "exit 3", extra_spec="  restartPolicy: Never"))
+    hog = "python3 -c 'import time; b = bytearray(200 * 1024 * 1024); time.sleep(5)'"
+    await kubectl.apply(pod_yaml(oom, name, hog, extra_spec="  restartPolicy: Never",
+                                 container_extra="    resources: {limits: {memory: 48Mi}}"))  # fmt: skip
+    obj = await eventually(lambda: phase(kubectl, failing, "Failed"), 15, what="Failed")
+    term = obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 3 and term["reason"] == "Error"
+    obj = await eventually(lambda: phase(kubectl, oom, "Failed"), 20, what="OOMKilled")
+    term = obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["reason"] == "OOMKilled" and term["exitCode"] == 137
+
+
+async def test_env_from_config_map_secret_and_missing_secret(kubectl, node, tmp_path):
+    name, _, state = node
+    cm, secret = unique("cm"), unique("sec")
+    await kubectl("create", "configmap", cm, "--from-literal=greeting=hi")
+    await kubectl("create", "secret", "generic", secret, "--from-literal=password=s3cret")
+    p = unique("p-env")
+    env = (
+        f"    env:\n"
+        f"    - {{name: GREETING, valueFrom: {{configMapKeyRef: {{name: {cm}, key: greeting}}}}}}\n"
+        f"    - {{name: PASSWORD, valueFrom: {{secretKeyRef: {{name: {secret}, key: password}}}}}}\n"
+        f"    - {{name: BOTH, value: '$(GREETING)-$(PASSWORD)'}}\n"
+        f"    - {{name: NODE, valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}}}"
+    )
+    extra = env + "\n    workingDir: /tmp\n    securityContext: {runAsUser: 1234}"
+    command = "echo $BOTH on $NODE; id -u; pwd"
+    await kubectl.apply(pod_yaml(p, name, command, extra_spec="  restartPolicy: Never", container_extra=extra))
+    obj = await eventually(lambda: phase(kubectl, p, "Succeeded"), 15, what="Succeeded")
+    meta = obj["metadata"]
+    log = (state / "pods" / f"{meta['namespace']}_{p}_{meta['uid']}" / "main" / "0.log").read_text()
+    messages = [line.split(" ", 3)[3] for line in log.splitlines()]
+    assert messages == [f"hi-s3cret on {name}", "1234", "/tmp"]
+
+    broken = unique("p-nosecret")
+    missing = "    env: [{name: X, valueFrom: {secretKeyRef: {name: no-such-secret, key: k}}}]"
+    await kubectl.apply(pod_yaml(broken, name, "true", container_extra=missing))
+    obj = await eventually(
+        lambda: container_state(kubectl, broken, "waiting", "CreateContainerConfigError"), 15, what="config error"
+    )
+    assert "no-such-secret" in obj["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+    assert obj["status"]["phase"] == "Pending"
+    await kubectl("delete", "configmap", cm)
+    await kubectl("delete", "secret", secret)
+
+
+async def test_delete_stops_every_process_even_one_ignoring_sigterm(kubectl, node, cgroups):
+    name, _, _ = node
+    p = unique("p-stubborn")
+    # The shell ignores TERM; its background child too: only SIGKILL after the grace period ends them.
+    await kubectl.apply(pod_yaml(p, name, "trap '' TERM; sleep 3600 & sleep 3600 & wait"))
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    rel = cgroups.container_path(obj, "main")
+    pids = await eventually(lambda: asyncio.sleep(0, len(pids_in(cgroups, rel)) >= 3 and pids_in(cgroups, rel)),
+                            5, what="three processes")  # fmt: skip
+    await kubectl("delete", "pod", p, "--wait=true", "--timeout=30s")
+    for pid in pids:
+        assert not running(pid), f"process {pid} ({cmdline(pid)}) survived"
+    events = (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={p}"))["items"]
+    assert any(e["reason"] == "Killing" for e in events)
+
+
+async def test_probes_drive_ready_and_restart(kubectl, node):
+    name, _, _ = node
+    port = 20000 + int(uuid.uuid4().int % 20000)
+    web = unique("p-ready")
+    probe = f"    readinessProbe: {{httpGet: {{port: {port}, path: /}}, periodSeconds: 1}}"
+    await kubectl.apply(pod_yaml(web, name, f"sleep 2; exec python3 -m http.server {port} --bind 127.0.0.1",
+                                 container_extra=probe))  # fmt: skip
+
+    async def ready():
+        obj = await kubectl.get("pod", web)
+        c = condition(obj, "Ready")
+        return obj if c and c["status"] == "True" else None
+
+    obj = await eventually(lambda: phase(kubectl, web, "Running"), 15, what="Running")
+    assert condition(obj, "Ready")["status"] == "False"  # the server starts after 2 s
+    await eventually(ready, 20, what="Ready from the readiness probe")
+
+    sick = unique("p-liveness")
+    marker = f"/tmp/kubelet-emu-liveness-{sick}"
+    live = f"    livenessProbe: {{exec: {{command: [test, '!', -e, {marker}]}}, periodSeconds: 1, failureThreshold: 1}}"
+    await kubectl.apply(pod_yaml(sick, name, f"touch {marker}; exec sleep 3600", container_extra=live))
+
+    async def restarted():
+        obj = await kubectl.get("pod", sick)
+        statuses = obj["status"].get("containerStatuses") or [{}]
+        return obj if statuses[0].get("restartCount", 0) >= 1 else None
+
+    await eventually(restarted, 30, what="a restart after the liveness probe failed")
+    events = (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={sick}"))["items"]
+    reasons = {e["reason"] for e in events}
+    assert {"Unhealthy", "Killing"} <= reasons
+    os.unlink(marker)
+
+
+async def test_processes_survive_agent_restart_and_are_adopted(kubectl, node, start_agent, cgroups):
+    name, agent, state = node
+    p = unique("p-survive")
+    await kubectl.apply(pod_yaml(p, name, "exec sleep 3600"))
+    before = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    rel = cgroups.container_path(before, "main")
+    pids = await eventually(lambda: asyncio.sleep(0, pids_in(cgroups, rel)), 5, what="pid")
+    agent.kill(signal.SIGKILL)
+    await agent.wait(5)
+    await asyncio.sleep(1)
+    assert all(running(pid) for pid in pids), "the container died with the agent"
+    await start_agent(name, CONFIG, state_dir=state)
+    await asyncio.sleep(4)
+    after = await kubectl.get("pod", p)
+    assert after["status"]["phase"] == "Running"
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert pids_in(cgroups, rel) == pids
+    await kubectl("delete", "pod", p, "--wait=true", "--timeout=30s")
+    assert not any(running(pid) for pid in pids)
