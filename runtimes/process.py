@@ -76,13 +76,18 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(self.cgroups.ensure_pod, pod, config)
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
-        (self.pods_dir / pod_dir_name(pod)).mkdir(parents=True, exist_ok=True)
+        pod_dir = self.pods_dir / pod_dir_name(pod)
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
+        record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
+        (pod_dir / "pod.json").write_text(json.dumps(record))
         return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"])
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
+        (self.pods_dir / pod_dir_name(pod) / "pod.json").unlink(missing_ok=True)
 
     # --- containers --------------------------------------------------------------------------------
 

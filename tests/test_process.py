@@ -136,17 +136,68 @@ async def test_process_runs_in_its_cgroup_and_logs_in_cri_format(kubectl, node, 
     assert any(line.split(" ", 3)[1:] == ["stderr", "F", "oops"] for line in lines), lines
 
 
+def two_container_pod(name: str, node: str, runtime_class: str | None) -> str:
+    """The acceptance Pod: limits (500m, 100Mi) and (1500m, 100Mi), requests (100m, 50Mi) each."""
+    rc_line = f"  runtimeClassName: {runtime_class}\n" if runtime_class else ""
+    res = "resources: {{requests: {{cpu: 100m, memory: 50Mi}}, limits: {{cpu: {cpu}, memory: 100Mi}}}}"
+    return f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+{rc_line}  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: a, image: busybox, command: [sleep, "3600"], {res.format(cpu="500m")}}}
+  - {{name: b, image: busybox, command: [sleep, "3600"], {res.format(cpu="1500m")}}}
+"""
+
+
 async def test_pod_cgroup_enforces_runtime_class_overhead(kubectl, node, cgroups):
-    """The REFERENCE worked example (limits 100Mi+100Mi, overhead 250m/120Mi), with the cpu halved
-    (250m+750m instead of 500m+1500m) so that it fits a 2-CPU machine."""
+    """Limits 500m+1500m, 100Mi+100Mi; overhead 250m/120Mi -> 335544320 bytes, 225000/100000 us."""
     name, _, _ = node
     rc = unique("rc-procs")
     await kubectl.apply(
         f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: procs\n"
         "overhead: {podFixed: {cpu: 250m, memory: 120Mi}}\n"
     )
-    p = unique("p-overhead")
-    res = "resources: {{limits: {{cpu: {cpu}, memory: 100Mi}}}}"
+    with_rc, without_rc = unique("p-overhead"), unique("p-plain")
+    await kubectl.apply(two_container_pod(with_rc, name, rc) + "---\n" + two_container_pod(without_rc, name, None))
+    obj = await eventually(lambda: phase(kubectl, with_rc, "Running"), 15, what="Running")
+    assert obj["spec"]["overhead"] == {"cpu": "250m", "memory": "120Mi"}
+    assert obj["status"]["qosClass"] == "Burstable"
+    pod_rel = cgroups.pod_path(obj)
+    assert pod_rel == f"{CGROUP_ROOT}/burstable/pod{obj['metadata']['uid']}"
+    values = cgroups.read_values(pod_rel)
+    assert values["memory.limit_in_bytes"] == "335544320"
+    assert values["cpu.cfs_quota_us"] == "225000"
+    assert values["cpu.cfs_period_us"] == "100000"
+    assert values["cpu.shares"] == str(450 * 1024 // 1000)  # requests 100m + 100m + overhead 250m
+    assert values["pids.max"] == "256"
+    a = cgroups.read_values(cgroups.container_path(obj, "a"))
+    assert a["memory.limit_in_bytes"] == str(100 * 2**20) and a["cpu.cfs_quota_us"] == "50000"
+    b = cgroups.read_values(cgroups.container_path(obj, "b"))
+    assert b["cpu.cfs_quota_us"] == "150000" and b["cpu.shares"] == "102"
+
+    plain = await eventually(lambda: phase(kubectl, without_rc, "Running"), 15, what="Running")
+    plain_values = cgroups.read_values(cgroups.pod_path(plain))
+    assert plain_values["memory.limit_in_bytes"] == "209715200"
+    assert plain_values["cpu.cfs_quota_us"] == "200000"
+    assert plain_values["cpu.shares"] == str(200 * 1024 // 1000)
+
+    await kubectl("delete", "pod", with_rc, without_rc, "--wait=true", "--timeout=20s")
+    for path in cgroups.absolute_paths(pod_rel):
+        assert not os.path.exists(path), f"{path} left behind"
+
+
+async def test_burstable_without_memory_limit_has_no_pod_memory_limit(kubectl, node, cgroups):
+    name, _, _ = node
+    rc = unique("rc-burst")
+    await kubectl.apply(
+        f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: procs\n"
+        "overhead: {podFixed: {cpu: 250m, memory: 120Mi}}\n"
+    )
+    p = unique("p-burst")
     await kubectl.apply(f"""
 apiVersion: v1
 kind: Pod
@@ -156,26 +207,94 @@ spec:
   runtimeClassName: {rc}
   terminationGracePeriodSeconds: 1
   containers:
-  - {{name: a, image: busybox, command: [sleep, "3600"], {res.format(cpu="250m")}}}
-  - {{name: b, image: busybox, command: [sleep, "3600"], {res.format(cpu="750m")}}}
+  - name: a
+    image: busybox
+    command: [sleep, "3600"]
+    resources: {{requests: {{cpu: 200m, memory: 64Mi}}, limits: {{memory: 128Mi}}}}
+  - {{name: b, image: busybox, command: [sleep, "3600"], resources: {{requests: {{cpu: 300m}}}}}}
 """)
     obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
-    assert obj["status"]["qosClass"] == "Guaranteed"
-    pod_rel = cgroups.pod_path(obj)
-    assert pod_rel == f"{CGROUP_ROOT}/pod{obj['metadata']['uid']}"
-    values = cgroups.read_values(pod_rel)
-    assert values["memory.limit_in_bytes"] == "335544320"
-    assert values["cpu.cfs_quota_us"] == "125000"
-    assert values["cpu.cfs_period_us"] == "100000"
-    assert values["cpu.shares"] == str(1250 * 1024 // 1000)
-    assert values["pids.max"] == "256"
+    values = cgroups.read_values(cgroups.pod_path(obj))
+    assert int(values["memory.limit_in_bytes"]) >= 2**62  # the v1 "unlimited" value
+    assert values["cpu.cfs_quota_us"] == "-1"
+    assert values["cpu.shares"] == str(750 * 1024 // 1000)  # 200m + 300m + overhead 250m
     a = cgroups.read_values(cgroups.container_path(obj, "a"))
-    assert a["memory.limit_in_bytes"] == str(100 * 2**20) and a["cpu.cfs_quota_us"] == "25000"
-    b = cgroups.read_values(cgroups.container_path(obj, "b"))
-    assert b["cpu.cfs_quota_us"] == "75000"
-    await kubectl("delete", "pod", p, "--wait=true", "--timeout=20s")
-    for path in cgroups.absolute_paths(pod_rel):
-        assert not os.path.exists(path), f"{path} left behind"
+    assert a["memory.limit_in_bytes"] == str(128 * 2**20)
+    await kubectl("delete", "pod", p, "--wait=false")
+
+
+async def test_cpu_limit_throttles(kubectl, node, cgroups):
+    name, _, _ = node
+    p = unique("p-spin")
+    await kubectl.apply(
+        pod_yaml(p, name, "while :; do :; done", container_extra="    resources: {limits: {cpu: 100m}}")
+    )
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    rel = cgroups.container_path(obj, "main")
+    await asyncio.sleep(1)
+    before, t0 = cgroups.usage(rel)["cpu_usage_ns"], asyncio.get_running_loop().time()
+    throttled_before = throttled(cgroups, rel)
+    await asyncio.sleep(4)
+    after, t1 = cgroups.usage(rel)["cpu_usage_ns"], asyncio.get_running_loop().time()
+    cpus = (after - before) / 1e9 / (t1 - t0)
+    assert 0.05 <= cpus <= 0.15, f"used {cpus:.3f} CPU with a 100m limit"
+    assert throttled(cgroups, rel) > throttled_before
+    await kubectl("delete", "pod", p, "--wait=false")
+
+
+def throttled(cgroups: CgroupManager, relative: str) -> int:
+    """nr_throttled from cpu.stat (v1 and v2 both have it)."""
+    for path in cgroups.absolute_paths(relative):
+        stat = Path(path) / "cpu.stat"
+        if stat.exists():
+            for line in stat.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "nr_throttled":
+                    return int(value)
+    raise AssertionError(f"no cpu.stat for {relative}")
+
+
+async def test_oom_with_restart_always_crash_loops(kubectl, node):
+    name, _, _ = node
+    p = unique("p-oomloop")
+    hog = "python3 -c 'b = bytearray(200 * 1024 * 1024)'"
+    await kubectl.apply(pod_yaml(p, name, hog, container_extra="    resources: {limits: {memory: 48Mi}}"))
+
+    async def looping():
+        obj = await kubectl.get("pod", p)
+        status = (obj["status"].get("containerStatuses") or [{}])[0]
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if last.get("reason") == "OOMKilled" and waiting.get("reason") == "CrashLoopBackOff":
+            return status
+        return None
+
+    status = await eventually(looping, 30, what="OOMKilled then CrashLoopBackOff")
+    assert status["restartCount"] >= 1
+    messages = [
+        e["message"]
+        for e in (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={p}"))["items"]
+        if e["reason"] == "BackOff"
+    ]
+    assert any("back-off 10s" in m for m in messages)
+    await kubectl("delete", "pod", p, "--wait=false")
+
+
+async def test_no_cgroup_leaks_after_100_pods(kubectl, node, cgroups):
+    name, _, _ = node
+    root_paths = cgroups.absolute_paths(CGROUP_ROOT)
+
+    def count() -> int:
+        return sum(sum(len(dirs) for _, dirs, _ in os.walk(path)) for path in root_paths if os.path.isdir(path))
+
+    baseline = count()
+    for batch in range(5):
+        pods = [f"p-cycle-{batch}-{i}-{uuid.uuid4().hex[:4]}" for i in range(20)]
+        await kubectl.apply("---\n".join(pod_yaml(p, name, "exec sleep 3600") for p in pods))
+        for p in pods:
+            await eventually(lambda p=p: phase(kubectl, p, "Running"), 30, what=f"{p} Running")
+        await kubectl("delete", "pod", *pods, "--wait=true", "--timeout=60s")
+    assert count() == baseline, "cgroup directories leaked"
 
 
 async def test_exit_codes_and_oom(kubectl, node):
