@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     handlers = sub.add_parser("handlers", help="print and validate the runtime handler table")
     handlers.add_argument("--config", help="agent configuration (TOML)")
 
+    cg = sub.add_parser("cgroups", help="the limits in force for each Pod's cgroup beside the breakdown behind them")
+    cg.add_argument("pod", nargs="?", help="only this Pod, as NAMESPACE/POD")
+    cg.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    cg.add_argument("--state-dir", default=_default_state_dir(), help="the agent's state dir")
+    cg.add_argument("--config", help="agent configuration (TOML): cgroup root, driver and pod_pids_limit")
+
     demo = sub.add_parser("demo", help="start the dev cluster, an agent and the examples, and show them")
     demo.add_argument("--dir", type=Path, default=None, help="cluster directory (default: the dev-cluster default)")
     demo.add_argument("--port", type=int, default=6443)
@@ -104,6 +110,42 @@ def cmd_handlers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cgroups(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.cgroups_report import collect, format_table, pod_key
+    from agent.config import ConfigError, load_config
+    from cgroups.manager import CgroupError, CgroupManager
+    from runtimes.registry import known_backends
+
+    if args.pod is not None and (args.pod.count("/") != 1 or "" in args.pod.split("/")):
+        return _fail(f"{args.pod!r} is not a Pod: give it as NAMESPACE/POD, e.g. default/web")
+    try:
+        config = load_config(args.config, known_backends())
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    if not os.path.isdir(args.state_dir):
+        return _fail(f"state dir {args.state_dir} does not exist: pass the agent's --state-dir")
+    try:
+        manager = CgroupManager(root=config.node.cgroup_root, driver=config.node.cgroup_driver)
+    except (CgroupError, ValueError) as exc:
+        return _fail(f"cgroups unavailable: {exc}")
+    try:
+        reports = collect(args.state_dir, manager, args.pod, config.node.pod_pids_limit)
+    except OSError as exc:
+        return _fail(f"cannot read state dir {args.state_dir}: {exc}")
+    if args.pod is not None and not reports:
+        known = ", ".join(sorted({pod_key(r) for r in collect(args.state_dir, manager)})) or "none"
+        return _fail(f"no Pod {args.pod} with a cgroup in {args.state_dir} (Pods with cgroups: {known})")
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    elif not reports:
+        print(f"no Pods with cgroups in {args.state_dir}")
+    else:
+        print(format_table(reports))
+    return 0
+
+
 def cmd_dev_cluster(args: argparse.Namespace) -> int:
     from devcluster import manage
 
@@ -143,7 +185,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "handlers": cmd_handlers, "dev-cluster": cmd_dev_cluster, "demo": cmd_demo}
+    handlers = {
+        "run": cmd_run,
+        "handlers": cmd_handlers,
+        "cgroups": cmd_cgroups,
+        "dev-cluster": cmd_dev_cluster,
+        "demo": cmd_demo,
+    }
     return handlers[args.command](args)
 
 

@@ -91,6 +91,15 @@ async def demo(directory: Path, port: int) -> int:
             "PHASE:.status.phase,REASON:.status.reason,CONTAINER-ID:.status.containerStatuses[0].containerID"
         )
         _say((await _kubectl(cluster, "get", "pods", "-o", columns))[1])
+        if os.geteuid() == 0 and config_arg:
+            _say("4. The Pod cgroups and where their limits come from (kubelet-emu cgroups)")
+            await asyncio.sleep(2)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.cli", "cgroups", "--state-dir", str(directory / "agent-state"),
+                "--config", str(config_arg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            _say(out.decode())
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"
     _say(f"Try:   {kubectl} get nodes,pods -o wide\n      {kubectl} describe pod <name>")
     _say(f"Stop:  kubelet-emu demo --down --dir {directory}")
@@ -99,6 +108,11 @@ async def demo(directory: Path, port: int) -> int:
 
 async def down(directory: Path) -> int:
     pid = _agent_pid(directory)
+    cluster = manage.read_cluster(directory)
+    if pid and cluster:
+        # Containers of the process backend outlive the agent by design: delete the Pods
+        # first so the agent stops them and removes their cgroups.
+        await _kubectl(cluster, "delete", "pods", "--all", "--wait=true", "--timeout=60s")
     if pid:
         os.killpg(pid, signal.SIGTERM)
         (directory / "agent.pid").unlink(missing_ok=True)

@@ -62,17 +62,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def pod_body(i: int, namespace: str) -> dict:
+def pod_body(i: int, namespace: str, backend: str) -> dict:
+    container = {"name": "main", "image": "registry.k8s.io/pause:3.10"}
+    if backend == "process":
+        container["command"] = ["sleep", "3600"]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"bench-{i:06d}", "namespace": namespace, "labels": {"app": "bench"}},
-        "spec": {
-            "nodeName": NODE,
-            "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}],
-            "terminationGracePeriodSeconds": 0,
-        },
+        "spec": {"nodeName": NODE, "containers": [container], "terminationGracePeriodSeconds": 1},
     }
+
+
+def shim_rss(agent_pid: int) -> int:
+    """Total RSS of the process backend's shims (one per running container)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"runtimes.shim" in cmd:
+            total += rss(int(entry))
+    return total
 
 
 class Watcher:
@@ -125,6 +139,7 @@ async def wait_for(predicate, timeout: float) -> bool:
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=1000)
+    ap.add_argument("--backend", default="emulated", choices=["emulated", "process"])
     ap.add_argument("--events", default="warnings", choices=["all", "warnings", "none"], help="agent `events` policy")
     ap.add_argument("--concurrency", type=int, default=64, help="parallel create/delete requests")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "kubelet-emu-bench")
@@ -136,8 +151,8 @@ async def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     config = work / "agent.toml"
     config.write_text(
-        f'default_runtime = "emulated"\nevents = "{args.events}"\n[node]\nmax_pods = {args.pods + 10}\n'
-        '[runtimes.emulated]\nbackend = "emulated"\n'
+        f'default_runtime = "bench"\nevents = "{args.events}"\n[node]\nmax_pods = {args.pods + 10}\n'
+        f'cgroup_root = "kubelet-emu-bench"\n[runtimes.bench]\nbackend = "{args.backend}"\n'
     )
     kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
     with open(work / "agent.log", "wb") as log:
@@ -150,7 +165,7 @@ async def main() -> int:
     ctx = ssl.create_default_context(cafile=str(cluster.ca_cert))
     ctx.load_cert_chain(str(cluster.dir / "pki" / "admin.crt"), str(cluster.dir / "pki" / "admin.key"))
     namespace = f"bench-{int(time.time())}"
-    results: dict = {"pods": args.pods, "events": args.events}
+    results: dict = {"pods": args.pods, "backend": args.backend, "events": args.events}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=args.concurrency)) as s:
         server = cluster.server
         async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
@@ -175,7 +190,7 @@ async def main() -> int:
 
         async def create(i: int) -> None:
             url = f"{server}/api/v1/namespaces/{namespace}/pods"
-            async with sem, s.post(url, json=pod_body(i, namespace)) as r:
+            async with sem, s.post(url, json=pod_body(i, namespace, args.backend)) as r:
                 if r.status >= 300:
                     print("create failed:", r.status, await r.text(), file=sys.stderr)
 
@@ -187,6 +202,7 @@ async def main() -> int:
         latencies = [watcher.running[n] - watcher.seen[n] for n in watcher.running if n in watcher.seen]
         cpu1, _ = proc_stats(agent.pid)
         loaded_rss = rss(agent.pid)
+        shims = shim_rss(agent.pid)
 
         # Ask the agent for its request counters now, to split creation from deletion.
         agent.send_signal(signal.SIGUSR1)
@@ -209,6 +225,10 @@ async def main() -> int:
 
     agent.terminate()
     await agent.wait()
+    if args.backend == "process":  # the bench's own cgroup root, now empty
+        from cgroups.manager import CgroupManager
+
+        CgroupManager(root="kubelet-emu-bench").remove("kubelet-emu-bench", kill=True)
     stats = json.loads((work / "state" / "agent-stats.json").read_text())
     requests = stats["requests_by_verb"]
     write_verbs = ("POST", "PUT", "PATCH", "DELETE")
@@ -229,6 +249,7 @@ async def main() -> int:
         agent_idle_rss_mib=round(idle_rss / 2**20, 1),
         agent_rss_with_pods_mib=round(loaded_rss / 2**20, 1),
         agent_peak_rss_mib=round(peak / 2**20, 1),
+        shims_rss_with_pods_mib=round(shims / 2**20, 1),
         agent_cpu_s_create_to_running=round(cpu1 - cpu0, 2),
         agent_cpu_s_total_run=round(cpu2 - cpu0, 2),
         agent_requests_by_verb=requests,

@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,10 @@ async def container_state(kubectl: Kubectl, name: str, key: str, reason: str | N
 
 
 @pytest.fixture(scope="module")
-def cgroups() -> CgroupManager:
-    return CgroupManager(detect_mode(), root=CGROUP_ROOT)
+def cgroups() -> Iterator[CgroupManager]:
+    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
+    yield manager
+    manager.remove(CGROUP_ROOT, kill=True)  # the test root itself, once every Pod is gone
 
 
 @pytest.fixture
