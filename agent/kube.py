@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
-import yaml
 
-from agent import __version__
+from agent import __version__, kubeconfig
+from agent.kubeconfig import KubeconfigError
+
+__all__ = ["ApiError", "Kube", "KubeconfigError"]
 
 USER_AGENT = f"kubelet-emu/{__version__}"
 JSON = dict[str, Any]
@@ -26,10 +27,6 @@ JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-
-
-class KubeconfigError(Exception):
-    """The kubeconfig cannot be read or names no usable cluster: not worth retrying."""
 
 
 class ApiError(Exception):
@@ -76,28 +73,30 @@ class Kube:
     def __init__(self, host: str, ssl_context: ssl.SSLContext | bool, auth: Any | None = None):
         self.host = host.rstrip("/")
         self._ssl = ssl_context
-        self._auth = auth  # kubernetes_asyncio Configuration, for bearer tokens and their refresh
+        self._auth = auth  # kubeconfig.ClientConfig, or _PluginAuth for exec/auth-provider users
         self._session: aiohttp.ClientSession | None = None
         self.requests_by_verb: dict[str, int] = {}
 
     @classmethod
     async def from_kubeconfig(cls, path: str) -> Kube:
-        # Imported here: kubernetes_asyncio is heavy and only this loader needs it.
+        try:
+            cfg = kubeconfig.load(path)
+            return cls(cfg.server, cfg.ssl, cfg)
+        except kubeconfig.NeedsPlugin:
+            return await cls._from_kubeconfig_with_plugins(path)
+
+    @classmethod
+    async def _from_kubeconfig_with_plugins(cls, path: str) -> Kube:
+        """exec and auth-provider users: kubernetes_asyncio knows how to run those plugins."""
         from kubernetes_asyncio.client import Configuration
         from kubernetes_asyncio.config import ConfigException, load_kube_config
 
-        if not os.path.isfile(path):
-            raise KubeconfigError(f"kubeconfig {path}: file not found")
         cfg = Configuration()
         try:
             await load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
-        except FileNotFoundError as exc:
-            raise KubeconfigError(f"kubeconfig {path}: file not found") from exc
-        except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
-            detail = " ".join(str(exc).split())  # YAML errors span lines; keep one
+        except (ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+            detail = " ".join(str(exc).split())
             raise KubeconfigError(f"kubeconfig {path}: {detail}") from exc
-        if not cfg.host or not cfg.host.startswith(("https://", "http://")):
-            raise KubeconfigError(f"kubeconfig {path}: the current context names no API server URL")
         context: ssl.SSLContext | bool = False
         if cfg.host.startswith("https://"):
             try:
@@ -109,7 +108,7 @@ class Kube:
             if not cfg.verify_ssl:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        return cls(cfg.host, context, cfg)
+        return cls(cfg.host, context, _PluginAuth(cfg))
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -128,10 +127,8 @@ class Kube:
     async def _headers(self) -> dict[str, str]:
         if self._auth is None:
             return {}
-        if self._auth.refresh_api_key_hook is not None:
-            await self._auth.refresh_api_key_hook(self._auth)
-        token = self._auth.get_api_key_with_prefix("BearerToken") if self._auth.api_key else None
-        return {"Authorization": token} if token else {}
+        header = await self._auth.header() if isinstance(self._auth, _PluginAuth) else self._auth.auth_header()
+        return {"Authorization": header} if header else {}
 
     async def request(
         self,
@@ -224,6 +221,18 @@ class Kube:
             raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, "WATCH", path) from exc
         except TimeoutError as exc:
             raise ApiError(0, "Timeout", "watch stalled", "WATCH", path) from exc
+
+
+class _PluginAuth:
+    """Bearer tokens from kubernetes_asyncio's exec/auth-provider support, refreshed when it says so."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    async def header(self) -> str | None:
+        if self.cfg.refresh_api_key_hook is not None:
+            await self.cfg.refresh_api_key_hook(self.cfg)
+        return self.cfg.get_api_key_with_prefix("BearerToken") if self.cfg.api_key else None
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
