@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import ssl
 import statistics
 import sys
 import tempfile
@@ -28,112 +26,21 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import (
+    Watcher,
+    admin_ssl,
+    create_pods,
+    delete_pods,
+    pct,
+    pod_body,
+    proc_stats,
+    rss,
+    shim_rss,
+    wait_for,
+)
 from devcluster import manage
 
 NODE = "bench-emu"
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS bytes) of a live process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    peak = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return cpu, peak
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def pod_body(i: int, namespace: str, backend: str) -> dict:
-    container = {"name": "main", "image": "registry.k8s.io/pause:3.10"}
-    if backend == "process":
-        container["command"] = ["sleep", "3600"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": f"bench-{i:06d}", "namespace": namespace, "labels": {"app": "bench"}},
-        "spec": {"nodeName": NODE, "containers": [container], "terminationGracePeriodSeconds": 1},
-    }
-
-
-def shim_rss(agent_pid: int) -> int:
-    """Total RSS of the process backend's shims (one per running container)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"runtimes.shim" in cmd:
-            total += rss(int(entry))
-    return total
-
-
-class Watcher:
-    """Admin-side watch of the benchmark namespace: first-seen and Running times per Pod."""
-
-    def __init__(self, session: aiohttp.ClientSession, server: str, namespace: str):
-        self.session, self.server, self.namespace = session, server, namespace
-        self.seen: dict[str, float] = {}
-        self.running: dict[str, float] = {}
-        self.gone: dict[str, float] = {}
-        self.running_curve: list[tuple[float, int]] = []
-        self.ready = asyncio.Event()
-
-    async def run(self) -> None:
-        url = f"{self.server}/api/v1/namespaces/{self.namespace}/pods"
-        async with self.session.get(url, params={"limit": "1"}) as r:
-            rv = (await r.json())["metadata"]["resourceVersion"]
-        params = {"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true"}
-        async with self.session.get(url, params=params, timeout=aiohttp.ClientTimeout(total=None)) as resp:
-            self.ready.set()
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                now = time.monotonic()
-                for line in lines:
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    obj = event["object"]
-                    name = obj.get("metadata", {}).get("name")
-                    if event["type"] == "ADDED":
-                        self.seen.setdefault(name, now)
-                    if event["type"] == "DELETED":
-                        self.gone[name] = now
-                    elif obj.get("status", {}).get("phase") == "Running" and name not in self.running:
-                        self.running[name] = now
-                        self.running_curve.append((now, len(self.running)))
-
-
-async def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 async def main() -> int:
@@ -162,8 +69,7 @@ async def main() -> int:
             stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
         )  # fmt: skip
 
-    ctx = ssl.create_default_context(cafile=str(cluster.ca_cert))
-    ctx.load_cert_chain(str(cluster.dir / "pki" / "admin.crt"), str(cluster.dir / "pki" / "admin.key"))
+    ctx = admin_ssl(cluster.ca_cert, cluster.dir / "pki" / "admin.crt", cluster.dir / "pki" / "admin.key")
     namespace = f"bench-{int(time.time())}"
     results: dict = {"pods": args.pods, "backend": args.backend, "events": args.events}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=args.concurrency)) as s:
@@ -186,23 +92,16 @@ async def main() -> int:
         watch_task = asyncio.create_task(watcher.run())
         await watcher.ready.wait()
 
-        sem = asyncio.Semaphore(args.concurrency)
-
-        async def create(i: int) -> None:
-            url = f"{server}/api/v1/namespaces/{namespace}/pods"
-            async with sem, s.post(url, json=pod_body(i, namespace, args.backend)) as r:
-                if r.status >= 300:
-                    print("create failed:", r.status, await r.text(), file=sys.stderr)
-
+        command = ["sleep", "3600"] if args.backend == "process" else None
+        bodies = [pod_body(i, namespace, NODE, command) for i in range(args.pods)]
         t0 = time.monotonic()
-        await asyncio.gather(*(create(i) for i in range(args.pods)))
-        created = time.monotonic() - t0
+        created = await create_pods(s, server, namespace, bodies, args.concurrency)
         all_running = await wait_for(lambda: len(watcher.running) >= args.pods, 600)
         t_running = (max(watcher.running.values()) - t0) if watcher.running else float("nan")
-        latencies = [watcher.running[n] - watcher.seen[n] for n in watcher.running if n in watcher.seen]
+        latencies = watcher.latencies()
         cpu1, _ = proc_stats(agent.pid)
         loaded_rss = rss(agent.pid)
-        shims = shim_rss(agent.pid)
+        shims = shim_rss()
 
         # Ask the agent for its request counters now, to split creation from deletion.
         agent.send_signal(signal.SIGUSR1)
@@ -210,12 +109,7 @@ async def main() -> int:
         at_running = json.loads((work / "state" / "agent-stats.json").read_text())
         t1 = time.monotonic()
 
-        async def delete(i: int) -> None:
-            url = f"{server}/api/v1/namespaces/{namespace}/pods/bench-{i:06d}"
-            async with sem, s.delete(url) as r:
-                await r.read()
-
-        await asyncio.gather(*(delete(i) for i in range(args.pods)))
+        await delete_pods(s, server, namespace, args.pods, args.concurrency)
         all_gone = await wait_for(lambda: len(watcher.gone) >= args.pods, 600)
         t_gone = (max(watcher.gone.values()) - t1) if watcher.gone else float("nan")
         cpu2, peak = proc_stats(agent.pid)
