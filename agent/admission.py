@@ -45,13 +45,52 @@ def admit(
     `admitted` are the pods already admitted here and not terminal; `pod` itself is
     skipped if it is among them (re-admission must not count it twice).
     """
-    uid = (pod.get("metadata") or {}).get("uid")
-    others = [p for p in admitted if not uid or (p.get("metadata") or {}).get("uid") != uid]
-    # Resources before affinity: that is AdmissionCheck's order, and the kubelet reports reasons[0].
-    rejection = _resource_fit(pod, allocatable, others)
-    if rejection is None and not matches_node_selector(pod, node_name, node_labels):
-        rejection = Rejection(NODE_AFFINITY, f"Pod was rejected: {_AFFINITY_MESSAGE}")
-    return rejection
+    usage = NodeUsage()
+    for other in admitted:
+        usage.add(other)
+    return usage.admit(pod, node_name, node_labels, allocatable)
+
+
+class NodeUsage:
+    """The requests of the Pods admitted on this node, kept as running totals so that
+    admitting one more Pod does not recompute every other Pod's requests."""
+
+    def __init__(self) -> None:
+        self._by_uid: dict[str, dict[str, int]] = {}
+        self.totals: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._by_uid
+
+    def add(self, pod: Mapping[str, Any]) -> None:
+        uid = (pod.get("metadata") or {}).get("uid") or f"anonymous-{len(self._by_uid)}"
+        self.remove(uid)
+        requests = pod_requests(pod)
+        self._by_uid[uid] = requests
+        self.totals.update(requests)
+
+    def remove(self, uid: str) -> None:
+        requests = self._by_uid.pop(uid, None)
+        if requests:
+            self.totals.subtract(requests)
+
+    def admit(
+        self, pod: Mapping[str, Any], node_name: str, node_labels: Mapping[str, str], allocatable: Mapping[str, str]
+    ) -> Rejection | None:
+        uid = (pod.get("metadata") or {}).get("uid")
+        used, count = self.totals, len(self._by_uid)
+        if uid in self._by_uid:  # re-admission must not count the pod twice
+            used = self.totals.copy()
+            used.subtract(self._by_uid[uid])
+            count -= 1
+        # Resources before affinity: that is AdmissionCheck's order, and the kubelet reports reasons[0].
+        rejection = _resource_fit(pod, allocatable, used, count)
+        if rejection is None and not matches_node_selector(pod, node_name, node_labels):
+            rejection = Rejection(NODE_AFFINITY, f"Pod was rejected: {_AFFINITY_MESSAGE}")
+        return rejection
 
 
 # --- resources -----------------------------------------------------------------
@@ -71,16 +110,13 @@ def _insufficient(name: str, requested: int, used: int, capacity: int) -> Reject
 
 
 def _resource_fit(
-    pod: Mapping[str, Any], allocatable: Mapping[str, str], others: list[Mapping[str, Any]]
+    pod: Mapping[str, Any], allocatable: Mapping[str, str], used: Mapping[str, int], count: int
 ) -> Rejection | None:
     max_pods = _amount("pods", allocatable.get("pods", "0"))
-    if len(others) + 1 > max_pods:
-        return _insufficient("pods", 1, len(others), max_pods)
+    if count + 1 > max_pods:
+        return _insufficient("pods", 1, count, max_pods)
 
     requests = pod_requests(pod)
-    used: Counter[str] = Counter()
-    for other in others:
-        used.update(pod_requests(other))
     order = [n for n in _FIRST_RESOURCES if n in requests] + sorted(n for n in requests if n not in _FIRST_RESOURCES)
     for name in order:
         requested = requests[name]
@@ -89,8 +125,9 @@ def _resource_fit(
         # A resource the node does not advertise has capacity 0. Upstream instead drops unknown
         # extended resources (for cluster-level ones); this node has none, so reject early.
         capacity = _amount(name, allocatable[name]) if name in allocatable else 0
-        if requested > capacity - used[name]:
-            return _insufficient(name, requested, used[name], capacity)
+        in_use = used.get(name, 0)
+        if requested > capacity - in_use:
+            return _insufficient(name, requested, in_use, capacity)
     return None
 
 

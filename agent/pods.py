@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.admission import Rejection, admit
+from agent.admission import NodeUsage, Rejection
 from agent.config import AgentConfig
 from agent.events import EventRecorder
 from agent.informer import Informer
@@ -51,8 +51,10 @@ class PodController:
         self.events = events
         self.host_ip = node.facts.internal_ip
         self.workers: dict[str, PodWorker] = {}
+        self.usage = NodeUsage()
+        self._allocatable = allocatable(node.facts)
         self.backends: dict[str, Backend] = {}
-        self.write_slots = asyncio.Semaphore(32)
+        self.write_slots = asyncio.Semaphore(64)
         self.status_writes = 0
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -117,15 +119,19 @@ class PodController:
             del self.workers[worker.uid]
         now = time.monotonic()
         self._finished[worker.uid] = now
-        for uid, at in list(self._finished.items()):
-            if now - at > FINISHED_MEMORY:
-                del self._finished[uid]
+        # Insertion order is age order: drop expired entries from the front only.
+        while self._finished:
+            uid, at = next(iter(self._finished.items()))
+            if now - at <= FINISHED_MEMORY:
+                break
+            del self._finished[uid]
 
     # --- configuration ---------------------------------------------------------------------------
 
     def set_config(self, config: AgentConfig) -> None:
         """A reloaded configuration: new handlers serve waiting Pods at once."""
         self.config = config
+        self._allocatable = allocatable(self.node.facts)
         for name in list(self.backends):
             if name not in config.handlers or config.handlers[name] != self.backends[name].handler:
                 self.backends.pop(name)  # running Pods keep their instance; new Pods get a fresh one
@@ -208,13 +214,17 @@ class PodController:
     # --- admission -------------------------------------------------------------------------------
 
     def admit(self, worker: PodWorker) -> Rejection | None:
+        """The kubelet's admission; an admitted Pod's requests count until unadmit()."""
         node_obj = self.node.node or {}
-        labels = dict(node_obj.get("metadata", {}).get("labels") or {})
-        admitted = [w.pod for w in self.workers.values() if w.admitted and w is not worker]
-        return admit(worker.pod, self.node.name, labels, allocatable(self.node.facts), admitted)
+        labels = node_obj.get("metadata", {}).get("labels") or {}
+        rejection = self.usage.admit(worker.pod, self.node.name, labels, self._allocatable)
+        if rejection is None:
+            self.usage.add(worker.pod)
+        return rejection
 
     def unadmit(self, worker: PodWorker) -> None:
         worker.admitted = False
+        self.usage.remove(worker.uid)
 
     async def close(self) -> None:
         for backend in self.backends.values():
