@@ -38,6 +38,7 @@ class Informer:
         field_selector: str | None = None,
         name: str = "",
         page_size: int = 500,
+        keep_objects: bool = True,
     ):
         self.kube = kube
         self.path = path
@@ -46,11 +47,20 @@ class Informer:
         self.on_delete = on_delete
         self.name = name or path
         self.page_size = page_size
+        # Without keep_objects the store holds only names and UIDs (enough to report objects
+        # that vanished during a relist): the consumer keeps the objects it needs itself.
+        self.keep_objects = keep_objects
         self.store: dict[str, JSON] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.relists = 0
         self.watch_restarts = 0
+
+    def _kept(self, obj: JSON) -> JSON:
+        if self.keep_objects:
+            return obj
+        meta = obj["metadata"]
+        return {"metadata": {"name": meta["name"], "namespace": meta.get("namespace", ""), "uid": meta.get("uid")}}
 
     async def _list(self) -> None:
         items: list[JSON] = []
@@ -72,7 +82,7 @@ class Informer:
             if key not in fresh:
                 self.on_delete(self.store.pop(key))
         for key, obj in fresh.items():
-            self.store[key] = obj
+            self.store[key] = self._kept(obj)
             self.on_upsert(obj)
         self.relists += 1
         self.synced.set()
@@ -91,7 +101,7 @@ class Informer:
                 self.store.pop(key, None)
                 self.on_delete(obj)
             else:
-                self.store[key] = obj
+                self.store[key] = self._kept(obj)
                 self.on_upsert(obj)
 
     async def run(self) -> None:

@@ -139,7 +139,9 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
         timeout: float = 30,
+        parse: bool = True,
     ) -> JSON:
+        """One request; the answer as a dict, or {} with parse=False (no decoding cost)."""
         headers = await self._headers()
         data = None
         if body is not None:
@@ -158,7 +160,7 @@ class Kube:
                 raw = await resp.read()
                 if resp.status >= 300:
                     raise _error_from(resp.status, resp.reason or "", raw, method, path)
-                return json.loads(raw) if raw else {}
+                return json.loads(raw) if raw and parse else {}
         except aiohttp.ClientError as exc:
             raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, method, path) from exc
         except TimeoutError as exc:
@@ -173,8 +175,8 @@ class Kube:
     async def replace(self, path: str, body: JSON) -> JSON:
         return await self.request("PUT", path, body=body)
 
-    async def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE_PATCH) -> JSON:
-        return await self.request("PATCH", path, body=body, content_type=content_type)
+    async def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE_PATCH, parse: bool = True) -> JSON:
+        return await self.request("PATCH", path, body=body, content_type=content_type, parse=parse)
 
     async def delete(self, path: str, body: JSON | None = None) -> JSON:
         return await self.request("DELETE", path, body=body)

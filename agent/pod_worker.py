@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,7 +66,7 @@ class PodWorker:
         self.wake = asyncio.Event()  # handlers or RuntimeClasses changed
         self._write_lock = asyncio.Lock()
         self._flush_pending = False
-        self._last_written: JSON | None = None
+        self._last_written: int | None = None  # hash of the last status written
         self._override: JSON | None = None  # a rejected Pod's fixed status
         self.task: asyncio.Task[None] | None = None
 
@@ -93,16 +94,19 @@ class PodWorker:
             if self.gone:
                 return
             status = self._override or build_status(self.pod, self.rec, now())
-            if status == self._last_written:
+            fingerprint = hash(json.dumps(status, sort_keys=True))  # a hash, not a copy: memory per Pod
+            if fingerprint == self._last_written:
                 return
             ns, name = self.key.split("/", 1)
             body = {"metadata": {"uid": self.uid}, "status": status}  # uid: never patch a namesake
             try:
                 async with self.c.write_slots:
-                    self.pod = await self.c.kube.patch(
-                        f"/api/v1/namespaces/{ns}/pods/{name}/status", body, content_type=MERGE_PATCH
+                    # The answer is not kept: the watch delivers the same object, and one
+                    # copy of each Pod is what keeps memory flat at thousands of Pods.
+                    await self.c.kube.patch(
+                        f"/api/v1/namespaces/{ns}/pods/{name}/status", body, content_type=MERGE_PATCH, parse=False
                     )
-                self._last_written = status
+                self._last_written = fingerprint
                 self.c.status_writes += 1
             except ApiError as exc:
                 if exc.not_found or exc.conflict:
@@ -118,20 +122,20 @@ class PodWorker:
 
     async def run(self) -> None:
         life = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.key}")
-        stop = asyncio.create_task(self.deletion_requested.wait())
+        life.add_done_callback(self._report_crash)
         try:
-            await asyncio.wait({life, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if life.done() and life.exception():
-                log.error("pod lifecycle crashed", exc_info=life.exception(), extra=kv(pod=self.key))
             await self.deletion_requested.wait()  # a finished Pod stays until it is deleted
             life.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await life
             await self._terminate()
         finally:
-            stop.cancel()
             life.cancel()
             self.c.release(self)
+
+    def _report_crash(self, life: asyncio.Task[None]) -> None:
+        if not life.cancelled() and life.exception():
+            log.error("pod lifecycle crashed", exc_info=life.exception(), extra=kv(pod=self.key))
 
     async def _lifecycle(self) -> None:
         status = self.pod.get("status") or {}
@@ -180,11 +184,16 @@ class PodWorker:
             for c in self.rec.containers:
                 if c.state == "waiting" and not c.last_terminated:
                     c.waiting("ContainerCreating")
-            mains = [
-                asyncio.create_task(self._run_container(spec, self.rec.container(spec["name"])))
-                for spec in self.pod["spec"]["containers"]
-            ]
-            await asyncio.gather(*mains)
+            specs = self.pod["spec"]["containers"]
+            if len(specs) == 1:  # the common case needs no extra task
+                await self._run_container(specs[0], self.rec.container(specs[0]["name"]))
+            else:
+                mains = [asyncio.create_task(self._run_container(s, self.rec.container(s["name"]))) for s in specs]
+                try:
+                    await asyncio.gather(*mains)
+                finally:
+                    for task in mains:
+                        task.cancel()
             # Every app container is done for good: stop the sidecars, free the sandbox.
         finally:
             for task in background:

@@ -73,6 +73,7 @@ class PodController:
             on_upsert=self._pod_upserted,
             on_delete=self._pod_deleted,
             name="pods",
+            keep_objects=False,  # each worker holds its Pod; one copy per Pod is enough
         )
 
     async def run(self) -> None:
