@@ -39,6 +39,7 @@ class Informer:
         name: str = "",
         page_size: int = 500,
         keep_objects: bool = True,
+        transform: Callable[[JSON], JSON] | None = None,
     ):
         self.kube = kube
         self.path = path
@@ -50,6 +51,7 @@ class Informer:
         # Without keep_objects the store holds only names and UIDs (enough to report objects
         # that vanished during a relist): the consumer keeps the objects it needs itself.
         self.keep_objects = keep_objects
+        self.transform = transform  # applied to every object as it arrives (e.g. to drop fields)
         self.store: dict[str, JSON] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
@@ -77,6 +79,8 @@ class Informer:
             if not cont:
                 break
         self.resource_version = page["metadata"]["resourceVersion"]
+        if self.transform:
+            items = [self.transform(o) for o in items]
         fresh = {object_key(o): o for o in items}
         for key in list(self.store):
             if key not in fresh:
@@ -90,6 +94,8 @@ class Informer:
     async def _watch(self) -> None:
         async for event in self.kube.watch(self.path, self.resource_version, fieldSelector=self.field_selector):
             obj = event["object"]
+            if self.transform and event["type"] != "BOOKMARK":
+                obj = self.transform(obj)
             rv = obj.get("metadata", {}).get("resourceVersion")
             if rv:
                 self.resource_version = rv
