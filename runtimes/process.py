@@ -51,6 +51,26 @@ def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+async def _process_exit(pid: int, timeout: float) -> None:
+    """Return when `pid` exits (a pidfd works for processes that are not our children), or after
+    `timeout`; polls where pidfds are unavailable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        await asyncio.sleep(0.2)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _alive(pid: int, start_ticks: int) -> bool:
     try:
         return proc_start_ticks(pid) == start_ticks
@@ -65,6 +85,24 @@ class ProcessBackend(Backend):
         super().__init__(handler, context)
         self.cgroups: CgroupManager | None = context.cgroups
         self.pods_dir: Path = context.pods_dir
+        self._shim_launcher: asyncio.subprocess.Process | None = None
+
+    async def _launcher(self) -> asyncio.subprocess.Process:
+        """The shim launcher (runtimes/shim.py --launcher), started once and kept."""
+        if self._shim_launcher is None or self._shim_launcher.returncode is not None:
+            repo = str(Path(__file__).resolve().parent.parent)
+            # -S skips site-packages: the shims need only the standard library and this package.
+            self._shim_launcher = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-m", "runtimes.shim", "--launcher",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # not in the agent's process group: its shims survive the agent
+                cwd=repo, env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            )  # fmt: skip
+        return self._shim_launcher
+
+    async def close(self) -> None:
+        if self._shim_launcher is not None and self._shim_launcher.stdin is not None:
+            self._shim_launcher.stdin.close()  # EOF: the launcher ends, the shims stay
 
     # --- sandbox: the Pod's cgroup and directory ---------------------------------------------------
 
@@ -157,21 +195,14 @@ class ProcessBackend(Backend):
     async def start_container(self, handle: ContainerHandle) -> None:
         run_dir = Path(handle.extra["run_dir"])
         oom_before = self._oom_kills(handle)
-        repo = str(Path(__file__).resolve().parent.parent)
-        with open(run_dir / "shim.log", "wb") as shim_log:
-            # -S skips site-packages: the shim needs only the standard library and this
-            # package, and stays around 11 MB instead of 15 MB per running container.
-            shim = await asyncio.create_subprocess_exec(
-                sys.executable, "-S", "-m", "runtimes.shim", str(run_dir / "spec.json"),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=shim_log,
-                start_new_session=True,  # not in the agent's process group: survives the agent
-                cwd=repo, env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            )  # fmt: skip
-        handle.extra["shim"] = shim
+        launcher = await self._launcher()
+        assert launcher.stdin is not None
+        launcher.stdin.write(f"{run_dir / 'spec.json'}\n".encode())
+        await launcher.stdin.drain()
         state_file = run_dir / "state.json"
         deadline = asyncio.get_running_loop().time() + SHIM_START_TIMEOUT
         while not state_file.exists():
-            if shim.returncode is not None or asyncio.get_running_loop().time() > deadline:
+            if launcher.returncode is not None or asyncio.get_running_loop().time() > deadline:
                 log = (run_dir / "shim.log").read_text(errors="replace").strip()
                 raise RunContainerError(f"container {handle.name}: the shim did not start: {log or 'no output'}")
             await asyncio.sleep(0.01)
@@ -199,13 +230,8 @@ class ProcessBackend(Backend):
         run_dir = Path(handle.extra["run_dir"])
         exit_file = run_dir / "exit.json"
         state = handle.extra["state"]
-        shim = handle.extra.get("shim")
         while not exit_file.exists():
-            if shim is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(shim.wait()), 1.0)
-            else:  # adopted after an agent restart: not our child, so poll
-                await asyncio.sleep(0.5)
+            await _process_exit(state["shim_pid"], timeout=5.0)
             if not exit_file.exists() and not _alive(state["shim_pid"], state["shim_start_ticks"]):
                 await asyncio.sleep(0.1)
                 if not exit_file.exists():

@@ -370,8 +370,9 @@ async def test_probes_drive_ready_and_restart(kubectl, node):
     port = 20000 + int(uuid.uuid4().int % 20000)
     web = unique("p-ready")
     probe = f"    readinessProbe: {{httpGet: {{port: {port}, path: /}}, periodSeconds: 1}}"
-    await kubectl.apply(pod_yaml(web, name, f"sleep 2; exec python3 -m http.server {port} --bind 127.0.0.1",
-                                 container_extra=probe))  # fmt: skip
+    gate = Path(f"/tmp/kubelet-emu-ready-{web}")  # the server starts once the test creates it
+    command = f"while [ ! -e {gate} ]; do sleep 0.2; done; exec python3 -m http.server {port} --bind 127.0.0.1"
+    await kubectl.apply(pod_yaml(web, name, command, container_extra=probe))
 
     async def ready():
         obj = await kubectl.get("pod", web)
@@ -379,8 +380,15 @@ async def test_probes_drive_ready_and_restart(kubectl, node):
         return obj if c and c["status"] == "True" else None
 
     obj = await eventually(lambda: phase(kubectl, web, "Running"), 15, what="Running")
-    assert condition(obj, "Ready")["status"] == "False"  # the server starts after 2 s
-    await eventually(ready, 20, what="Ready from the readiness probe")
+    await asyncio.sleep(2)  # a few failed probes
+    obj = await kubectl.get("pod", web)
+    assert condition(obj, "Ready")["status"] == "False"
+    assert obj["status"]["containerStatuses"][0]["ready"] is False
+    gate.touch()
+    try:
+        await eventually(ready, 20, what="Ready from the readiness probe")
+    finally:
+        gate.unlink()
 
     sick = unique("p-liveness")
     marker = f"/tmp/kubelet-emu-liveness-{sick}"
