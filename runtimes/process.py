@@ -86,9 +86,14 @@ class ProcessBackend(Backend):
         self.cgroups: CgroupManager | None = context.cgroups
         self.pods_dir: Path = context.pods_dir
         self._shim_launcher: asyncio.subprocess.Process | None = None
+        self._launcher_lock = asyncio.Lock()
 
     async def _launcher(self) -> asyncio.subprocess.Process:
         """The shim launcher (runtimes/shim.py --launcher), started once and kept."""
+        async with self._launcher_lock:  # concurrent first starts must share one launcher
+            return await self._start_launcher()
+
+    async def _start_launcher(self) -> asyncio.subprocess.Process:
         if self._shim_launcher is None or self._shim_launcher.returncode is not None:
             repo = str(Path(__file__).resolve().parent.parent)
             # -S skips site-packages: the shims need only the standard library and this package.

@@ -77,15 +77,26 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
         os._exit(126)
 
 
-def _become_subreaper() -> None:
-    """Orphans of the container are re-parented to the shim, which reaps them (as conmon does)."""
+_libc = None
+
+
+def _load_libc() -> None:
+    """Done once in the launcher, so that forked shims do not each pay for importing ctypes."""
+    global _libc
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
+        _libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, ImportError):
+        _libc = None
+
+
+def _become_subreaper() -> None:
+    """Orphans of the container are re-parented to the shim, which reaps them (as conmon does)."""
+    if _libc is None:
+        _load_libc()
+    if _libc is not None:
+        _libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _reap_orphans() -> None:
@@ -186,6 +197,7 @@ def launcher() -> int:
     is most of a process Pod's start time. Ends at EOF, i.e. when the agent goes away; the
     shims it started live on in their own sessions."""
     signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans())
+    _load_libc()
     for line in sys.stdin:
         spec_path = line.strip()
         if not spec_path:

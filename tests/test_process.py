@@ -67,9 +67,11 @@ async def node(kubectl, start_agent, tmp_path):
     agent = await start_agent(name, CONFIG, state_dir=state)
     await wait_node_ready(kubectl, name)
     yield name, agent, state
+    # Wait for the deletion: process containers outlive a stopped agent by design.
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1", check=False
-    )
+        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "--wait=true", "--timeout=60s", check=False,
+    )  # fmt: skip
 
 
 def pod_yaml(
