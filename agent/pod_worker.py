@@ -35,7 +35,6 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off afresh
 RETRY_MISSING_HANDLER = 10.0
 DEFAULT_GRACE = 30
-STATUS_COALESCE_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,9 @@ class PodWorker:
     def mark_dirty(self) -> None:
         if not self._flush_pending and not self.gone:
             self._flush_pending = True
-            # A short window lets the steps of a start (sandbox, container created, running)
-            # go out as one write instead of three.
-            asyncio.get_running_loop().call_later(STATUS_COALESCE_SECONDS, self._spawn_flush)
+            # Scheduled, not immediate: every change made before the loop comes round again
+            # (a whole emulated start) goes out as one write.
+            asyncio.get_running_loop().call_soon(self._spawn_flush)
 
     def _spawn_flush(self) -> None:
         self.c.spawn(self.flush())
