@@ -24,8 +24,10 @@ OBJECTS: dict[tuple[str, str, str], dict[str, Any]] = {
 }
 
 
-class FakeApi:
-    """The lookup the agent passes: a dict of objects, with a record of what was asked."""
+class DictLookup:
+    """container_env's lookup callback answered from a dict, recording what was asked. This file
+    unit-tests the pure environment rules; tests/test_process.py reads real ConfigMaps and Secrets
+    through the real API."""
 
     def __init__(self, objects: dict[tuple[str, str, str], dict[str, Any]] = OBJECTS):
         self.objects = objects
@@ -49,9 +51,9 @@ def make_pod(container: dict[str, Any], **spec: Any) -> dict[str, Any]:
     }
 
 
-async def env_of(container: dict[str, Any], api: FakeApi | None = None, **kwargs: Any) -> dict[str, str]:
+async def env_of(container: dict[str, Any], api: DictLookup | None = None, **kwargs: Any) -> dict[str, str]:
     pod = kwargs.pop("pod", None) or make_pod(container)
-    pairs = await container_env(pod, container, api or FakeApi(), NODE, HOST_IP, POD_IP, **kwargs)
+    pairs = await container_env(pod, container, api or DictLookup(), NODE, HOST_IP, POD_IP, **kwargs)
     assert len(pairs) == len({k for k, _ in pairs}), "names must be unique"
     return dict(pairs)
 
@@ -94,7 +96,7 @@ async def test_env_from_then_env_overrides_and_prefix() -> None:
         "envFrom": [{"configMapRef": {"name": "app"}}, {"prefix": "DB_", "secretRef": {"name": "db"}}],
         "env": [{"name": "MODE", "value": "debug"}, {"name": "PLAIN", "value": "1"}],
     }
-    pairs = await container_env(make_pod(container), container, FakeApi(), NODE, HOST_IP, POD_IP)
+    pairs = await container_env(make_pod(container), container, DictLookup(), NODE, HOST_IP, POD_IP)
     env = dict(pairs)
     assert env["MODE"] == "debug"  # env wins over envFrom
     assert env["LEVEL"] == "3"
@@ -162,7 +164,7 @@ async def test_key_refs() -> None:
             {"name": "USER", "valueFrom": {"secretKeyRef": {"name": "db", "key": "user"}}},
         ],
     }
-    api = FakeApi()
+    api = DictLookup()
     assert await env_of(container, api) == {"MODE": "prod", "PASSWORD": "s3cr3t", "USER": "admin"}
     assert api.calls == [("ConfigMap", "default", "app"), ("Secret", "default", "db")]  # each object read once
 
@@ -176,7 +178,7 @@ async def test_key_refs() -> None:
 
 async def test_secret_bytes_survive() -> None:
     raw = b"\xff\x00bin"
-    api = FakeApi({("Secret", "default", "bin"): {"data": {"k": base64.b64encode(raw).decode()}}})
+    api = DictLookup({("Secret", "default", "bin"): {"data": {"k": base64.b64encode(raw).decode()}}})
     container = {"name": "c", "env": [{"name": "B", "valueFrom": {"secretKeyRef": {"name": "bin", "key": "k"}}}]}
     assert os.fsencode((await env_of(container, api))["B"]) == raw
 
