@@ -50,6 +50,7 @@ async def main() -> int:
     ap.add_argument("--events", default="warnings", choices=["all", "warnings", "none"], help="agent `events` policy")
     ap.add_argument("--concurrency", type=int, default=64, help="parallel create/delete requests")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "kubelet-emu-bench")
+    ap.add_argument("--idle-seconds", type=float, default=30, help="idle time with all Pods Running (0: skip)")
     ap.add_argument("--port", type=int, default=16543, help="the bench cluster's API server port")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -107,6 +108,14 @@ async def main() -> int:
         agent.send_signal(signal.SIGUSR1)
         await asyncio.sleep(0.5)
         at_running = json.loads((work / "state" / "agent-stats.json").read_text())
+        # Then stay idle: with nothing changing, the agent should write nothing per Pod.
+        idle_writes = None
+        if args.idle_seconds > 0:
+            await asyncio.sleep(args.idle_seconds)
+            agent.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.5)
+            after_idle = json.loads((work / "state" / "agent-stats.json").read_text())
+            idle_writes = after_idle["status_writes"] - at_running["status_writes"]
         t1 = time.monotonic()
 
         await delete_pods(s, server, namespace, args.pods, args.concurrency)
@@ -152,6 +161,7 @@ async def main() -> int:
         agent_writes_per_pod_total=round(writes / args.pods, 3),
         agent_status_writes_per_pod=round(stats["status_writes"] / args.pods, 2),
         agent_events_posted=stats["events_posted"],
+        pod_status_writes_while_idle=idle_writes,
     )
     width = max(map(len, results))
     for key, value in results.items():
