@@ -18,7 +18,7 @@ JSON = dict[str, Any]
 OWNED_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerRecord:
     name: str
     image: str
@@ -111,7 +111,7 @@ class ContainerRecord:
         return self.state == "terminated" and self.exit_code == 0
 
 
-@dataclass
+@dataclass(slots=True)
 class PodRecord:
     uid: str
     host_ip: str

@@ -49,6 +49,13 @@ def now() -> datetime:
 
 
 class PodWorker:
+    # Slots: thousands of workers live at once on a scale node.
+    __slots__ = (
+        "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "c",
+        "deletion_requested", "gone", "handler_name", "handles", "key", "pod", "rec", "sandbox", "task", "uid",
+        "wake",
+    )  # fmt: skip
+
     def __init__(self, controller: PodController, pod: JSON):
         self.c = controller
         self.pod = pod
@@ -63,7 +70,7 @@ class PodWorker:
         self.admitted = False
         self.deletion_requested = asyncio.Event()
         self.gone = False  # the Pod object no longer exists
-        self.wake = asyncio.Event()  # handlers or RuntimeClasses changed
+        self.wake: asyncio.Event | None = None  # set while waiting for a missing handler to appear
         self._write_lock = asyncio.Lock()
         self._flush_pending = False
         self._last_written: int | None = None  # hash of the last status written
@@ -73,6 +80,11 @@ class PodWorker:
     # --- inputs from the controller ------------------------------------------------------------
 
     def update(self, pod: JSON) -> None:
+        status = pod.get("status")
+        if status and self.rec.start_time is not None:
+            # Once running, the status in the API is our own echo: only the conditions others
+            # own are still read from it, so the rest need not be kept for every Pod.
+            pod["status"] = {k: v for k, v in status.items() if k in ("phase", "conditions")}
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
             self.deletion_requested.set()
@@ -223,9 +235,10 @@ class PodWorker:
             for c in self.rec.containers:
                 c.waiting("ContainerCreating")
             self.mark_dirty()
-            self.wake.clear()
+            self.wake = asyncio.Event()  # created only here: most Pods never wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), RETRY_MISSING_HANDLER)
+            self.wake = None
 
     def _reject(self, reason: str, message: str, event_reason: str | None) -> None:
         if event_reason:

@@ -31,13 +31,32 @@ JSON = dict[str, Any]
 FINISHED_MEMORY = 120.0  # seconds to ignore late events about a Pod whose worker is done
 
 
+SA_TOKEN_VOLUME_PREFIX = "kube-api-access-"
+
+
 def slim_pod(pod: JSON) -> JSON:
-    """Drop what the agent never reads: managedFields alone is often a third of a Pod."""
+    """Drop what the agent never reads, to keep thousands of Pods small in memory:
+    managedFields (often a third of a Pod), kubectl's last-applied copy, the tolerations
+    (the scheduler's business) and the service-account token volume the API server adds
+    (no backend here projects tokens)."""
     meta = pod.get("metadata") or {}
     meta.pop("managedFields", None)
     annotations = meta.get("annotations")
     if annotations:
         annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    spec = pod.get("spec") or {}
+    spec.pop("tolerations", None)
+    volumes = spec.get("volumes")
+    if volumes:
+        spec["volumes"] = [v for v in volumes if not v.get("name", "").startswith(SA_TOKEN_VOLUME_PREFIX)]
+        if not spec["volumes"]:
+            del spec["volumes"]
+    for container in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+        mounts = container.get("volumeMounts")
+        if mounts:
+            container["volumeMounts"] = [m for m in mounts if not m.get("name", "").startswith(SA_TOKEN_VOLUME_PREFIX)]
+            if not container["volumeMounts"]:
+                del container["volumeMounts"]
     return pod
 
 
@@ -124,7 +143,8 @@ class PodController:
 
     def wake_all(self) -> None:
         for worker in self.workers.values():
-            worker.wake.set()
+            if worker.wake is not None:
+                worker.wake.set()
 
     def release(self, worker: PodWorker) -> None:
         if self.workers.get(worker.uid) is worker:

@@ -80,7 +80,7 @@ class ContainerExit:
     message: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerHandle:
     """A created container. `id` is unique within the backend; `started_at` is set by start()."""
 
