@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import host_cgroup_mode
 
 from cgroups.detect import CgroupError, CgroupMode, detect_mode
 from cgroups.manager import (
@@ -40,14 +41,7 @@ MI = 1024 * 1024
 UNLIMITED_V1_MEMORY = 2**62  # "-1" reads back as a huge page-aligned number
 
 
-def _host_mode() -> CgroupMode | None:
-    try:
-        return detect_mode()
-    except CgroupError:
-        return None
-
-
-HOST = _host_mode()
+HOST = host_cgroup_mode()
 IS_ROOT = os.geteuid() == 0
 
 requires_v1 = pytest.mark.skipif(

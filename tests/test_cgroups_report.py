@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ctr, host_cgroup_mode
 
 from agent.cgroups_report import breakdown, collect, format_bytes, format_cpu, format_table
-from cgroups.detect import CgroupError, CgroupMode, detect_mode
+from cgroups.detect import CgroupMode
 from cgroups.manager import CgroupManager
 from cgroups.resources import pod_resource_config
 
@@ -27,26 +28,10 @@ MI = 1024 * 1024
 UID = "0a1b2c3d-4444-5555-6666-777788889999"
 
 
-def _host_mode() -> CgroupMode | None:
-    try:
-        return detect_mode()
-    except CgroupError:
-        return None
-
-
-HOST = _host_mode()
+HOST = host_cgroup_mode()
 requires_root_cgroups = pytest.mark.skipif(
     not (os.geteuid() == 0 and HOST is not None), reason="needs root and usable cgroups (v1 or v2)"
 )
-
-
-def ctr(name: str, requests: dict | None = None, limits: dict | None = None, **extra: Any) -> dict:
-    resources: dict[str, Any] = {}
-    if requests is not None:
-        resources["requests"] = requests
-    if limits is not None:
-        resources["limits"] = limits
-    return {"name": name, "image": "busybox", "resources": resources, **extra}
 
 
 def make_pod(

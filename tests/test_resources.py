@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import ctr
 
 from cgroups.resources import (
     ResourceConfig,
@@ -21,15 +22,6 @@ from cgroups.resources import (
 
 MI = 1024 * 1024
 UID = "1f2e3d4c-0000-1111-2222-333344445555"
-
-
-def ctr(name: str = "c", requests: dict | None = None, limits: dict | None = None, **extra: Any) -> dict:
-    resources: dict[str, Any] = {}
-    if requests is not None:
-        resources["requests"] = requests
-    if limits is not None:
-        resources["limits"] = limits
-    return {"name": name, "image": "busybox", "resources": resources, **extra}
 
 
 def sidecar(name: str, requests: dict | None = None, limits: dict | None = None) -> dict:
