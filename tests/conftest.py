@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -117,9 +116,16 @@ class AgentProcess:
                 await self.proc.wait()
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def agent_argv() -> list[str]:
-    exe = shutil.which("kubelet-emu")
-    return [exe] if exe else [sys.executable, "-m", "agent.cli"]
+    """The agent of the tree these tests live in (not whatever an editable install points at)."""
+    return [sys.executable, "-m", "agent.cli"]
+
+
+def agent_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +165,9 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
         args += list(extra)
         log_path = tmp_path / f"agent-{node}-{len(started)}.log"
         with open(log_path, "wb") as log:
-            proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
+            )
         agent = AgentProcess(proc, log_path, node, config_path)
         started.append(agent)
         return agent
