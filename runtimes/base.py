@@ -69,6 +69,7 @@ class Sandbox:
     id: str
     pod_uid: str
     ips: tuple[str, ...] = ()  # empty: the Pod uses the host's IP
+    netns: str | None = None  # path of the Pod's network namespace (/run/netns/...); None: the host's
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,26 @@ class ContainerHandle:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class StreamingProcess(abc.ABC):
+    """A process started by exec (or a container attached to), as the streaming server sees it.
+    With a TTY, stdout carries both streams and stderr is None."""
+
+    stdin: Any = None  # asyncio.StreamWriter, or None when the caller asked for no stdin
+    stdout: Any = None  # asyncio.StreamReader
+    stderr: Any = None  # asyncio.StreamReader, or None with a TTY
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """The exit code (128 + signal when killed by a signal)."""
+
+    async def resize(self, width: int, height: int) -> None:  # noqa: B027 - no TTY: nothing to do
+        """Set the TTY's window size."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Stop it (the client went away)."""
+
+
 Lookup = Callable[[str, str, str], Awaitable[JSON | None]]  # (kind, namespace, name) -> object or None
 
 
@@ -108,6 +129,8 @@ class BackendContext:
     pod_pids_limit: int = -1
     log_max_size: int = 10 * 1024 * 1024
     log_max_files: int = 5
+    images: Any = None  # images.service.ImageService: pulls and unpacks images (oci backend)
+    network: Any = None  # network.pods.PodNetworks: per-Pod namespaces and IPs, or None when off
 
 
 class Backend(abc.ABC):
@@ -162,6 +185,22 @@ class Backend(abc.ABC):
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None
     ) -> tuple[int, bytes]:
         raise NotSupportedError(f"the {self.name} backend cannot exec into containers")
+
+    # --- streaming (the kubelet API's /exec, /attach and /portForward) ---------------------------
+
+    async def exec_stream(
+        self, sandbox: Sandbox, handle: ContainerHandle, command: list[str], tty: bool, stdin: bool
+    ) -> StreamingProcess:
+        """Start `command` inside the running container, its stdio wired to the returned object."""
+        raise NotSupportedError(f"the {self.name} backend cannot exec into containers")
+
+    async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
+        raise NotSupportedError(f"the {self.name} backend cannot attach to containers")
+
+    async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
+        """Open a TCP connection to `port` on the Pod's loopback (inside its network namespace);
+        returns an asyncio (StreamReader, StreamWriter) pair."""
+        raise NotSupportedError(f"the {self.name} backend cannot forward ports")
 
     def container_id(self, handle: ContainerHandle) -> str:
         return f"{self.name}://{handle.id}"
