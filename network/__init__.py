@@ -1,0 +1,7 @@
+"""Pod networking: a network namespace, a veth on a node bridge and an address per Pod.
+
+- network.ipam: addresses from the pod CIDR, persisted per owner (Pod UID).
+- network.netns: creating, entering and removing named network namespaces; TCP connections and
+  subprocesses inside one.
+- network.pods: PodNetworks, the bridge, per-Pod setup/teardown and masquerading.
+"""
