@@ -20,14 +20,14 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from network import masquerade
+from network import iptables
 from network.ipam import IPAM
 from network.netns import create_netns, is_netns, list_netns, netlink_socket_in, netns_path, remove_netns
 
@@ -113,6 +113,12 @@ async def _ensure_address(ipr: AsyncIPRoute, index: int, address: str, prefix_le
             raise
 
 
+@dataclass
+class _PodLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class PodNetworks:
     """Pod networking for one agent. Several agents on one host need different bridges, netns
     prefixes, state directories and pod CIDRs."""
@@ -129,7 +135,7 @@ class PodNetworks:
         self.masquerade = masquerade
         self.netns_prefix = netns_prefix
         self._ipam: IPAM | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _PodLock] = {}
 
     # --- node level -------------------------------------------------------------------------
 
@@ -144,28 +150,45 @@ class PodNetworks:
         return self.ipam.cidr
 
     async def start(self, pod_cidr: str) -> None:
-        """Create (or adopt) the bridge with the gateway address, enable forwarding, and add or
-        remove the MASQUERADE rule as configured."""
+        """Create (or adopt) the bridge with the gateway address, enable IP forwarding, let traffic
+        in and out of the bridge through the FORWARD chain, and add or remove the MASQUERADE rule
+        as configured."""
         ipam = IPAM(self.state_dir / "ipam.json", pod_cidr)
         await ipam.owners()  # fails now, not at the first Pod, when the state file disagrees
         await self._ensure_bridge(ipam.gateway, ipam.prefix_len, ipam.cidr)
         await asyncio.to_thread(self._enable_forwarding)
-        if self.masquerade:
-            await masquerade.ensure_rule(ipam.cidr, self.bridge)
-        elif masquerade.iptables_binary() is not None and await masquerade.has_rule(ipam.cidr, self.bridge):
-            await masquerade.remove_rule(ipam.cidr, self.bridge)  # left by an earlier run with masquerade on
+        await self._ensure_iptables(ipam.cidr)
         self._ipam = ipam
 
+    async def _ensure_iptables(self, cidr: str) -> None:
+        masquerade = iptables.masquerade_rule(cidr, self.bridge)
+        if iptables.iptables_binary() is None:
+            if self.masquerade:
+                await iptables.ensure_rule(masquerade)  # fails, saying what to install
+            log.warning(
+                "no iptables here: FORWARD rules for bridge %s skipped; a DROP policy would cut Pods off", self.bridge
+            )
+            return
+        for rule in iptables.forward_rules(self.bridge):
+            await iptables.ensure_rule(rule, first=True)
+        if self.masquerade:
+            await iptables.ensure_rule(masquerade)
+        else:
+            await iptables.remove_rule(masquerade)  # left by an earlier run with masquerade on
+
     async def stop(self, remove_bridge: bool = False) -> None:
-        """Remove the MASQUERADE rule. Pods keep their networks (they outlive the agent); the bridge
-        stays too unless `remove_bridge`."""
+        """Remove the MASQUERADE rule. Pods keep their networks (they outlive the agent, and so do
+        the bridge and its FORWARD rules) unless `remove_bridge`."""
         if self._ipam is None:
             return
         if self.masquerade:
-            await masquerade.remove_rule(self._ipam.cidr, self.bridge)
+            await iptables.remove_rule(iptables.masquerade_rule(self._ipam.cidr, self.bridge))
         if remove_bridge:
             async with _host_netlink() as ipr:
                 await _delete_link(ipr, self.bridge)
+            if iptables.iptables_binary() is not None:
+                for rule in iptables.forward_rules(self.bridge):
+                    await iptables.remove_rule(rule)
 
     async def _ensure_bridge(self, gateway: str, prefix_len: int, cidr: str) -> None:
         async with _host_netlink() as ipr:
@@ -219,8 +242,18 @@ class PodNetworks:
     def host_veth(self, pod_uid: str) -> str:
         return host_veth_name(self.netns_name(pod_uid))
 
-    def _lock(self, pod_uid: str) -> asyncio.Lock:
-        return self._locks.setdefault(pod_uid, asyncio.Lock())
+    @asynccontextmanager
+    async def _pod_lock(self, pod_uid: str) -> AsyncIterator[None]:
+        """Serialises setup and teardown of one Pod; the lock is dropped when nobody uses it."""
+        entry = self._locks.setdefault(pod_uid, _PodLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[pod_uid]
 
     async def setup(self, pod_uid: str, namespace: str, name: str) -> PodNet:
         """Give the Pod its namespace, veth and address; returns what it has when it has them."""
@@ -228,7 +261,7 @@ class PodNetworks:
             raise PodNetworkError(f"pod {namespace}/{name}: invalid pod UID {pod_uid!r}")
         ipam = self.ipam
         path = self.netns_path(pod_uid)
-        async with self._lock(pod_uid):
+        async with self._pod_lock(pod_uid):
             existed = is_netns(path) or await ipam.address_of(pod_uid) is not None
             try:
                 ip = await ipam.allocate(pod_uid)
@@ -295,9 +328,8 @@ class PodNetworks:
 
     async def teardown(self, pod_uid: str) -> None:
         """Remove the Pod's veth and namespace and free its address; fine when there is nothing."""
-        async with self._lock(pod_uid):
+        async with self._pod_lock(pod_uid):
             await self._teardown_locked(pod_uid)
-        self._locks.pop(pod_uid, None)
 
     async def _teardown_locked(self, pod_uid: str) -> None:
         # Deleting one end of a veth pair deletes both.

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from network import masquerade
+from network import iptables
 from network.netns import connect_in_netns, enter_netns_preexec, list_netns, remove_netns_sync
 from network.pods import PodNetworkError, PodNetworks
 
@@ -47,6 +47,16 @@ def _free_test_cidr() -> str:
 
 
 CIDR = _free_test_cidr()
+
+
+def _forward_policy() -> str:
+    if not shutil.which("iptables"):
+        return "ACCEPT"
+    out = subprocess.run(["iptables", "-w", "5", "-S", "FORWARD"], capture_output=True, text=True).stdout
+    return next((line.split()[2] for line in out.splitlines() if line.startswith("-P FORWARD")), "ACCEPT")
+
+
+FORWARD_POLICY = _forward_policy()  # the host's, restored after the tests
 GATEWAY = CIDR.replace(".0/24", ".1")
 
 
@@ -69,9 +79,14 @@ def our_links() -> list[str]:
     return names
 
 
-def nat_rules() -> list[str]:
-    out = subprocess.run(["iptables", "-w", "5", "-t", "nat", "-S"], capture_output=True, text=True, check=True)
+def nat_rules(table: str = "nat") -> list[str]:
+    """This module's rules in `table`, as `iptables -S` prints them."""
+    out = subprocess.run(["iptables", "-w", "5", "-t", table, "-S"], capture_output=True, text=True, check=True)
     return [line for line in out.stdout.splitlines() if BRIDGE in line]
+
+
+def forward_rules() -> list[str]:
+    return nat_rules("filter")
 
 
 def scrub_host() -> None:
@@ -82,14 +97,11 @@ def scrub_host() -> None:
         if name != BRIDGE:
             subprocess.run(["ip", "link", "del", name], capture_output=True)
     subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-    if masquerade.iptables_binary():
-        while (
-            subprocess.run(
-                ["iptables", "-w", "5", "-t", "nat", "-D", *masquerade.rule_spec(CIDR, BRIDGE)], capture_output=True
-            ).returncode
-            == 0
-        ):
-            pass
+    if iptables.iptables_binary():
+        for rule in [iptables.masquerade_rule(CIDR, BRIDGE), *iptables.forward_rules(BRIDGE)]:
+            delete = ["iptables", "-w", "5", "-t", rule.table, "-D", rule.chain, *rule.match]
+            while subprocess.run(delete, capture_output=True).returncode == 0:
+                pass
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,6 +114,8 @@ def host_state() -> Iterator[None]:
     finally:
         scrub_host()
         forward.write_text(before)
+        if iptables.iptables_binary():  # test_pods_talk_through_a_forward_drop_policy may have been interrupted
+            subprocess.run(["iptables", "-w", "5", "-P", "FORWARD", FORWARD_POLICY], capture_output=True)
 
 
 @pytest.fixture
@@ -340,7 +354,7 @@ async def test_one_pod_setup_and_teardown_timing(net: PodNetworks) -> None:
     assert setup_ms < 2000 and teardown_ms < 2000
 
 
-@pytest.mark.skipif(masquerade.iptables_binary() is None, reason="iptables is not installed")
+@pytest.mark.skipif(iptables.iptables_binary() is None, reason="iptables is not installed")
 async def test_masquerade_rule_added_once_and_removed_by_stop(tmp_path: Path) -> None:
     state = tmp_path / "masq"
     networks = PodNetworks(state, bridge=BRIDGE, masquerade=True, netns_prefix=PREFIX)
@@ -350,17 +364,20 @@ async def test_masquerade_rule_added_once_and_removed_by_stop(tmp_path: Path) ->
         rules = nat_rules()
         assert len(rules) == 1, rules
         assert f"-s {CIDR}" in rules[0] and f"! -o {BRIDGE}" in rules[0] and "-j MASQUERADE" in rules[0]
+        assert len(forward_rules()) == 2
         await networks.stop()
         assert nat_rules() == []
-        assert BRIDGE in our_links()  # the bridge outlives the agent ...
+        assert BRIDGE in our_links()  # the bridge (and its FORWARD rules) outlive the agent ...
+        assert len(forward_rules()) == 2
         await networks.stop(remove_bridge=True)
         assert our_links() == []  # ... unless asked
+        assert forward_rules() == []
     finally:
         scrub_host()
 
 
 async def test_masquerade_off_removes_a_leftover_rule(tmp_path: Path) -> None:
-    if masquerade.iptables_binary() is None:
+    if iptables.iptables_binary() is None:
         pytest.skip("iptables is not installed")
     try:
         await PodNetworks(tmp_path, bridge=BRIDGE, masquerade=True, netns_prefix=PREFIX).start(CIDR)  # then a crash
@@ -395,3 +412,30 @@ async def test_two_agents_on_one_host_do_not_interfere(net: PodNetworks, tmp_pat
         for name in list_netns(other_prefix):
             remove_netns_sync(f"/run/netns/{name}")
         await run("ip", "link", "del", other_bridge, check=False)
+
+
+@pytest.mark.skipif(iptables.iptables_binary() is None, reason="iptables is not installed")
+async def test_pods_talk_through_a_forward_drop_policy(net: PodNetworks, tmp_path: Path) -> None:
+    """Hosts with Docker set FORWARD to DROP; with br_netfilter even bridged Pod-to-Pod traffic
+    passes that chain. The bridge's FORWARD rules keep Pods reachable."""
+    a, b = pod_uid(), pod_uid()
+    net_a = await net.setup(a, "default", "server")
+    await net.setup(b, "default", "client")
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("through DROP\n")
+    rules = forward_rules()
+    assert len(rules) == 2 and f"-i {BRIDGE}" in rules[0] + rules[1] and f"-o {BRIDGE}" in rules[0] + rules[1]
+    try:
+        await run("iptables", "-w", "5", "-P", "FORWARD", "DROP")
+        async with http_server_in(f"{PREFIX}{a}", net_a.ip, 8080, root):
+            assert await http_get_in(f"{PREFIX}{b}", f"http://{net_a.ip}:8080/index.html") == "through DROP\n"
+            # The rules are what lets it through: without them the same request is dropped.
+            for rule in iptables.forward_rules(BRIDGE):
+                await iptables.remove_rule(rule)
+            fetch = ["ip", "netns", "exec", f"{PREFIX}{b}", "timeout", "2", sys.executable, "-c"]
+            code = f"import urllib.request; urllib.request.urlopen('http://{net_a.ip}:8080/index.html', timeout=1.5)"
+            proc = await asyncio.create_subprocess_exec(*fetch, code, stderr=asyncio.subprocess.DEVNULL)
+            assert await proc.wait() != 0
+    finally:
+        await run("iptables", "-w", "5", "-P", "FORWARD", FORWARD_POLICY)
