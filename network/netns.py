@@ -173,11 +173,11 @@ async def netlink_socket_in(path: str) -> int:
     """A NETLINK_ROUTE socket (its fd) that talks to the namespace at `path`, for
     `AsyncIPRoute(fileno=...)`. The caller owns the fd."""
 
-    def make() -> int:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        return s.detach()
+    def make() -> socket.socket:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
 
-    return await run_in_netns(path, make)
+    # A socket object until here, so that a cancelled caller leaves it to the GC, not leaked.
+    return (await run_in_netns(path, make)).detach()
 
 
 async def connect_in_netns(

@@ -313,6 +313,10 @@ class PodNetworks:
             if lo is None or eth0 is None:
                 raise PodNetworkError(f"namespace {path} lacks lo or {POD_IFNAME}")
             await pod.link("set", index=lo, state="up")
+            # Any other IPv4 address (a stale one from a lost state file, or added by hand) goes.
+            for addr in await _listed(await pod.addr("dump", index=eth0, family=socket.AF_INET)):
+                if (addr.get("address"), addr["prefixlen"]) != (ip, prefix_len):
+                    await pod.addr("del", index=eth0, address=addr.get("address"), prefixlen=addr["prefixlen"])
             await _ensure_address(pod, eth0, ip, prefix_len)
             await pod.link("set", index=eth0, state="up")
             await pod.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=eth0)

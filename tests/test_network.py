@@ -256,6 +256,11 @@ async def test_connect_in_netns_reaches_a_pods_loopback(net: PodNetworks, tmp_pa
         assert "only on the pod's loopback" in body
 
 
+async def test_connect_in_a_missing_netns_names_it() -> None:
+    with pytest.raises(OSError, match=r"network namespace /run/netns/emu-no-such-pod does not exist"):
+        await connect_in_netns("/run/netns/emu-no-such-pod", "127.0.0.1", 80)
+
+
 async def test_enter_netns_preexec_runs_a_process_in_the_pod(net: PodNetworks) -> None:
     uid = pod_uid()
     pod = await net.setup(uid, "default", "proc")
@@ -286,6 +291,12 @@ async def test_setup_is_idempotent_and_survives_an_agent_restart(net: PodNetwork
     assert await restarted.setup(a, "default", "a") == first
     (eth0,) = ip_json("-n", f"{PREFIX}{a}", "addr", "show", "dev", "eth0")
     assert first.ip in [i["local"] for i in eth0["addr_info"]]
+
+    # A stray address on eth0 (a lost state file, or a person) is replaced by the Pod's own.
+    await run("ip", "-n", f"{PREFIX}{b}", "addr", "add", CIDR.replace(".0/24", ".250/24"), "dev", "eth0")
+    assert await restarted.setup(b, "default", "b") == second
+    (eth0,) = ip_json("-n", f"{PREFIX}{b}", "addr", "show", "dev", "eth0")
+    assert [i["local"] for i in eth0["addr_info"] if i["family"] == "inet"] == [second.ip]
 
     assert await restarted.cleanup_orphans(keep={a}) == [b]
     assert f"{PREFIX}{b}" not in netns_list()
