@@ -34,6 +34,7 @@ from network.netns import create_netns, is_netns, list_netns, netlink_socket_in,
 log = logging.getLogger(__name__)
 
 IFNAMSIZ = 15  # longest interface name Linux accepts
+IFALIAS_MAX = 255
 POD_IFNAME = "eth0"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -219,8 +220,8 @@ class PodNetworks:
         network, prefix = cidr.split("/")
         for route in await _listed(await ipr.get_routes(family=socket.AF_INET, table=254)):
             if route.get("dst") == network and route["dst_len"] == int(prefix) and route.get("oif") != bridge_index:
-                other = await ipr.link("get", index=route.get("oif"))
-                name = (await _listed(other))[0].get("ifname")
+                oif = route.get("oif")
+                name = (await _listed(await ipr.link("get", index=oif)))[0].get("ifname") if oif else "(multipath)"
                 raise PodNetworkError(
                     f"pod CIDR {cidr} is already routed through interface {name}; give bridge {self.bridge} "
                     "its own pod CIDR (or remove the other interface's address)"
@@ -272,17 +273,27 @@ class PodNetworks:
                 await self._configure_pod_side(path, ip, ipam.gateway, ipam.prefix_len)
             except BaseException as e:
                 if not existed:  # roll back what this call made; an existing Pod is left for teardown()
-                    await asyncio.shield(self._teardown_locked(pod_uid))
+                    await self._roll_back(pod_uid, namespace, name)
                 if isinstance(e, Exception) and not isinstance(e, PodNetworkError):
                     raise PodNetworkError(f"network setup for pod {namespace}/{name} ({pod_uid}) failed: {e}") from e
                 raise
             return PodNet(ip=ip, netns_path=path, gateway=ipam.gateway, prefix_len=ipam.prefix_len, host_veth=veth)
 
+    async def _roll_back(self, pod_uid: str, namespace: str, name: str) -> None:
+        try:
+            await asyncio.shield(self._teardown_locked(pod_uid))
+        except Exception:  # the setup error matters more; teardown() can finish the job later
+            log.exception("rolling back the network of pod %s/%s (%s) failed", namespace, name, pod_uid)
+
     async def _ensure_veth(self, pod_uid: str, namespace: str, name: str, path: str, veth: str) -> None:
         async with _host_netlink() as host, _pod_netlink(path) as pod:
             bridge_index = await _link_index(host, self.bridge)
+            if bridge_index is None:  # deleted under us: make it again (other Pods re-attach on their next setup)
+                log.warning("bridge %s is gone; recreating it", self.bridge)
+                await self._ensure_bridge(self.ipam.gateway, self.ipam.prefix_len, self.ipam.cidr)
+                bridge_index = await _link_index(host, self.bridge)
             if bridge_index is None:
-                raise PodNetworkError(f"bridge {self.bridge} is gone; restart the agent to recreate it")
+                raise PodNetworkError(f"bridge {self.bridge} is gone and could not be recreated")
             host_index = await _link_index(host, veth)
             pod_index = await _link_index(pod, POD_IFNAME)
             if host_index is None or pod_index is None:
@@ -302,7 +313,7 @@ class PodNetworks:
                 ifname=veth,
                 master=bridge_index,
                 state="up",
-                ifalias=f"kubelet-emu pod {namespace}/{name} uid {pod_uid}",
+                ifalias=f"kubelet-emu pod uid {pod_uid} {namespace}/{name}"[:IFALIAS_MAX],
             )
 
     @staticmethod

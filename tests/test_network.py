@@ -304,6 +304,20 @@ async def test_setup_is_idempotent_and_survives_an_agent_restart(net: PodNetwork
     assert await restarted.pods() == {a: first.ip}
 
 
+async def test_setup_recreates_a_deleted_bridge(net: PodNetworks, tmp_path: Path) -> None:
+    uid = pod_uid()
+    pod = await net.setup(uid, "default", "survivor")
+    await run("ip", "link", "del", BRIDGE)
+    assert await net.setup(uid, "default", "survivor") == pod
+    (veth,) = ip_json("link", "show", "dev", pod.host_veth)
+    assert veth["master"] == BRIDGE
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("still here\n")
+    async with http_server_in(f"{PREFIX}{uid}", pod.ip, 8080, root):
+        assert "still here" in await http_get(pod.ip, 8080)
+
+
 async def test_teardown_is_idempotent(net: PodNetworks) -> None:
     await net.teardown("never-set-up")
     uid = pod_uid()
