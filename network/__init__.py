@@ -2,6 +2,7 @@
 
 - network.ipam: addresses from the pod CIDR, persisted per owner (Pod UID).
 - network.netns: creating, entering and removing named network namespaces; TCP connections and
-  subprocesses inside one.
-- network.pods: PodNetworks, the bridge, per-Pod setup/teardown and masquerading.
+  subprocesses inside one (port-forward, the process backend).
+- network.iptables: the bridge's FORWARD rules and the optional MASQUERADE rule.
+- network.pods: PodNetworks, the bridge and per-Pod setup/teardown/orphan cleanup.
 """
