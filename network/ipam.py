@@ -61,6 +61,16 @@ def parse_pod_cidr(cidr: str) -> ipaddress.IPv4Network:
     return net
 
 
+def pod_cidr_from_node(node: dict[str, Any]) -> str | None:
+    """The node's IPv4 pod CIDR as the controller-manager assigned it (spec.podCIDRs, or the older
+    spec.podCIDR), or None when it has none yet."""
+    spec = node.get("spec") or {}
+    for cidr in [*(spec.get("podCIDRs") or []), spec.get("podCIDR")]:
+        if cidr and ":" not in cidr:
+            return str(cidr)
+    return None
+
+
 def gateway_of(cidr: str) -> str:
     """The gateway (bridge) address: the first host address of the CIDR."""
     return str(parse_pod_cidr(cidr).network_address + 1)

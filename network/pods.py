@@ -150,6 +150,14 @@ class PodNetworks:
     def pod_cidr(self) -> str:
         return self.ipam.cidr
 
+    @property
+    def gateway(self) -> str:
+        return self.ipam.gateway
+
+    @property
+    def prefix_len(self) -> int:
+        return self.ipam.prefix_len
+
     async def start(self, pod_cidr: str) -> None:
         """Create (or adopt) the bridge with the gateway address, enable IP forwarding, let traffic
         in and out of the bridge through the FORWARD chain, and add or remove the MASQUERADE rule

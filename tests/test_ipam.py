@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from network.ipam import IPAM, CIDRChangedError, IPAMError, IPAMExhaustedError, gateway_of
+from network.ipam import IPAM, CIDRChangedError, IPAMError, IPAMExhaustedError, gateway_of, pod_cidr_from_node
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,3 +144,11 @@ def test_concurrent_processes_do_not_double_allocate(state: Path) -> None:
     assert len(set(handed_out)) == 160, "an address was handed out twice"
     on_disk = json.loads(state.read_text())["allocations"]
     assert sorted(on_disk) == sorted(handed_out)
+
+
+def test_pod_cidr_from_node() -> None:
+    assert pod_cidr_from_node({"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}}) == "10.244.1.0/24"
+    assert pod_cidr_from_node({"spec": {"podCIDRs": ["fd00:1::/64", "10.244.2.0/24"]}}) == "10.244.2.0/24"
+    assert pod_cidr_from_node({"spec": {"podCIDR": "10.244.3.0/24"}}) == "10.244.3.0/24"
+    assert pod_cidr_from_node({"spec": {}}) is None
+    assert pod_cidr_from_node({}) is None
