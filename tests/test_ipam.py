@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -123,17 +124,23 @@ async def test_concurrent_tasks_in_one_process(state: Path) -> None:
 def test_concurrent_processes_do_not_double_allocate(state: Path) -> None:
     worker = textwrap.dedent(
         """
-        import sys
+        import sys, time
         from pathlib import Path
         from network.ipam import IPAM
         ipam = IPAM(Path(sys.argv[1]), "10.244.0.0/22")
+        while time.time() < float(sys.argv[3]):  # all start together, so they really contend
+            time.sleep(0.002)
         for i in range(40):
             print(ipam.allocate_sync(f"{sys.argv[2]}-{i}"))
         """
     )
+    start_at = time.time() + 1.5
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", worker, str(state), f"proc{n}"], cwd=REPO, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", worker, str(state), f"proc{n}", str(start_at)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for n in range(4)
     ]

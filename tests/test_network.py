@@ -191,6 +191,7 @@ def pod_uid() -> str:
 
 
 async def test_bridge_has_the_gateway_and_forwarding_is_on(net: PodNetworks) -> None:
+    assert (net.pod_cidr, net.gateway, net.prefix_len) == (CIDR, GATEWAY, 24)
     (bridge,) = ip_json("addr", "show", "dev", BRIDGE)
     assert "UP" in bridge["flags"]
     assert [(a["local"], a["prefixlen"]) for a in bridge["addr_info"] if a["family"] == "inet"] == [(GATEWAY, 24)]
