@@ -133,6 +133,8 @@ def _ensure_shared_run_dir() -> None:
 def _create_netns_sync(path: str) -> None:
     # Runs on a one-shot thread: unshare() gives only this thread the new namespace.
     _ensure_shared_run_dir()
+    if os.path.exists(path) and not is_netns(path):
+        os.unlink(path)  # an empty mount point left by a crash between creating and mounting it
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
     os.close(fd)
     try:

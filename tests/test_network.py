@@ -319,6 +319,14 @@ async def test_setup_recreates_a_deleted_bridge(net: PodNetworks, tmp_path: Path
         assert "still here" in await http_get(pod.ip, 8080)
 
 
+async def test_setup_replaces_an_empty_leftover_netns_file(net: PodNetworks) -> None:
+    uid = pod_uid()
+    Path(net.netns_path(uid)).touch()  # as if a crash hit between creating the file and mounting on it
+    pod = await net.setup(uid, "default", "after-crash")
+    (eth0,) = ip_json("-n", f"{PREFIX}{uid}", "addr", "show", "dev", "eth0")
+    assert [a["local"] for a in eth0["addr_info"] if a["family"] == "inet"] == [pod.ip]
+
+
 async def test_teardown_is_idempotent(net: PodNetworks) -> None:
     await net.teardown("never-set-up")
     uid = pod_uid()
