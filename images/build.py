@@ -134,6 +134,15 @@ Entry = bytes | Path | File | Dir | Symlink | Hardlink | Device
 Files = Mapping[str, Entry]
 
 
+@dataclass(frozen=True)
+class Layer:
+    """A layer's files; add_parents=False leaves out the implied parent directories (to build the odd
+    layers real tools never make, such as one writing through a lower layer's symlink)."""
+
+    files: Files
+    add_parents: bool = True
+
+
 def _info(name: str, entry: Entry) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.mtime = MTIME
@@ -158,14 +167,14 @@ def _info(name: str, entry: Entry) -> tuple[tarfile.TarInfo, bytes | None]:
     return info, data
 
 
-def layer_tar(files: Files) -> bytes:
+def layer_tar(files: Files, add_parents: bool = True) -> bytes:
     """An uncompressed layer: parent directories are added (0755 root) unless given; whiteouts are plain
     empty files named .wh.<name> (or .wh..wh..opq for an opaque directory)."""
     entries: dict[str, Entry] = {}
     for raw_name, entry in files.items():
         name = raw_name.strip("/")
         parts = name.split("/")
-        for i in range(1, len(parts)):
+        for i in range(1, len(parts) if add_parents else 1):
             entries.setdefault("/".join(parts[:i]), Dir())
         entries[name] = entry
     out = io.BytesIO()
@@ -294,7 +303,7 @@ async def push_image(
     tag: str | None,
     files: Files | None = None,
     *,
-    layers: Sequence[Files] | None = None,
+    layers: Sequence[Files | Layer] | None = None,
     config: Mapping[str, Any] | None = None,
     media_types: MediaTypes = "oci",
     compression: Compression = "gzip",
@@ -313,8 +322,9 @@ async def push_image(
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         pusher = _Pusher(session, registry_url, repository, auth)
         layer_descs, diff_ids = [], []
-        for files_of_layer in layer_files:
-            tar = layer_tar(files_of_layer)
+        for spec in layer_files:
+            layer = spec if isinstance(spec, Layer) else Layer(spec)
+            tar = layer_tar(layer.files, layer.add_parents)
             blob = compress(tar, compression)
             digest = await pusher.blob(blob)
             layer_descs.append(
