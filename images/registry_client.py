@@ -48,7 +48,9 @@ class RegistryClient:
         self.mirrors = mirrors
         self.insecure = insecure_registries
         self._session: aiohttp.ClientSession | None = None
-        self._auth: dict[tuple[str, str], tuple[str, float]] = {}  # (endpoint, repository) -> (header, expiry)
+        # (endpoint, repository, credential) -> (Authorization header, expiry): keyed by credential so a
+        # caller never rides on credentials another Pod's pull secret brought
+        self._auth: dict[tuple[str, str, Credential | None], tuple[str, float]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -79,12 +81,15 @@ class RegistryClient:
         found += [c for c in matching_credentials(credentials, ref.domain, ref.path) if c not in found]
         return found or [None]
 
-    async def _authorize(self, ep: Endpoint, ref: Reference, challenge: str, cred: Credential | None) -> str | None:
+    async def _authorize(
+        self, ep: Endpoint, ref: Reference, challenge: str, cred: Credential | None
+    ) -> tuple[str, float] | None:
+        """(Authorization header, expiry) for a 401's challenge, or None when cred cannot answer it."""
         scheme, params = parse_challenge(challenge)
         if scheme == "basic":
             if cred is None:
                 return None
-            return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
+            return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode(), float("inf")
         if scheme != "bearer" or "realm" not in params:
             raise PullError(f"{ep.host} asks for unsupported authentication {challenge!r}")
         query = {"scope": params.get("scope") or f"repository:{ref.path}:pull"}
@@ -112,8 +117,7 @@ class RegistryClient:
         if not token:
             raise PullError(f"token service {params['realm']} returned no token")
         ttl = float(body.get("expires_in") or _TOKEN_DEFAULT_TTL)
-        self._auth[(ep.base, ref.path)] = (f"Bearer {token}", time.monotonic() + max(ttl - 10, 5))
-        return f"Bearer {token}"
+        return f"Bearer {token}", time.monotonic() + max(ttl - 10, 5)
 
     @contextlib.asynccontextmanager
     async def request(
@@ -122,23 +126,24 @@ class RegistryClient:
         """GET base/v2/<repository>/<path>, authenticating on a 401. Yields the response (any status but 401)."""
         url = f"{ep.base}/v2/{ref.path}/{path}"
         headers = {"Accept": accept} if accept else {}
-        cached = self._auth.get((ep.base, ref.path))
-        if cached and cached[1] > time.monotonic():
-            headers["Authorization"] = cached[0]
+        candidates = self._candidates(ep, ref, credentials)
+        for cred in candidates:
+            cached = self._auth.get((ep.base, ref.path, cred))
+            if cached and cached[1] > time.monotonic():
+                headers["Authorization"] = cached[0]
+                break
         try:
             resp = await self.session.get(url, headers=headers)
             if resp.status == 401:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
-                candidates = self._candidates(ep, ref, credentials)
                 for cred in candidates:
                     auth = await self._authorize(ep, ref, challenge, cred)
                     if auth is None:
                         continue
-                    resp = await self.session.get(url, headers={**headers, "Authorization": auth})
+                    resp = await self.session.get(url, headers={**headers, "Authorization": auth[0]})
                     if resp.status != 401:
-                        if auth.startswith("Basic "):
-                            self._auth[(ep.base, ref.path)] = (auth, float("inf"))
+                        self._auth[(ep.base, ref.path, cred)] = auth
                         break
                     resp.release()
                 else:

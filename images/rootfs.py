@@ -39,10 +39,29 @@ def mounts_under(path: Path) -> list[Path]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split(" ")
-            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            point = _unescape(fields[4])
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(Path(point))
     return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def overlay_lower_dirs() -> set[Path]:
+    """Every lowerdir of the overlay mounts this process sees: image bases that containers use now."""
+    found: set[Path] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            _, _, after = line.rstrip("\n").partition(" - ")
+            fstype, _, rest = after.partition(" ")
+            if fstype != "overlay":
+                continue
+            for option in rest.split(" ", 1)[-1].split(","):
+                if option.startswith("lowerdir="):
+                    found.update(Path(_unescape(d)) for d in option[9:].split(":") if d)
+    return found
 
 
 def _unmount(point: Path) -> None:

@@ -4,6 +4,7 @@ unpacked read-only bases, per-container writable roots and image garbage collect
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -148,8 +149,7 @@ class ImageService:
             self._pulls[key] = task
             task.add_done_callback(lambda _t: self._pulls.pop(key, None))
         image = await asyncio.shield(task)
-        image.reference = ref.original or str(ref)
-        return image
+        return dataclasses.replace(image, reference=ref.original or str(ref), tags=list(image.tags))
 
     async def _pull(self, ref: Reference, credentials: tuple[Credential, ...]) -> Image:
         mirror_errors = []
@@ -226,7 +226,7 @@ class ImageService:
         async with self._index_lock:
             record = self.index.add(record, ref.name, None if ref.digest else ref.tag)
             record.last_used = time.time()
-            await asyncio.to_thread(self.index.save)
+            await asyncio.to_thread(self.index.save, self.index.snapshot())
         return self._image(record, ref)
 
     async def _fetch(self, ep: Endpoint, ref: Reference, desc: dict[str, Any], creds: Sequence[Credential]) -> None:
@@ -299,7 +299,7 @@ class ImageService:
             rec = self.index.records.get(digest)
             if rec is not None:
                 rec.last_used = time.time()
-                await asyncio.to_thread(self.index.save)
+                await asyncio.to_thread(self.index.save, self.index.snapshot())
 
     # -- garbage collection ---------------------------------------------------------------------
 
@@ -311,20 +311,27 @@ class ImageService:
 
     async def garbage_collect(self, in_use: set[str], usage: Callable[[], float] | None = None) -> list[str]:
         """When disk use reaches gc_high_percent, remove images not in in_use (digests, image IDs or
-        name:tag), least recently used first, until it is below gc_low_percent; then remove blobs and
-        unpacked bases no image refers to. Returns the image IDs removed."""
+        name:tag) and not the base of a mounted container root, least recently used first, until it is
+        below gc_low_percent; then remove blobs and unpacked bases no image refers to.
+        Returns the image IDs removed."""
         usage = usage or self.disk_usage
         removed: list[str] = []
         async with self._index_lock:
             if await asyncio.to_thread(usage) >= self.gc_high_percent:
+                mounted = await asyncio.to_thread(rootfs_mod.overlay_lower_dirs)  # running containers' bases
                 candidates = sorted(
-                    (r for r in self.index.records.values() if not self._in_use(r, in_use)), key=lambda r: r.last_used
+                    (
+                        r
+                        for r in self.index.records.values()
+                        if not self._in_use(r, in_use) and self._rootfs_of(r) not in mounted
+                    ),
+                    key=lambda r: r.last_used,
                 )
                 for rec in candidates:
                     if await asyncio.to_thread(usage) < self.gc_low_percent:
                         break
                     del self.index.records[rec.digest]
-                    await asyncio.to_thread(self.index.save)
+                    await asyncio.to_thread(self.index.save, self.index.snapshot())
                     await self._sweep()
                     removed.append(f"{rec.names[0]}@{rec.digest}" if rec.names else rec.digest)
                     log.info("image garbage collected: %s", removed[-1])

@@ -127,8 +127,12 @@ class ImageIndex:
             raw = json.loads(path.read_text())
             self.records = {d: ImageRecord(**r) for d, r in raw.get("images", {}).items()}
 
-    def save(self) -> None:
-        data = json.dumps({"images": {d: asdict(r) for d, r in self.records.items()}}, indent=1, sort_keys=True)
+    def snapshot(self) -> str:
+        """The index as JSON; taken on the event loop so a writer thread never sees records change."""
+        return json.dumps({"images": {d: asdict(r) for d, r in self.records.items()}}, indent=1, sort_keys=True)
+
+    def save(self, data: str | None = None) -> None:
+        data = self.snapshot() if data is None else data
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(data)
         os.replace(tmp, self.path)

@@ -310,6 +310,8 @@ async def test_auth_with_dockerconfigjson_credentials(tmp_path: Path, auth_regis
             await svc.pull(ref, bad)
         image = await svc.pull(ref, bad + good)  # the kubelet tries each matching credential in turn
         assert (image.rootfs / "secret").read_bytes() == b"42"
+        with pytest.raises(PullError, match="unauthorized"):  # no riding on the credentials cached just now
+            await svc.pull(ref)
     finally:
         await svc.close()
     if auth_registry.token_issuer is not None:
@@ -443,7 +445,10 @@ async def test_gc_removes_least_recently_used_unused_images(tmp_path: Path, regi
     assert images["mid"].digest not in stored and images["mid"].config_digest not in stored
     assert svc.index.records[images["new"].digest].layers[0] in stored  # the shared layer stays
 
-    # Still full: everything unused goes, in-use stays.
+    # Still full: everything unused goes, in-use stays; a base under a mounted container root is in use too.
+    await svc.prepare_rootfs(images["new"], tmp_path / "c-new")
+    assert await svc.garbage_collect({names["old"]}, usage=lambda: 99.0) == []
+    await svc.release_rootfs(tmp_path / "c-new")
     removed = await svc.garbage_collect({names["old"]}, usage=lambda: 99.0)
     assert removed == [images["new"].image_id]
     assert [r.digest for r in svc.index.records.values()] == [images["old"].digest]
