@@ -51,6 +51,18 @@ class Image:
     tags: list[str] = field(default_factory=list)
 
 
+def _forget(tasks: dict[Any, Any], key: Any) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback dropping a shared task from its table; it also retrieves the exception, which
+    the waiters have seen (or, all of them cancelled, nobody needs)."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.pop(key, None)
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
 def _disk_usage_percent(path: Path) -> float:
     usage = shutil.disk_usage(path)
     return 100.0 * usage.used / usage.total if usage.total else 0.0
@@ -147,7 +159,7 @@ class ImageService:
         if task is None:
             task = asyncio.create_task(self._pull(ref, tuple(credentials)), name=f"pull {ref}")
             self._pulls[key] = task
-            task.add_done_callback(lambda _t: self._pulls.pop(key, None))
+            task.add_done_callback(_forget(self._pulls, key))
         image = await asyncio.shield(task)
         return dataclasses.replace(image, reference=ref.original or str(ref), tags=list(image.tags))
 
@@ -237,7 +249,7 @@ class ImageService:
         if task is None:
             task = asyncio.create_task(self._download(ep, ref, digest, desc.get("size"), creds))
             self._blob_fetches[digest] = task
-            task.add_done_callback(lambda _t: self._blob_fetches.pop(digest, None))
+            task.add_done_callback(_forget(self._blob_fetches, digest))
         await asyncio.shield(task)
 
     async def _download(
@@ -258,7 +270,7 @@ class ImageService:
         if task is None:
             task = asyncio.create_task(self._unpack_now(ref, target, layers, diff_ids))
             self._unpacks[chain] = task
-            task.add_done_callback(lambda _t: self._unpacks.pop(chain, None))
+            task.add_done_callback(_forget(self._unpacks, chain))
         await asyncio.shield(task)
 
     async def _unpack_now(self, ref: Reference, target: Path, layers: list[str], diff_ids: list[str]) -> None:

@@ -21,6 +21,7 @@ from images.build import Device, Dir, File, Hardlink, Layer, Symlink, busybox_fi
 from images.local_registry import Registry, start_registry
 from images.platform import node_platform
 from images.reference import InvalidReferenceError, parse_reference
+from images.registry_client import RegistryClient
 from images.rootfs import mounts_under
 from images.service import Image, ImageNotFoundError, ImageService, PullError
 
@@ -337,6 +338,21 @@ async def test_dead_mirror_falls_back_to_the_registry(tmp_path: Path, registry: 
             await svc.pull(parse_reference(f"{registry.host}/busybox:absent"))
     finally:
         await svc.close()
+
+
+def test_plain_http_only_for_loopback_and_insecure_registries():
+    client = RegistryClient({"docker.io": ["http://127.0.0.1:5000/"]}, {"reg.lan:5000", "other.lan"})
+
+    def bases(name: str) -> list[str]:
+        return [ep.base for ep in client.endpoints(parse_reference(name))]
+
+    assert bases("busybox") == ["http://127.0.0.1:5000", "https://registry-1.docker.io"]
+    assert bases("reg.lan:5000/x") == ["http://reg.lan:5000"]
+    assert bases("other.lan:7000/x") == ["http://other.lan:7000"]
+    assert bases("reg.lan/x") == ["https://reg.lan"]
+    assert bases("localhost:5000/x") == ["http://localhost:5000"]
+    assert bases("127.0.0.1/x") == ["http://127.0.0.1"]
+    assert bases("registry.k8s.io/pause:3.9") == ["https://registry.k8s.io"]
 
 
 def test_credentials_match_hosts_like_the_kubelet():
