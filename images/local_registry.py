@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -252,7 +251,3 @@ async def start_registry(
                 await registry.stop()
                 raise TimeoutError(f"docker-registry on {registry.url} did not answer /v2/ in {START_TIMEOUT:.0f}s")
             await asyncio.sleep(0.05)
-
-
-def remove_registry_dir(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

@@ -1,5 +1,6 @@
 """A real docker-registry on 127.0.0.1 for the whole test session, and a busybox image in it.
-Import the fixtures into a test module (or conftest): `from registry_fixture import registry, busybox_ref`."""
+Use it from a test module or conftest.py with `pytest_plugins = ["registry_fixture"]` (one registry
+per session however many modules name it)."""
 
 from __future__ import annotations
 

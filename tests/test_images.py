@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ def skopeo_digest(ref: str) -> str:
     out = subprocess.run(
         ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{ref}"], check=True, capture_output=True
     ).stdout
-    return "sha256:" + __import__("hashlib").sha256(out).hexdigest()
+    return "sha256:" + hashlib.sha256(out).hexdigest()
 
 
 def skopeo_raw(ref: str) -> dict:
@@ -471,3 +472,72 @@ async def test_gc_removes_least_recently_used_unused_images(tmp_path: Path, regi
     assert ImageService(tmp_path / "images").present(parse_reference(names["new"])) is None  # persisted
     shutil.rmtree(tmp_path / "images")
     await svc.close()
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """What a root holds: per path the type, mode, owner, link target or content digest."""
+    out: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            what: object = os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            what = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            what = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        else:
+            what = None
+        out[str(path.relative_to(root))] = (
+            stat.S_IFMT(st.st_mode),
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            what,
+        )
+    return out
+
+
+async def test_unpack_agrees_with_umoci(service: ImageService, registry: Registry, tmp_path: Path):
+    """umoci (an independent unpacker) makes the same tree from the same layers."""
+    repo = unique("cross")
+    layers = [
+        busybox_files(),
+        {"etc/motd": b"one", "opt/a/x": b"x", "opt/b/y": b"y", "link": Symlink("etc/motd")},
+        {
+            "etc/.wh.motd": b"",
+            "opt/.wh..wh..opq": b"",
+            "opt/c": File(b"c", 0o640, 1, 2),
+            "hard": Hardlink("bin/busybox"),
+        },
+    ]
+    await push_image(registry.url, repo, "1", layers=layers)
+    ours = (await service.pull(parse_reference(f"{registry.host}/{repo}:1"))).rootfs
+
+    layout, bundle = tmp_path / "layout", tmp_path / "bundle"
+    for argv in (
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{registry.host}/{repo}:1", f"oci:{layout}:1"],
+        ["umoci", "unpack", "--image", f"{layout}:1", str(bundle)],
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err
+    theirs = tree(bundle / "rootfs")
+    mine = tree(ours)
+    assert set(mine) == set(theirs)
+    differing = {p: (mine[p], theirs[p]) for p in mine if mine[p] != theirs[p] and p != "."}
+    assert differing == {}
+
+
+async def test_a_moved_tag_points_to_the_new_image(service: ImageService, registry: Registry):
+    repo = unique("moving")
+    name = f"{registry.host}/{repo}:stable"
+    old_digest = await push_image(registry.url, repo, "stable", {"v": b"1"})
+    first = await service.pull(parse_reference(name))
+    new_digest = await push_image(registry.url, repo, "stable", {"v": b"2"})
+    second = await service.pull(parse_reference(name))
+    assert (first.digest, second.digest) == (old_digest, new_digest)
+    assert service.present(parse_reference(name)).digest == new_digest
+    assert service.index.records[old_digest].tags == []  # untagged: the first to go at GC
+    assert (second.rootfs / "v").read_bytes() == b"2"
