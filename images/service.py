@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from images import rootfs as rootfs_mod
 from images.auth import Credential, credentials_from_dockerconfigjson
 from images.errors import ImageNotFoundError, PullError, UnauthorizedError
@@ -167,7 +169,12 @@ class ImageService:
         mirror_errors = []
         for ep in self.client.endpoints(ref):
             try:
-                return await self._pull_from(ep, ref, credentials)
+                try:
+                    return await self._pull_from(ep, ref, credentials)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise PullError(f"pulling {ref}: connection to {ep.base} failed: {exc!r}") from exc
+                except (KeyError, TypeError, AttributeError) as exc:
+                    raise PullError(f"pulling {ref}: malformed manifest or config from {ep.base}: {exc!r}") from exc
             except PullError as exc:
                 if not ep.mirror:
                     if mirror_errors:
@@ -290,6 +297,8 @@ class ImageService:
         try:
             await asyncio.to_thread(work)
         except LayerError as exc:
+            for path in blobs:  # a stored blob that does not unpack is fetched anew by the next pull
+                await asyncio.to_thread(path.unlink, True)
             raise PullError(f"pulling {ref}: {exc}") from exc
 
     # -- container roots ------------------------------------------------------------------------

@@ -541,3 +541,21 @@ async def test_a_moved_tag_points_to_the_new_image(service: ImageService, regist
     assert service.present(parse_reference(name)).digest == new_digest
     assert service.index.records[old_digest].tags == []  # untagged: the first to go at GC
     assert (second.rootfs / "v").read_bytes() == b"2"
+
+
+async def test_a_damaged_local_layer_is_reported_then_fetched_again(service: ImageService, registry: Registry):
+    repo = unique("heal")
+    await push_image(registry.url, repo, "1", random_files(32 << 10, seed=7), compression="none")
+    ref = parse_reference(f"{registry.host}/{repo}:1")
+    image = await service.pull(ref)
+    layer = service.index.records[image.digest].layers[0]
+    stored = service.blobs.path(layer)
+    data = bytearray(stored.read_bytes())
+    data[2000] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    shutil.rmtree(image.rootfs)  # as if the unpacked base was lost
+
+    with pytest.raises(PullError, match="does not match diff ID"):
+        await service.pull(ref)
+    again = await service.pull(ref)
+    assert (again.rootfs / "data/random.bin").read_bytes() == random_files(32 << 10, seed=7)["data/random.bin"]
