@@ -221,7 +221,12 @@ class ImageService:
         if doc["mediaType"] not in MANIFEST_TYPES and "layers" not in doc:
             raise PullError(f"pulling {ref}: unsupported manifest type {doc['mediaType']!r}")
         config_desc, layer_descs = doc["config"], doc.get("layers") or []
-        await asyncio.gather(*(self._fetch(ep, ref, d, creds) for d in (config_desc, *layer_descs)))
+        # every download settles before the pull reports: no stray downloads after a failure
+        results = await asyncio.gather(
+            *(self._fetch(ep, ref, d, creds) for d in (config_desc, *layer_descs)), return_exceptions=True
+        )
+        if failed := next((r for r in results if isinstance(r, BaseException)), None):
+            raise failed
         for manifest_body, manifest_digest in manifests:
             if not self.blobs.has(manifest_digest):
                 await asyncio.to_thread(self.blobs.put, manifest_body, manifest_digest)

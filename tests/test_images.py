@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from images.auth import Credential, credentials_from_dockerconfigjson, matching_credentials, parse_challenge
@@ -25,6 +26,7 @@ from images.reference import InvalidReferenceError, parse_reference
 from images.registry_client import RegistryClient
 from images.rootfs import mounts_under
 from images.service import Image, ImageNotFoundError, ImageService, PullError
+from images.users import UnknownUserError, resolve_user
 
 pytest_plugins = ["registry_fixture"]  # the registry and busybox_ref fixtures
 ARCH = node_platform()[1]
@@ -102,6 +104,7 @@ async def test_pull_by_tag_unpacks_a_runnable_busybox(service: ImageService, reg
 
     again = service.present(ref)
     assert again is not None and again.digest == image.digest and again.rootfs == root
+    assert [(i.image_id, i.tags) for i in service.list_images()] == [(image.image_id, [busybox_ref])]
     for blob in (image.digest, image.config_digest, *[layer["digest"] for layer in manifest["layers"]]):
         assert (service.root / "blobs/sha256" / blob.split(":")[1]).is_file()
 
@@ -318,6 +321,13 @@ async def test_auth_with_dockerconfigjson_credentials(tmp_path: Path, auth_regis
         await svc.close()
     if auth_registry.token_issuer is not None:
         assert auth_registry.token_issuer.issued >= 2
+        # the registry checks the tokens' signatures: a forged one is refused
+        forged = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{auth_registry.url}/v2/private/app/manifests/1", headers={"Authorization": forged}) as resp,
+        ):
+            assert resp.status == 401
 
 
 async def test_mirror_serves_another_registry_name(tmp_path: Path, registry: Registry, busybox_ref: str):
@@ -559,3 +569,29 @@ async def test_a_damaged_local_layer_is_reported_then_fetched_again(service: Ima
         await service.pull(ref)
     again = await service.pull(ref)
     assert (again.rootfs / "data/random.bin").read_bytes() == random_files(32 << 10, seed=7)["data/random.bin"]
+
+
+def test_image_users_resolve_against_the_image_files(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/app:/bin/sh\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nnobody:x:65534:\napp:x:1000:\nwheel:x:10:app,other\naudio:x:29:app\n")
+    assert resolve_user(root, "") == (0, 0, [])
+    assert resolve_user(root, None) == (0, 0, [])
+    assert resolve_user(root, "nobody") == (65534, 65534, [])
+    assert resolve_user(root, "app") == (1000, 1000, [10, 29])
+    assert resolve_user(root, "1000") == (1000, 1000, [10, 29])
+    assert resolve_user(root, "4242") == (4242, 0, [])  # numeric and unknown: allowed, group root
+    assert resolve_user(root, "app:wheel") == (1000, 10, [])
+    assert resolve_user(root, "1000:77") == (1000, 77, [])
+    with pytest.raises(UnknownUserError, match="unable to find user ghost"):
+        resolve_user(root, "ghost")
+    with pytest.raises(UnknownUserError, match="unable to find group ghosts"):
+        resolve_user(root, "app:ghosts")
+    (root / "etc/passwd").unlink()
+    (root / "etc/passwd").symlink_to("/etc/shadow")  # resolved inside the image: no host file is read
+    assert resolve_user(root, "0") == (0, 0, [])
+    with pytest.raises(UnknownUserError):
+        resolve_user(root, "root")
