@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -251,3 +252,36 @@ async def start_registry(
                 await registry.stop()
                 raise TimeoutError(f"docker-registry on {registry.url} did not answer /v2/ in {START_TIMEOUT:.0f}s")
             await asyncio.sleep(0.05)
+
+
+async def serve(directory: Path, port: int) -> None:
+    """Run a registry with busybox:latest and big:5mb (5 MiB of random bytes over busybox) until stopped."""
+    from images.build import busybox_files, push_image, random_files
+
+    registry = await start_registry(directory, port)
+    try:
+        config = {"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"]}
+        await push_image(registry.url, "busybox", "latest", busybox_files(), config=config)
+        await push_image(registry.url, "big", "5mb", layers=[busybox_files(), random_files(5 << 20)], config=config)
+        print(f"registry on {registry.url}: {registry.host}/busybox:latest, {registry.host}/big:5mb", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await registry.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A local docker-registry with a busybox image in it")
+    parser.add_argument("directory", type=Path, help="where the registry stores blobs")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.directory, args.port))
+
+
+if __name__ == "__main__":
+    main()
