@@ -16,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger("kubelet_emu.images")
 
 ROOTFS, UPPER, WORK = "rootfs", "upper", "work"
+COPIED = ".rootfs-copied"  # marks a complete copy (no overlay), so a second prepare keeps it
 MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -82,30 +83,38 @@ def _prepare_overlay(base: Path, container_dir: Path) -> Path:
 
 
 async def prepare(base: Path, container_dir: Path, allow_overlay: bool = True) -> Path:
-    container_dir.mkdir(parents=True, exist_ok=True)
+    """container_dir/rootfs, writable, on top of base. Preparing a root that exists (an agent restart
+    while the container runs) returns it as it is."""
+    target = container_dir / ROOTFS
+    await asyncio.to_thread(container_dir.mkdir, parents=True, exist_ok=True)
+    if (container_dir / COPIED).exists() and target.is_dir():
+        return target
     if allow_overlay:
         try:
             return await asyncio.to_thread(_prepare_overlay, base, container_dir)
         except OSError as exc:
             log.info("overlay mount not possible, copying the image instead: %s", exc)
             await asyncio.to_thread(_remove_dirs, container_dir)
-    target = container_dir / ROOTFS
-    if target.exists():
-        await asyncio.to_thread(shutil.rmtree, target)
+    partial = container_dir / f"{ROOTFS}.partial"
+    if partial.exists():
+        await asyncio.to_thread(shutil.rmtree, partial)
     proc = await asyncio.create_subprocess_exec(
-        "cp", "-a", "--reflink=auto", f"{base}/.", str(target), stderr=asyncio.subprocess.PIPE
+        "cp", "-a", "--reflink=auto", f"{base}/.", str(partial), stderr=asyncio.subprocess.PIPE
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise RootfsError(f"cannot copy image {base} to {target}: {err.decode().strip()}")
+        raise RootfsError(f"cannot copy image {base} to {partial}: {err.decode().strip()}")
+    partial.rename(target)
+    (container_dir / COPIED).touch()
     return target
 
 
 def _remove_dirs(container_dir: Path) -> None:
-    for d in (ROOTFS, UPPER, WORK):
+    (container_dir / COPIED).unlink(missing_ok=True)
+    for d in (ROOTFS, UPPER, WORK, f"{ROOTFS}.partial"):
         path = container_dir / d
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=False)
+            shutil.rmtree(path)
 
 
 def _release(container_dir: Path) -> None:

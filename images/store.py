@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("kubelet_emu.images")
 
 
 class DigestMismatchError(Exception):
@@ -123,9 +126,16 @@ class ImageIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[str, ImageRecord] = {}
-        if path.exists():
+        if not path.exists():
+            return
+        try:
             raw = json.loads(path.read_text())
             self.records = {d: ImageRecord(**r) for d, r in raw.get("images", {}).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            # Start empty rather than not at all: images are pulled again, GC sweeps the orphans.
+            broken = path.with_suffix(".broken")
+            os.replace(path, broken)
+            log.warning("image index %s unreadable (%s); kept as %s, starting empty", path, exc, broken)
 
     def snapshot(self) -> str:
         """The index as JSON; taken on the event loop so a writer thread never sees records change."""

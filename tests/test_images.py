@@ -109,6 +109,14 @@ async def test_pull_by_tag_unpacks_a_runnable_busybox(service: ImageService, reg
         assert (service.root / "blobs/sha256" / blob.split(":")[1]).is_file()
 
 
+def test_an_unreadable_index_is_set_aside(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/images.json").write_text("{not json")
+    svc = ImageService(tmp_path / "images")
+    assert svc.index.records == {}
+    assert (tmp_path / "images/images.broken").read_text() == "{not json"
+
+
 async def test_pull_by_digest_and_present_after_restart(tmp_path: Path, registry: Registry, busybox_ref: str):
     digest = skopeo_digest(busybox_ref)
     by_digest = parse_reference(f"{registry.host}/busybox@{digest}")
@@ -422,8 +430,19 @@ async def test_container_root_is_writable_and_leaves_the_base_alone(
     assert not (image.rootfs / "new-file").exists() and not (image.rootfs / "tmp/x").exists()
     assert (image.rootfs / "etc/passwd").exists()
 
+    assert await svc.prepare_rootfs(image, container) == root  # again (agent restart): the same root
+    assert len(mounts_under(container)) == (1 if overlay else 0)
+    assert (root / "new-file").read_text() == "mine"
+
     other = await svc.prepare_rootfs(image, tmp_path / "containers" / "c2")
     assert (other / "etc/passwd").exists() and not (other / "new-file").exists()
+
+    # A path overlay options cannot carry (a comma) falls back to a copy instead of failing.
+    odd = await svc.prepare_rootfs(image, tmp_path / "containers" / "c,3")
+    assert not mountinfo_mentions(odd) and (odd / "bin/busybox").exists()
+    (odd / "etc/group").write_text("changed")
+    assert (image.rootfs / "etc/group").read_text() != "changed"
+    await svc.release_rootfs(tmp_path / "containers" / "c,3")
 
     await svc.release_rootfs(container)
     assert not mountinfo_mentions(container) and not container.exists()
