@@ -150,7 +150,7 @@ class RegistryClient:
                     if any(c is not None for c in candidates):
                         why = "the registry refused the credentials; check the imagePullSecret"
                     else:
-                        why = "no credentials match this registry; add an imagePullSecret"
+                        why = "the repository does not exist or needs credentials, and no imagePullSecret matches"
                     raise UnauthorizedError(f"pulling {ref}: unauthorized at {ep.base}: {why}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PullError(f"pulling {ref}: cannot reach {ep.base}: {exc or type(exc).__name__}") from exc

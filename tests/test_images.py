@@ -315,9 +315,9 @@ async def test_auth_with_dockerconfigjson_credentials(tmp_path: Path, auth_regis
 
     svc = ImageService(tmp_path / "images")
     try:
-        with pytest.raises(PullError, match=r"private/app:1: unauthorized.*no credentials match"):
+        with pytest.raises(PullError, match=r"private/app:1: unauthorized.*no imagePullSecret matches"):
             await svc.pull(ref)
-        with pytest.raises(PullError, match=r"unauthorized.*no credentials match"):
+        with pytest.raises(PullError, match=r"unauthorized.*no imagePullSecret matches"):
             await svc.pull(ref, elsewhere)
         with pytest.raises(PullError, match=r"private/app:1: unauthorized.*refused the credentials"):
             await svc.pull(ref, bad)
@@ -345,6 +345,18 @@ async def test_mirror_serves_another_registry_name(tmp_path: Path, registry: Reg
         assert image.name == "registry.k8s.io/busybox"
         assert image.digest == skopeo_digest(busybox_ref)
         assert svc.present(parse_reference("registry.k8s.io/busybox:1")) is not None
+    finally:
+        await svc.close()
+
+
+async def test_docker_hub_names_through_a_mirror(tmp_path: Path, registry: Registry):
+    digest = await push_image(registry.url, "library/hubbox", "1", {"from": b"hub"})
+    svc = ImageService(tmp_path / "images", mirrors={"docker.io": [registry.url]})
+    try:
+        image = await svc.pull(parse_reference("hubbox:1"))  # docker.io/library/hubbox:1
+        assert (image.name, image.digest, image.reference) == ("docker.io/library/hubbox", digest, "hubbox:1")
+        assert image.image_id == f"docker.io/library/hubbox@{digest}"
+        assert svc.present(parse_reference("docker.io/library/hubbox:1")) is not None
     finally:
         await svc.close()
 
