@@ -91,7 +91,7 @@ class RegistryClient:
                 return None
             return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode(), float("inf")
         if scheme != "bearer" or "realm" not in params:
-            raise PullError(f"{ep.host} asks for unsupported authentication {challenge!r}")
+            raise PullError(f"pulling {ref}: {ep.base} asks for unsupported authentication {challenge!r}")
         query = {"scope": params.get("scope") or f"repository:{ref.path}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
@@ -109,13 +109,13 @@ class RegistryClient:
                 if resp.status in (401, 403):
                     return None
                 if resp.status != 200:
-                    raise PullError(f"token service {params['realm']} answered HTTP {resp.status}")
+                    raise PullError(f"pulling {ref}: token service {params['realm']} answered HTTP {resp.status}")
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise PullError(f"cannot reach token service {params['realm']}: {exc}") from exc
+            raise PullError(f"pulling {ref}: cannot reach token service {params['realm']}: {exc!r}") from exc
         token = body.get("token") or body.get("access_token")
         if not token:
-            raise PullError(f"token service {params['realm']} returned no token")
+            raise PullError(f"pulling {ref}: token service {params['realm']} returned no token")
         ttl = float(body.get("expires_in") or _TOKEN_DEFAULT_TTL)
         return f"Bearer {token}", time.monotonic() + max(ttl - 10, 5)
 
