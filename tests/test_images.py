@@ -626,3 +626,12 @@ def test_image_users_resolve_against_the_image_files(tmp_path: Path):
     assert resolve_user(root, "0") == (0, 0, [])
     with pytest.raises(UnknownUserError):
         resolve_user(root, "root")
+
+
+async def test_cold_pull_of_a_5mb_image(service: ImageService, registry: Registry):
+    payload = random_files(5 << 20, seed=5)
+    await push_image(registry.url, "big", "5mb", layers=[busybox_files(), payload], compression="zstd")
+    image = await service.pull(parse_reference(f"{registry.host}/big:5mb"))
+    assert image.size > 5 << 20
+    assert (image.rootfs / "data/random.bin").read_bytes() == payload["data/random.bin"]
+    assert 0 < service.disk_usage() < 100  # the real measure GC uses by default
