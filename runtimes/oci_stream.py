@@ -1,30 +1,27 @@
 """Streaming for the oci backend: `<runtime> exec` with pipes or a TTY, and TCP connections made
 inside a Pod's network namespace (port-forward).
 
-TTY: the runtime allocates the pty inside the container and sends its master over a unix socket
-(`--console-socket`, an SCM_RIGHTS message); we read and write that master and set its window size.
+TTY: runc hands a console socket's pty master only to a detached exec (whose exit code it then
+cannot report), so the runtime runs attached, on a pty we allocate, and proxies the container's pty.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 import termios
 import threading
 from typing import Any
 
-from runtimes.base import RunContainerError, StreamingProcess
+from runtimes.base import StreamingProcess
 
-CONSOLE_TIMEOUT = 10.0
 CLONE_NEWNET = 0x40000000
 
 
@@ -54,16 +51,23 @@ class ExecProcess(StreamingProcess):
 class TtyExecProcess(StreamingProcess):
     """`<runtime> exec --tty`: both streams come through the pty master; stderr is None."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, master: int, reader: Any, writer: Any):
-        self.proc, self.master = proc, master
+    def __init__(self, proc: asyncio.subprocess.Process, control: int, reader: Any, writer: Any):
+        self.proc, self.control = proc, control
         self.stdout, self.stdin, self.stderr = reader, writer, None
 
     async def wait(self) -> int:
         code = await self.proc.wait()
+        self._close_control()
         return 128 - code if code < 0 else code
 
+    def _close_control(self) -> None:
+        if self.control >= 0:
+            os.close(self.control)
+            self.control = -1
+
     async def resize(self, width: int, height: int) -> None:
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        if self.control >= 0:
+            fcntl.ioctl(self.control, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     async def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -74,60 +78,48 @@ class TtyExecProcess(StreamingProcess):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+        self._close_control()
 
 
-def _receive_fd(conn: socket.socket) -> int:
-    fds = array.array("i")
-    _, ancillary, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    if not fds:
-        raise RunContainerError("the runtime sent no pty master over the console socket")
-    return fds[0]
+class _PtyReaderProtocol(asyncio.StreamReaderProtocol):
+    """Reading a pty master fails with EIO once the other side is closed: that is its EOF."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.EIO:
+            exc = None
+        super().connection_lost(exc)
 
 
 async def exec_with_tty(runtime: list[str], container_id: str, command: list[str], stdin: bool) -> TtyExecProcess:
+    """`<runtime> exec --tty` attached to a pty we own: the runtime copies between the container's
+    pty and its own stdio (our pty's slave, its controlling terminal, put in raw mode by the
+    runtime) and resizes the container's pty on SIGWINCH, which resizing our master sends it."""
     loop = asyncio.get_running_loop()
-    tmp = tempfile.mkdtemp(prefix="kemu-console-")  # short: unix socket paths are limited to 108 bytes
-    path = os.path.join(tmp, "sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     try:
-        server.bind(path)
-        server.listen(1)
-        server.setblocking(False)
         proc = await asyncio.create_subprocess_exec(
-            *runtime, "exec", "--tty", "--console-socket", path, container_id, *command,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            *runtime, "exec", "--tty", container_id, *command,
+            stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal,
         )  # fmt: skip
-        accept = asyncio.ensure_future(loop.sock_accept(server))
-        exited = asyncio.ensure_future(proc.wait())
-        done, _ = await asyncio.wait({accept, exited}, timeout=CONSOLE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        if accept not in done:
-            accept.cancel()
-            if not exited.done():
-                proc.kill()
-            await proc.wait()
-            err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
-            raise RunContainerError(f"exec --tty in {container_id}: no console from the runtime: {err}")
-        exited.cancel()
-        conn, _ = accept.result()
-        with conn:
-            conn.setblocking(True)
-            master = await asyncio.to_thread(_receive_fd, conn)
     finally:
-        server.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(slave)
+    os.set_blocking(master, False)
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
+    control = os.dup(master)  # for resizes; the read transport owns (and closes) `master`
+    await loop.connect_read_pipe(lambda: _PtyReaderProtocol(reader), os.fdopen(master, "rb", buffering=0))
     writer = None
     if stdin:
-        write_fd = os.dup(master)
         transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.streams.FlowControlMixin(), os.fdopen(write_fd, "wb", buffering=0)
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(master), "wb", buffering=0)
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return TtyExecProcess(proc, master, reader, writer)
+    return TtyExecProcess(proc, control, reader, writer)
 
 
 # --- port-forward ----------------------------------------------------------------------------------
