@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.logs import kv
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
 from runtimes.base import (
@@ -54,6 +56,8 @@ from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, 
 from runtimes.oci_stream import ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
 from runtimes.process import _alive, _parse_time, _process_exit, pod_dir_name
+
+log = logging.getLogger(__name__)
 
 SHIM_START_TIMEOUT = 30.0  # `runc create` on a loaded 2-core host can take seconds
 PAUSE_CGROUP = "_pause"  # not a valid container name (DNS label), so it cannot clash with one
@@ -348,14 +352,16 @@ class OciBackend(Backend):
                 await asyncio.to_thread(remove_everywhere, pod_path)
 
     async def _runtime_ids(self, prefix: str) -> list[str]:
+        """IDs the runtime knows that start with `prefix`. runc, crun and youki keep one directory
+        per container under --root, which also serves runtimes without `list --format json`."""
         code, out = await self._run("list", "--format", "json")
-        if code != 0:
-            return []
         try:
-            listed = json.loads(out or "null") or []
+            ids = [str(c.get("id", "")) for c in json.loads(out or "null") or []] if code == 0 else []
         except ValueError:
-            return []
-        return [c["id"] for c in listed if str(c.get("id", "")).startswith(prefix)]
+            ids = []
+        with contextlib.suppress(OSError):
+            ids += os.listdir(self.runtime_root)
+        return sorted({i for i in ids if i.startswith(prefix)})
 
     @staticmethod
     def _remove_pod_files(pod_dir: Path) -> None:
@@ -543,7 +549,8 @@ class OciBackend(Backend):
     async def remove_container(self, handle: ContainerHandle) -> None:
         code, out = await self._run("delete", "--force", handle.id)
         if code != 0 and await self.runtime_state(handle.id) is not None:
-            raise RunContainerError(f"container {handle.name}: {self.runtime_path} delete failed: {out}")
+            # Not raised: the Pod worker goes on; remove_sandbox tries again for every container.
+            log.warning("runtime delete failed", extra=kv(container=handle.id, error=out))
         await self._release_rootfs(Path(handle.extra["run_dir"]))
         with contextlib.suppress(OSError, ValueError):
             await asyncio.to_thread(remove_everywhere, handle.extra["cgroup"])

@@ -324,6 +324,24 @@ async def test_pod_containers_share_ipc_uts_and_network_not_pid(backend: OciBack
             await backend.remove_container(handle)
 
 
+async def test_host_network_pod_uses_the_node_network_and_hostname(backend: OciBackend) -> None:
+    container = ctr("sleep 300")
+    pod = pod_of(container, hostNetwork=True)
+    async with sandbox_of(backend, pod) as sandbox:
+        assert sandbox.netns is None and sandbox.ips == ()
+        handle = await run(backend, sandbox, pod, container)
+        pid = handle.extra["state"]["pid"]
+        for kind in ("net", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{kind}") == os.readlink(
+                f"/proc/self/ns/{kind}"
+            )  # the agent's, i.e. the node's
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        code, out = await backend.exec(handle, ["hostname"])
+        assert (code, out.decode().strip()) == (0, os.uname().nodename)
+        await backend.stop_container(handle, 0)
+        await backend.remove_container(handle)
+
+
 async def test_share_process_namespace(backend: OciBackend) -> None:
     a, b = ctr("sleep 301", name="a"), ctr("sleep 302", name="b")
     pod = pod_of(a, b, shareProcessNamespace=True)
