@@ -427,7 +427,8 @@ class OciBackend(Backend):
             namespaces=PodNamespaces(network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"]),
             volumes=volumes,
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
-            shm_path=record.get("shm"),
+            # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
+            shm_path="/dev/shm" if pod.get("spec", {}).get("hostIPC") else record.get("shm"),
             passwd=_read_text(rootfs / "etc" / "passwd"),
             group=_read_text(rootfs / "etc" / "group"),
             allow_privileged=self.handler.allow_privileged,

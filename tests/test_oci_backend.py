@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from oci_images import LocalImages, build_busybox_rootfs, busybox_available
 from agent.config import Handler
 from cgroups.manager import CgroupManager, detect_mode
 from runtimes.base import BackendContext, ContainerHandle, CreateContainerConfigError, Sandbox
+from runtimes.crilog import read_logs, rotated_files
 from runtimes.oci import OciBackend
 from runtimes.oci_cgroups import cgroup_mounts, remove_everywhere
 from runtimes.registry import backend_class
@@ -236,6 +238,49 @@ async def test_stop_sends_sigterm_then_waits_the_grace(backend: OciBackend) -> N
         exit_ = await backend.wait_container(handle)
         assert exit_.exit_code == 0 and exit_.signal is None
         await log_has(log_path(backend, pod), "got TERM")
+        await backend.remove_container(handle)
+
+
+async def test_pre_stop_hook_runs_before_sigterm(backend: OciBackend) -> None:
+    pre_stop = {"exec": {"command": ["sh", "-c", "echo pre-stop > /proc/1/fd/1"]}}
+    container = ctr("trap 'echo term; exit 0' TERM; while true; do sleep 0.1; done", lifecycle={"preStop": pre_stop})
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        await backend.stop_container(handle, 10)
+        assert (await backend.wait_container(handle)).exit_code == 0
+        content = await log_has(log_path(backend, pod), "term")
+        assert content.index("pre-stop") < content.index("term")
+        await backend.remove_container(handle)
+
+
+async def test_exec_timeout_kills_the_command_in_the_container(backend: OciBackend) -> None:
+    container = ctr("sleep 300")
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        with pytest.raises(TimeoutError):
+            await backend.exec(handle, ["sleep", "77"], timeout=0.5)
+        code, out = await backend.exec(handle, ["ps", "-o", "args"])
+        assert code == 0 and b"sleep 77" not in out
+        await backend.stop_container(handle, 0)
+        await backend.remove_container(handle)
+
+
+async def test_log_rotation(base_dir, cgroups, images) -> None:
+    backend = make_backend(base_dir, cgroups, images)
+    backend.context = dataclasses.replace(backend.context, log_max_size=4096, log_max_files=3)
+    container = ctr(
+        "i=0; while [ $i -lt 300 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done"
+    )
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        assert (await asyncio.wait_for(backend.wait_container(handle), 20)).exit_code == 0
+        path = log_path(backend, pod)
+        rotated = rotated_files(str(path))
+        assert len(rotated) == 2 and all(os.path.getsize(p) <= 4096 for p in [*rotated, str(path)])
+        assert read_logs(str(path)).decode().splitlines()[-1].startswith("line-299-")
         await backend.remove_container(handle)
 
 
