@@ -84,11 +84,11 @@ class ImageStore(Protocol):
 
 
 class PodNetwork(Protocol):
-    """What the backend needs of context.network: setup returns an object with `netns` (a path)
-    and `ips` (a sequence of strings); teardown is idempotent."""
+    """What the backend needs of context.network (network.pods.PodNetworks): setup returns the
+    Pod's namespace and address (an object with `netns_path` and `ip`); teardown is idempotent."""
 
-    async def setup(self, pod: JSON) -> Any: ...
-    async def teardown(self, pod: JSON) -> None: ...
+    async def setup(self, pod_uid: str, namespace: str, name: str) -> Any: ...
+    async def teardown(self, pod_uid: str) -> None: ...
 
 
 def _now() -> datetime:
@@ -238,11 +238,12 @@ class OciBackend(Backend):
         ips: tuple[str, ...] = ()
         host_network = bool(spec.get("hostNetwork"))
         if not host_network and self.context.network is not None:
+            meta = pod["metadata"]
             try:
-                network = await self.context.network.setup(pod)
+                network = await self.context.network.setup(uid, meta.get("namespace", ""), meta.get("name", ""))
             except Exception as exc:
                 raise SandboxError(f"cannot set up the pod network: {exc}") from exc
-            netns, ips = network.netns, tuple(network.ips)
+            netns, ips = network.netns_path, (network.ip,)
         flags = "".join(
             flag
             for flag, wanted in (
@@ -342,7 +343,7 @@ class OciBackend(Backend):
             await self._stop_pause(record)
         if self.context.network is not None and not pod.get("spec", {}).get("hostNetwork"):
             with contextlib.suppress(Exception):
-                await self.context.network.teardown(pod)
+                await self.context.network.teardown(pod["metadata"]["uid"])
         await asyncio.to_thread(self._remove_pod_files, pod_dir)
         if self.cgroups is not None:
             pod_path = self.cgroups.pod_path(pod)

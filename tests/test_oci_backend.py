@@ -537,3 +537,64 @@ def _no_leftover_containers(base_dir: Path) -> Iterator[None]:
 
 def teardown_module() -> None:
     shutil.rmtree("/tmp/kemu-console-never", ignore_errors=True)
+
+
+# --- with the real image service and Pod networks (skipped until those packages are merged) ------------
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not (_have("images.service") and _have("network.pods")), reason="needs the images and network packages"
+)
+@pytest.mark.skipif(not os.access("/usr/bin/docker-registry", os.X_OK), reason="needs docker-registry for a real pull")
+async def test_real_image_pull_overlay_rootfs_and_pod_network(base_dir: Path, cgroups: CgroupManager) -> None:
+    from images.build import busybox_files, push_image
+    from images.local_registry import start_registry
+    from images.reference import parse_reference
+    from images.service import ImageService
+    from network.pods import PodNetworks
+
+    registry = await start_registry(base_dir / "registry")
+    networks = PodNetworks(base_dir / "net", bridge=f"oci{uuid.uuid4().hex[:5]}", netns_prefix="ocitest-")
+    images = ImageService(base_dir / "images", insecure_registries={registry.host})
+    try:
+        await push_image(registry.url, "busybox", "1", busybox_files(), config={"Cmd": ["sh"], "WorkingDir": "/"})
+        ref = f"{registry.host}/busybox:1"
+        image = await images.pull(parse_reference(ref))
+        await networks.start("10.251.9.0/24")
+        context = BackendContext(
+            node_name="node-oci", state_dir=base_dir / "state", pods_dir=base_dir / "pods", lookup=lookup,
+            cgroups=cgroups, images=images, network=networks,
+        )  # fmt: skip
+        backend = OciBackend(Handler(name="runc", backend="oci", runtime_path=RUNC), context)
+        script = "mkdir /www; echo from-registry > /www/index.html; httpd -f -p 8080 -h /www"
+        container = {"name": "web", "image": ref, "command": ["sh", "-c", script]}
+        pod = pod_of(container)
+        async with sandbox_of(backend, pod) as sandbox:
+            assert sandbox.ips and sandbox.netns
+            handle = await run(backend, sandbox, pod, container)
+            assert handle.image_id == image.image_id
+            for _ in range(50):
+                with contextlib.suppress(OSError):
+                    reader, writer = await asyncio.open_connection(sandbox.ips[0], 8080)  # the Pod IP, from the node
+                    break
+                await asyncio.sleep(0.1)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 10)).endswith(b"from-registry\n")
+            writer.close()
+            code, out = await backend.exec(handle, ["sh", "-c", "grep ' / / ' /proc/1/mountinfo; tail -1 /etc/hosts"])
+            assert code == 0 and b" - overlay " in out and f"{sandbox.ips[0]}\t".encode() in out
+            await backend.stop_container(handle, 0)
+            await backend.remove_container(handle)
+        assert not any(str(base_dir / "pods") in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    finally:
+        await networks.stop(remove_bridge=True)
+        await images.close()
+        await registry.stop()
