@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -63,11 +62,7 @@ async def lookup(kind: str, namespace: str, name: str) -> dict | None:
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("oci")
     yield base
-    # Whatever a failed test left: containers, mounts, cgroups.
-    root = base / "state" / "runtime"
-    listed = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
-    for container_id in listed:
-        subprocess.run([RUNC, "--root", str(root), "delete", "--force", container_id], capture_output=True)
+    # Mounts a failed test left (runc's containers and cgroups are gone by now: see `cgroups`).
     for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
         point = line.split()[4]
         if point.startswith(str(base)):
@@ -75,9 +70,15 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cgroups() -> Iterator[CgroupManager]:
+def cgroups(base_dir: Path) -> Iterator[CgroupManager]:
     manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
     yield manager
+    # Whatever a failed test left: runc's containers first (they own cgroups in every hierarchy),
+    # then every process and cgroup under the test root.
+    root = base_dir / "state" / "runtime"
+    listed = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+    for container_id in listed:
+        subprocess.run([RUNC, "--root", str(root), "delete", "--force", container_id], capture_output=True)
     with contextlib.suppress(Exception):
         manager.remove(CGROUP_ROOT, kill=True)
     remove_everywhere(CGROUP_ROOT)
@@ -533,10 +534,6 @@ def _no_leftover_containers(base_dir: Path) -> Iterator[None]:
     if root.exists():
         listed = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True)
         assert listed.stdout.split() == [], "a test left runc containers behind"
-
-
-def teardown_module() -> None:
-    shutil.rmtree("/tmp/kemu-console-never", ignore_errors=True)
 
 
 # --- with the real image service and Pod networks (skipped until those packages are merged) ------------
