@@ -128,6 +128,8 @@ class OciBackend(Backend):
         self.runtime_root: str = handler.runtime_root or str(Path(context.state_dir) / "runtime")
         self.runtime: list[str] = [self.runtime_path, "--root", self.runtime_root, *handler.runtime_args]
         self._repo = str(Path(__file__).resolve().parent.parent)
+        # Containers of one Pod are created concurrently; its volumes are prepared one at a time.
+        self._volume_locks: dict[str, asyncio.Lock] = {}
 
     # --- helpers -----------------------------------------------------------------------------------
 
@@ -345,6 +347,7 @@ class OciBackend(Backend):
             with contextlib.suppress(Exception):
                 await self.context.network.teardown(pod["metadata"]["uid"])
         await asyncio.to_thread(self._remove_pod_files, pod_dir)
+        self._volume_locks.pop(pod["metadata"]["uid"], None)
         if self.cgroups is not None:
             pod_path = self.cgroups.pod_path(pod)
             with contextlib.suppress(CgroupError, OSError):
@@ -397,10 +400,11 @@ class OciBackend(Backend):
             )  # fmt: skip
         except EnvError as exc:
             raise CreateContainerConfigError(f"{where}: {exc}") from exc
-        volumes = await prepare_pod_volumes(
-            pod, pod_dir, self.context.lookup, self.context.node_name, self.context.host_ip,
-            self.handler.allow_host_path,
-        )  # fmt: skip
+        async with self._volume_locks.setdefault(pod["metadata"]["uid"], asyncio.Lock()):
+            volumes = await prepare_pod_volumes(
+                pod, pod_dir, self.context.lookup, self.context.node_name, self.context.host_ip,
+                self.handler.allow_host_path,
+            )  # fmt: skip
 
         container_id = self._container_id(pod, name, restart_count)
         run_dir = pod_dir / name / str(restart_count)

@@ -121,8 +121,7 @@ def write_atomically(directory: Path, files: dict[str, tuple[bytes, int]], fs_gr
             os.chown(target, -1, fs_group)
             mode |= 0o040
         os.chmod(target, mode)
-    tmp_link = directory / "..data_tmp"
-    tmp_link.unlink(missing_ok=True)
+    tmp_link = directory / f"..data_tmp{stamp.name}"
     tmp_link.symlink_to(stamp.name)
     old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
     os.replace(tmp_link, directory / "..data")
@@ -133,7 +132,7 @@ def write_atomically(directory: Path, files: dict[str, tuple[bytes, int]], fs_gr
             link.symlink_to(f"..data/{name}")
     for entry in directory.iterdir():  # names the new version no longer has
         if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in top:
-            entry.unlink()
+            entry.unlink(missing_ok=True)
     if old and old != stamp.name:
         shutil.rmtree(directory / old, ignore_errors=True)
 
@@ -190,7 +189,8 @@ async def prepare_pod_volumes(
     pod: JSON, pod_dir: Path, lookup: Lookup | None, node_name: str, host_ip: str, allow_host_path: bool
 ) -> dict[str, HostVolume]:
     """Volume name -> its host side, (re)writing projected contents. hostPath volumes are left
-    out unless allowed: build_spec then refuses the container that mounts one, naming it."""
+    out unless allowed: build_spec then refuses the container that mounts one, naming it.
+    Callers serialize calls per Pod (a Memory emptyDir must be mounted once)."""
     projected: dict[str, dict] = {}
     for volume in pod.get("spec", {}).get("volumes") or []:
         name = volume.get("name", "")

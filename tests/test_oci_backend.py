@@ -310,7 +310,8 @@ async def test_config_map_secret_and_empty_dir_volumes(backend: OciBackend) -> N
     reader = ctr("sleep 300", name="reader", volumeMounts=mounts)
     pod = pod_of(writer, reader, volumes=volumes)
     async with sandbox_of(backend, pod) as sandbox:
-        handles = [await run(backend, sandbox, pod, c) for c in (writer, reader)]
+        # Created together, as the Pod worker does: one tmpfs for the Memory emptyDir, seen by both.
+        handles = list(await asyncio.gather(*(run(backend, sandbox, pod, c) for c in (writer, reader))))
         script = (
             "cat /etc/cfg/greet.txt; echo; stat -L -c %a /etc/cfg/greet.txt; ls /etc/cfg; cat /etc/sec/password; echo;"
             "stat -L -c %a /etc/sec/password; cat /etc/meta/name; echo; sleep 0.3; cat /scratch/f;"
