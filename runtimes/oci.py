@@ -51,6 +51,7 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env
+from runtimes.crilog import read_logs
 from runtimes.oci_cgroups import remove_everywhere
 from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
 from runtimes.oci_stream import ExecProcess, connect_in_netns, exec_with_tty
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 SHIM_START_TIMEOUT = 30.0  # `runc create` on a loaded 2-core host can take seconds
 PAUSE_CGROUP = "_pause"  # not a valid container name (DNS label), so it cannot clash with one
 RUNTIME_TIMEOUT = 30.0
+TERMINATION_MESSAGE_MAX = 4096
+TERMINATION_LOG_LINES = 80
+TERMINATION_LOG_BYTES = 2048
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 
 
@@ -420,6 +424,9 @@ class OciBackend(Backend):
 
         cgroup_rel = self.cgroups.container_path(pod, name) if self.cgroups else f"kubelet-emu/{name}"
         ns = record["namespaces"]
+        termination_log = run_dir / "termination-log"
+        termination_log.touch(mode=0o666)
+        termination_log.chmod(0o666)  # whatever user the container runs as may write its last words
         spec_input = SpecInput(
             pod=pod,
             container=container,
@@ -433,6 +440,7 @@ class OciBackend(Backend):
             volumes=volumes,
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
+            termination_log=str(termination_log),
             shm_path="/dev/shm" if pod.get("spec", {}).get("hostIPC") else record.get("shm"),
             passwd=_read_text(rootfs / "etc" / "passwd"),
             group=_read_text(rootfs / "etc" / "group"),
@@ -528,7 +536,25 @@ class OciBackend(Backend):
             signal=result.get("signal"),
             finished_at=_parse_time(result["finished_at"]),
             reason=reason,
+            message=await asyncio.to_thread(self._termination_message, handle, result["exit_code"]),
         )
+
+    @staticmethod
+    def _termination_message(handle: ContainerHandle, exit_code: int) -> str | None:
+        """What the container wrote to its terminationMessagePath (up to 4096 bytes), or with
+        FallbackToLogsOnError after a failure, the tail of its log (80 lines, 2048 bytes): the kubelet's rules."""
+        run_dir = Path(handle.extra["run_dir"])
+        try:
+            with open(run_dir / "termination-log", "rb") as f:
+                message = f.read(TERMINATION_MESSAGE_MAX).decode(errors="replace")
+        except OSError:
+            message = ""
+        policy = handle.extra["container"].get("terminationMessagePolicy")
+        if not message and exit_code != 0 and policy == "FallbackToLogsOnError":
+            log_path = run_dir.parent / f"{run_dir.name}.log"
+            tail = read_logs(str(log_path), tail_lines=TERMINATION_LOG_LINES)
+            message = tail[-TERMINATION_LOG_BYTES:].decode(errors="replace")
+        return message or None
 
     def _exited(self, handle: ContainerHandle) -> bool:
         return (Path(handle.extra["run_dir"]) / "exit.json").exists()

@@ -87,6 +87,7 @@ class SpecInput:
     volumes: Mapping[str, HostVolume]  # Pod volume name -> host side
     etc_files: Mapping[str, str]  # "/etc/hosts", "/etc/hostname", "/etc/resolv.conf" -> host file
     shm_path: str | None = None  # the Pod's shared /dev/shm (a host tmpfs); None: a tmpfs per container
+    termination_log: str | None = None  # host file bound at terminationMessagePath (/dev/termination-log)
     passwd: str | None = None  # the rootfs's /etc/passwd text, for user names in the image's User
     group: str | None = None  # the rootfs's /etc/group text
     allow_privileged: bool = False
@@ -388,6 +389,10 @@ def build_spec(inp: SpecInput) -> JSON:
         "noNewPrivileges": sc.get("allowPrivilegeEscalation") is False,
     }
     mounts = _standard_mounts(inp, privileged) + _volume_mounts(inp)
+    if inp.termination_log:
+        destination = container.get("terminationMessagePath") or "/dev/termination-log"
+        mounts.append({"destination": destination, "type": "bind", "source": inp.termination_log,
+                       "options": ["rbind", "rw"]})  # fmt: skip
     if privileged:
         mounts = [m for m in mounts if m["destination"] != "/dev"]
         mounts.insert(1, {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind", "rw"]})

@@ -216,6 +216,19 @@ async def test_exit_code_env_user_and_workdir(backend: OciBackend) -> None:
         await backend.remove_container(handle)
 
 
+async def test_termination_message_file_and_log_fallback(backend: OciBackend) -> None:
+    to_file = ctr("echo 'last words' > /dev/termination-log; exit 1", name="file", securityContext={"runAsUser": 1000})
+    custom = ctr("echo custom > /tmp/why; exit 0", name="custom", terminationMessagePath="/tmp/why")
+    fallback = ctr("echo first; echo boom; exit 2", name="fallback", terminationMessagePolicy="FallbackToLogsOnError")
+    pod = pod_of(to_file, custom, fallback)
+    async with sandbox_of(backend, pod) as sandbox:
+        for container, want in ((to_file, "last words\n"), (custom, "custom\n"), (fallback, "first\nboom\n")):
+            handle = await run(backend, sandbox, pod, container)
+            exit_ = await asyncio.wait_for(backend.wait_container(handle), 20)
+            assert exit_.message == want, container["name"]
+            await backend.remove_container(handle)
+
+
 async def test_image_entrypoint_and_named_user(backend: OciBackend) -> None:
     container = {"name": "main", "image": "busybox-app"}
     pod = pod_of(container, securityContext={"supplementalGroups": [4242]})

@@ -212,6 +212,12 @@ def test_privileged_refused_unless_the_handler_allows_it() -> None:
     assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
 
 
+def test_termination_message_path() -> None:
+    assert mount(build_spec(make(termination_log="/r/tl")), "/dev/termination-log")["source"] == "/r/tl"
+    spec = build_spec(make({"terminationMessagePath": "/tmp/why"}, termination_log="/r/tl"))
+    assert mount(spec, "/tmp/why")["options"] == ["rbind", "rw"]
+
+
 def test_unprivileged_masked_and_readonly_paths_and_devices() -> None:
     spec = build_spec(make())
     assert spec["linux"]["maskedPaths"] == list(MASKED_PATHS)
