@@ -53,6 +53,7 @@ from runtimes.base import (
 from runtimes.container_env import EnvError, container_env
 from runtimes.crilog import read_logs
 from runtimes.oci_cgroups import remove_everywhere
+from runtimes.oci_seccomp import profile_type
 from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
 from runtimes.oci_stream import ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
@@ -67,6 +68,7 @@ TERMINATION_MESSAGE_MAX = 4096
 TERMINATION_LOG_LINES = 80
 TERMINATION_LOG_BYTES = 2048
 HOST_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_SECCOMP_DIR = "/var/lib/kubelet/seccomp"
 
 
 class ImageLike(Protocol):
@@ -441,6 +443,7 @@ class OciBackend(Backend):
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
             termination_log=str(termination_log),
+            localhost_seccomp=await asyncio.to_thread(self._localhost_seccomp, pod, container, where),
             shm_path="/dev/shm" if pod.get("spec", {}).get("hostIPC") else record.get("shm"),
             passwd=_read_text(rootfs / "etc" / "passwd"),
             group=_read_text(rootfs / "etc" / "group"),
@@ -476,6 +479,24 @@ class OciBackend(Backend):
                                  image_id=getattr(image, "image_id", "") or "")  # fmt: skip
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
         return handle
+
+    def _localhost_seccomp(self, pod: JSON, container: JSON, where: str) -> JSON | None:
+        """A Localhost seccompProfile from the handler's `seccomp_dir` option (the kubelet's
+        <root-dir>/seccomp by default), in the OCI/Docker profile format."""
+        kind, relative = profile_type(pod.get("spec", {}).get("securityContext") or {},
+                                      container.get("securityContext") or {})  # fmt: skip
+        if kind != "Localhost":
+            return None
+        base = Path(self.handler.options.get("seccomp_dir", DEFAULT_SECCOMP_DIR))
+        path = (base / relative).resolve()
+        if not relative or not path.is_relative_to(base.resolve()):
+            raise CreateContainerConfigError(f"{where}: localhostProfile {relative!r} must be a path inside {base}")
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None  # build_spec names the missing profile
+        except (OSError, ValueError) as exc:
+            raise CreateContainerConfigError(f"{where}: cannot read seccomp profile {path}: {exc}") from exc
 
     async def _start_shim(self, run_dir: Path, where: str) -> JSON:
         code, out = await self._python("runtimes.oci_shim", "--detach", str(run_dir / "shim.json"))

@@ -19,6 +19,7 @@ from typing import Any
 from cgroups.resources import ResourceConfig
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import expand
+from runtimes.oci_seccomp import profile_type, runtime_default
 
 JSON = dict[str, Any]
 
@@ -87,6 +88,7 @@ class SpecInput:
     volumes: Mapping[str, HostVolume]  # Pod volume name -> host side
     etc_files: Mapping[str, str]  # "/etc/hosts", "/etc/hostname", "/etc/resolv.conf" -> host file
     shm_path: str | None = None  # the Pod's shared /dev/shm (a host tmpfs); None: a tmpfs per container
+    localhost_seccomp: Mapping[str, Any] | None = None  # the Localhost profile, read by the backend
     termination_log: str | None = None  # host file bound at terminationMessagePath (/dev/termination-log)
     passwd: str | None = None  # the rootfs's /etc/passwd text, for user names in the image's User
     group: str | None = None  # the rootfs's /etc/group text
@@ -356,6 +358,22 @@ def linux_resources(config: ResourceConfig, privileged: bool) -> JSON:
     return resources
 
 
+def _seccomp(inp: SpecInput, caps: list[str]) -> JSON | None:
+    kind, localhost = profile_type(inp.pod.get("spec", {}).get("securityContext") or {},
+                                   inp.container.get("securityContext") or {})  # fmt: skip
+    if kind == "RuntimeDefault":
+        return runtime_default(caps)
+    if kind == "Localhost":
+        if inp.localhost_seccomp is None:
+            raise CreateContainerConfigError(
+                f"{_where(inp)}: seccomp profile {localhost!r} (Localhost) is not on this node"
+            )
+        return dict(inp.localhost_seccomp)
+    if kind != "Unconfined":
+        raise CreateContainerConfigError(f"{_where(inp)}: unknown seccompProfile type {kind!r}")
+    return None
+
+
 # --- the spec --------------------------------------------------------------------------------------
 
 
@@ -405,6 +423,9 @@ def build_spec(inp: SpecInput) -> JSON:
     if not privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)
+        seccomp = _seccomp(inp, caps)
+        if seccomp is not None:
+            linux["seccomp"] = seccomp
     sysctls = {s["name"]: str(s.get("value", "")) for s in (pod_spec.get("securityContext") or {}).get("sysctls") or []}
     if sysctls:
         linux["sysctl"] = sysctls

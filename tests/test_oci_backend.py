@@ -355,6 +355,23 @@ async def test_read_only_root_filesystem_and_no_new_privileges(backend: OciBacke
         await backend.remove_container(handle)
 
 
+async def test_seccomp_runtime_default_denies_namespaces(backend: OciBackend) -> None:
+    script = "unshare -U true && echo userns-ok; unshare -U true 2>&1 | head -1 >&2; sleep 300"
+    plain = ctr(script, name="plain")
+    confined = ctr(script, name="confined", securityContext={"seccompProfile": {"type": "RuntimeDefault"}})
+    pod = pod_of(plain, confined)
+    async with sandbox_of(backend, pod) as sandbox:
+        handles = [await run(backend, sandbox, pod, c) for c in (plain, confined)]
+        await log_has(log_path(backend, pod, "plain"), "userns-ok")
+        content = await log_has(log_path(backend, pod, "confined"), "Operation not permitted")
+        assert "userns-ok" not in content
+        code, out = await backend.exec(handles[1], ["grep", "Seccomp:", "/proc/1/status"])
+        assert code == 0 and out.split() == [b"Seccomp:", b"2"]  # filter mode
+        for handle in handles:
+            await backend.stop_container(handle, 0)
+            await backend.remove_container(handle)
+
+
 async def test_host_path_and_privileged_refused_by_default(backend: OciBackend) -> None:
     host = ctr("true", volumeMounts=[{"name": "logs", "mountPath": "/logs"}])
     pod = pod_of(host, volumes=[{"name": "logs", "hostPath": {"path": "/var/log"}}])

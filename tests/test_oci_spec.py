@@ -218,6 +218,31 @@ def test_termination_message_path() -> None:
     assert mount(spec, "/tmp/why")["options"] == ["rbind", "rw"]
 
 
+def test_seccomp_unconfined_by_default_runtime_default_and_localhost() -> None:
+    assert "seccomp" not in build_spec(make())["linux"]
+    runtime_default = {"seccompProfile": {"type": "RuntimeDefault"}}
+    seccomp = build_spec(make(pod_spec={"securityContext": runtime_default}))["linux"]["seccomp"]
+    assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
+    denied = {n for rule in seccomp["syscalls"] if rule["action"] == "SCMP_ACT_ERRNO" for n in rule["names"]}
+    assert {"mount", "unshare", "setns", "keyctl", "kexec_load", "reboot", "ptrace", "clone3"} <= denied
+    clone_rules = [r for r in seccomp["syscalls"] if r["names"] == ["clone"]]
+    assert len(clone_rules) == 7 and all(r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" for r in clone_rules)
+    # A capability the container holds keeps its syscalls; the container's type wins over the Pod's.
+    with_admin = {**runtime_default, "capabilities": {"add": ["SYS_ADMIN"]}}
+    seccomp = build_spec(make({"securityContext": with_admin}))["linux"]["seccomp"]
+    names = {n for rule in seccomp["syscalls"] for n in rule["names"]}
+    assert "mount" not in names and "clone" not in names and "keyctl" in names
+    unconfined = {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}
+    assert "seccomp" not in build_spec(make(unconfined, {"securityContext": runtime_default}))["linux"]
+    localhost = {"securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "p.json"}}}
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}
+    assert build_spec(make(localhost, localhost_seccomp=profile))["linux"]["seccomp"] == profile
+    with pytest.raises(CreateContainerConfigError, match=r"'p.json' \(Localhost\) is not on this node"):
+        build_spec(make(localhost))
+    assert "seccomp" not in build_spec(make({"securityContext": {"privileged": True, **runtime_default}},
+                                            allow_privileged=True))["linux"]  # fmt: skip
+
+
 def test_unprivileged_masked_and_readonly_paths_and_devices() -> None:
     spec = build_spec(make())
     assert spec["linux"]["maskedPaths"] == list(MASKED_PATHS)
