@@ -108,6 +108,18 @@ def _image_config(image: Any) -> Mapping[str, Any]:
     return config
 
 
+def _node_memory() -> int | None:
+    """MemTotal in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _read_text(path: Path) -> str | None:
     try:
         if path.is_symlink():  # never follow links out of an image's rootfs
@@ -443,6 +455,7 @@ class OciBackend(Backend):
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
             termination_log=str(termination_log),
+            node_memory=_node_memory(),
             localhost_seccomp=await asyncio.to_thread(self._localhost_seccomp, pod, container, where),
             shm_path="/dev/shm" if pod.get("spec", {}).get("hostIPC") else record.get("shm"),
             passwd=_read_text(rootfs / "etc" / "passwd"),

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cgroups.resources import ResourceConfig
+from agent.config import parse_quantity
+from cgroups.resources import BEST_EFFORT, GUARANTEED, ResourceConfig, qos_class
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import expand
 from runtimes.oci_seccomp import profile_type, runtime_default
@@ -88,6 +89,7 @@ class SpecInput:
     volumes: Mapping[str, HostVolume]  # Pod volume name -> host side
     etc_files: Mapping[str, str]  # "/etc/hosts", "/etc/hostname", "/etc/resolv.conf" -> host file
     shm_path: str | None = None  # the Pod's shared /dev/shm (a host tmpfs); None: a tmpfs per container
+    node_memory: int | None = None  # the node's memory capacity in bytes, for Burstable oom_score_adj
     localhost_seccomp: Mapping[str, Any] | None = None  # the Localhost profile, read by the backend
     termination_log: str | None = None  # host file bound at terminationMessagePath (/dev/termination-log)
     passwd: str | None = None  # the rootfs's /etc/passwd text, for user names in the image's User
@@ -248,6 +250,23 @@ def capabilities(security_context: Mapping[str, Any], privileged: bool) -> list[
     return [c for c in caps if c not in drop]
 
 
+def oom_score_adj(pod: Mapping[str, Any], container: Mapping[str, Any], node_memory: int | None) -> int:
+    """The kubelet's QoS rule: Guaranteed -997, BestEffort 1000, Burstable 1000 minus the share of
+    the node's memory the container requests (per mille), kept within 2..999."""
+    qos = qos_class(pod)
+    if qos == GUARANTEED:
+        return -997
+    if qos == BEST_EFFORT:
+        return 1000
+    requests = (container.get("resources") or {}).get("requests") or {}
+    limits = (container.get("resources") or {}).get("limits") or {}
+    request = requests.get("memory", limits.get("memory"))
+    adj = 1000
+    if request is not None and node_memory:
+        adj = 1000 - (1000 * int(parse_quantity(request))) // node_memory
+    return min(max(adj, 2), 999)
+
+
 # --- mounts ----------------------------------------------------------------------------------------
 
 
@@ -405,6 +424,7 @@ def build_spec(inp: SpecInput) -> JSON:
         "cwd": container.get("workingDir") or inp.image_config.get("WorkingDir") or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
         "noNewPrivileges": sc.get("allowPrivilegeEscalation") is False,
+        "oomScoreAdj": oom_score_adj(inp.pod, container, inp.node_memory),
     }
     mounts = _standard_mounts(inp, privileged) + _volume_mounts(inp)
     if inp.termination_log:

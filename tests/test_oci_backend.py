@@ -183,6 +183,7 @@ async def test_container_logs_runs_in_own_pid_namespace_and_pod_cgroup(backend: 
         pid = handle.extra["state"]["pid"]
 
         pod_cgroup = "/" + cgroups.pod_path(pod)
+        assert 2 <= int(Path(f"/proc/{pid}/oom_score_adj").read_text()) <= 999  # Burstable, by the kubelet's rule
         assert cgroup_of(pid, "memory") == f"{pod_cgroup}/main"
         assert cgroup_of(pid, "cpu") == f"{pod_cgroup}/main"
         if _host_v1():

@@ -380,6 +380,20 @@ def test_cgroups_path_and_resources() -> None:
     assert "memory" not in build_spec(make())["linux"]["resources"]
 
 
+def test_oom_score_adj_by_qos_class() -> None:
+    gib = 2**30
+    guaranteed = {"name": "c", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}
+    burstable = {"name": "c", "resources": {"requests": {"memory": "1Gi"}}}
+    best_effort = {"name": "c"}
+    for container, want in ((guaranteed, -997), (burstable, 750), (best_effort, 1000)):
+        spec = build_spec(make(container, {"containers": [container]}, node_memory=4 * gib))
+        assert spec["process"]["oomScoreAdj"] == want
+    huge = {"name": "c", "resources": {"requests": {"memory": "8Gi"}}}
+    assert build_spec(make(huge, {"containers": [huge]}, node_memory=4 * gib))["process"]["oomScoreAdj"] == 2
+    cpu_only = {"name": "c", "resources": {"requests": {"cpu": "1"}}}
+    assert build_spec(make(cpu_only, {"containers": [cpu_only]}, node_memory=4 * gib))["process"]["oomScoreAdj"] == 999
+
+
 def test_sysctls_and_annotations() -> None:
     spec = build_spec(
         make(
