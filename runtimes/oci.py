@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -55,7 +56,7 @@ from runtimes.crilog import read_logs
 from runtimes.oci_cgroups import remove_everywhere
 from runtimes.oci_seccomp import profile_type
 from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
-from runtimes.oci_stream import ExecProcess, connect_in_netns, exec_with_tty
+from runtimes.oci_stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
 from runtimes.process import _alive, _parse_time, _process_exit, pod_dir_name
 
@@ -485,6 +486,9 @@ class OciBackend(Backend):
             "log_path": str(pod_dir / name / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
+            "stdin": bool(container.get("stdin")),
+            "stdin_once": bool(container.get("stdinOnce")),
+            "attach_socket": self._attach_socket(container_id),
         }
         (run_dir / "shim.json").write_text(json.dumps(shim_spec))
         state = await self._start_shim(run_dir, where)
@@ -492,6 +496,15 @@ class OciBackend(Backend):
                                  image_id=getattr(image, "image_id", "") or "")  # fmt: skip
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
         return handle
+
+    def _attach_socket(self, container_id: str) -> str:
+        """Where the shim serves attach: a root-only directory, a short name (unix socket paths
+        are limited to 107 bytes)."""
+        directory = Path(self.context.state_dir) / "attach"
+        if len(str(directory)) > 80:
+            directory = Path("/run/kubelet-emu/attach")
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return str(directory / (hashlib.sha256(container_id.encode()).hexdigest()[:20] + ".sock"))
 
     def _localhost_seccomp(self, pod: JSON, container: JSON, where: str) -> JSON | None:
         """A Localhost seccompProfile from the handler's `seccomp_dir` option (the kubelet's
@@ -618,6 +631,7 @@ class OciBackend(Backend):
             # Not raised: the Pod worker goes on; remove_sandbox tries again for every container.
             log.warning("runtime delete failed", extra=kv(container=handle.id, error=out))
         await self._release_rootfs(Path(handle.extra["run_dir"]))
+        Path(self._attach_socket(handle.id)).unlink(missing_ok=True)  # the shim's, had it died without cleaning up
         with contextlib.suppress(OSError, ValueError):
             await asyncio.to_thread(remove_everywhere, handle.extra["cgroup"])
 
@@ -688,6 +702,22 @@ class OciBackend(Backend):
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         return ExecProcess(proc)
+
+    async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
+        """The container's output from now on (and its stdin, when the container has `stdin: true`),
+        through its shim. Containers run without a terminal: with `tty`, stderr comes merged."""
+        if stdin and not handle.extra["container"].get("stdin"):
+            raise RunContainerError(f"container {handle.name}: cannot attach stdin: the container does not set stdin")
+        path = self._attach_socket(handle.id)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            raise RunContainerError(f"container {handle.name} is not running: cannot attach ({exc})") from exc
+
+        async def exit_code() -> int:
+            return (await self.wait_container(handle)).exit_code
+
+        return AttachProcess(reader, writer, tty, stdin, exit_code)
 
     async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
         if pod.get("spec", {}).get("hostNetwork") or not sandbox.netns:

@@ -25,12 +25,13 @@ import sys
 import time
 
 from runtimes.crilog import CriLogWriter
+from runtimes.oci_attach import AttachHub
 from runtimes.shim import _become_subreaper, _now, _write_json, proc_start_ticks
 
 DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a daemonized child may hold them)
 
 
-def _create(spec: dict, out_w: int, err_w: int) -> tuple[int, str]:
+def _create(spec: dict, out_w: int, err_w: int, in_r: int | None) -> tuple[int, str]:
     """Run `<runtime> create`; returns its exit status and what it logged on failure."""
     runtime_log = os.path.join(spec["dir"], "runtime.log")
     argv = [*spec["runtime"], "--log", runtime_log, "create", "--bundle", spec["bundle"],
@@ -38,8 +39,7 @@ def _create(spec: dict, out_w: int, err_w: int) -> tuple[int, str]:
     pid = os.fork()
     if pid == 0:
         try:
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
+            os.dup2(in_r if in_r is not None else os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             os.closerange(3, 65536)
@@ -79,9 +79,12 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    code, message = _create(spec, out_w, err_w)
+    in_r, in_w = os.pipe() if spec.get("stdin") else (None, None)
+    code, message = _create(spec, out_w, err_w, in_r)
     os.close(out_w)
     os.close(err_w)
+    if in_r is not None:
+        os.close(in_r)
     if code != 0:
         _write_json(os.path.join(directory, "state.json"), {"error": message})
         return 1
@@ -101,23 +104,30 @@ def main(spec_path: str) -> int:
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, "stdout")
     sel.register(err_r, selectors.EVENT_READ, "stderr")
+    hub = (
+        AttachHub(sel, spec["attach_socket"], in_w, bool(spec.get("stdin_once"))) if spec.get("attach_socket") else None
+    )
     open_fds = 2
     status: int | None = None
     drain_until: float | None = None
     while True:
-        if open_fds:
-            for key, _ in sel.select(timeout=0.2):
-                data = os.read(key.fd, 65536)
-                if data:
-                    log.write(key.data, data)
-                else:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    open_fds -= 1
+        for key, mask in sel.select(timeout=0.2):
+            if key.data not in ("stdout", "stderr"):
+                key.data(mask)  # an attach client or the container's stdin
+                continue
+            data = os.read(key.fd, 65536)
+            if data:
+                log.write(key.data, data)
+                if hub is not None:
+                    hub.broadcast(key.data, data)
+            else:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                open_fds -= 1
         # Reap everything re-parented to us: the container's init, and orphans of `runtime exec`.
         while status is None:
             try:
-                done, st = os.waitpid(-1, os.WNOHANG if open_fds else 0)
+                done, st = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:  # init is not ours to wait for: should not happen, but never hang
                 status = 255 << 8
                 break
@@ -128,6 +138,8 @@ def main(spec_path: str) -> int:
                 drain_until = time.monotonic() + DRAIN_AFTER_EXIT
         if status is not None and (not open_fds or time.monotonic() > (drain_until or 0)):
             break
+    if hub is not None:
+        hub.close()
     log.close()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)

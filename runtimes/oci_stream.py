@@ -18,9 +18,11 @@ import socket
 import struct
 import termios
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtimes.base import StreamingProcess
+from runtimes.oci_attach import CLOSE_STDIN, HEADER, STDIN, STDOUT, frame
 
 CLONE_NEWNET = 0x40000000
 
@@ -120,6 +122,76 @@ async def exec_with_tty(runtime: list[str], container_id: str, command: list[str
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return TtyExecProcess(proc, control, reader, writer)
+
+
+# --- attach (the shim's socket: runtimes/oci_attach.py) ----------------------------------------------------------
+
+
+class _FrameWriter:
+    """The attached client's stdin, shaped like an asyncio.StreamWriter (write, drain, close)."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if data and not self._closed:
+            self._writer.write(frame(STDIN, bytes(data)))
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.write(frame(CLOSE_STDIN))
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        await self._writer.drain()
+
+
+class AttachProcess(StreamingProcess):
+    """A client of the shim's attach socket; wait() is the container's exit code."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tty: bool, stdin: bool,
+        wait: Callable[[], Awaitable[int]],
+    ):  # fmt: skip
+        self._reader, self._writer, self._wait = reader, writer, wait
+        self.stdout = asyncio.StreamReader()
+        self.stderr = None if tty else asyncio.StreamReader()
+        self.stdin: Any = _FrameWriter(writer) if stdin else None
+        self._pump = asyncio.ensure_future(self._demux())
+
+    async def _demux(self) -> None:
+        try:
+            while True:
+                kind, size = HEADER.unpack(await self._reader.readexactly(HEADER.size))
+                data = await self._reader.readexactly(size)
+                target = self.stdout if kind == STDOUT or self.stderr is None else self.stderr
+                target.feed_data(data)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.stdout.feed_eof()
+            if self.stderr is not None:
+                self.stderr.feed_eof()
+
+    async def wait(self) -> int:
+        return await self._wait()
+
+    async def resize(self, width: int, height: int) -> None:
+        """Containers run without a terminal here: nothing to resize."""
+
+    async def kill(self) -> None:
+        """Detach (the client went away); the container keeps running."""
+        self._pump.cancel()
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
 
 
 # --- port-forward ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from oci_images import LocalImages, build_busybox_rootfs, busybox_available
 
 from agent.config import Handler
 from cgroups.manager import CgroupManager, detect_mode
-from runtimes.base import BackendContext, ContainerHandle, CreateContainerConfigError, Sandbox
+from runtimes.base import BackendContext, ContainerHandle, CreateContainerConfigError, RunContainerError, Sandbox
 from runtimes.crilog import read_logs, rotated_files
 from runtimes.oci import OciBackend
 from runtimes.oci_cgroups import cgroup_mounts, remove_everywhere
@@ -492,6 +492,31 @@ async def test_exec_stream_pipes_and_tty(backend: OciBackend) -> None:
         assert b"/dev/pts/" in output and b"got abc" in output
         assert await asyncio.wait_for(tty.wait(), 10) == 0
         await backend.stop_container(handle, 0)
+        await backend.remove_container(handle)
+
+
+async def test_attach_streams_output_and_stdin(backend: OciBackend) -> None:
+    container = ctr("echo started; while read line; do echo got $line; echo err $line >&2; done; echo bye; exit 5",
+                    stdin=True, stdinOnce=True)  # fmt: skip
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        await log_has(log_path(backend, pod), "started")
+        watcher = await backend.attach(sandbox, handle, tty=False, stdin=False)  # output only
+        client = await backend.attach(sandbox, handle, tty=False, stdin=True)
+        client.stdin.write(b"one\n")
+        await client.stdin.drain()
+        assert await asyncio.wait_for(client.stdout.readline(), 10) == b"got one\n"
+        assert await asyncio.wait_for(client.stderr.readline(), 10) == b"err one\n"
+        assert await asyncio.wait_for(watcher.stdout.readline(), 10) == b"got one\n"
+        client.stdin.close()  # stdinOnce: the container's stdin closes with the first client's
+        await client.stdin.drain()
+        assert await asyncio.wait_for(client.stdout.read(), 10) == b"bye\n"
+        assert await asyncio.wait_for(client.wait(), 10) == 5
+        await watcher.kill()
+        await log_has(log_path(backend, pod), "got one")
+        with pytest.raises(RunContainerError, match="not running"):
+            await backend.attach(sandbox, handle, tty=False, stdin=False)
         await backend.remove_container(handle)
 
 
