@@ -147,6 +147,8 @@ class OciBackend(Backend):
         self.runtime_root: str = handler.runtime_root or str(Path(context.state_dir) / "runtime")
         self.runtime: list[str] = [self.runtime_path, "--root", self.runtime_root, *handler.runtime_args]
         self._repo = str(Path(__file__).resolve().parent.parent)
+        self._launcher: asyncio.subprocess.Process | None = None
+        self._launcher_lock = asyncio.Lock()
         # Containers of one Pod are created concurrently; its volumes are prepared one at a time.
         self._volume_locks: dict[str, asyncio.Lock] = {}
 
@@ -177,15 +179,38 @@ class OciBackend(Backend):
         except ValueError:
             return None
 
-    async def _python(self, module: str, *args: str) -> tuple[int, str]:
-        # -S skips site-packages: the helpers need only the standard library and this package.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-S", "-m", module, *args, cwd=self._repo,
-            env={"PYTHONPATH": self._repo, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out.decode(errors="replace").strip()
+    async def _launch(self, command: JSON) -> None:
+        """Have the launcher (runtimes/oci_shim.py --launcher, started once) fork a shim or a Pod
+        holder: much cheaper than a new interpreter each time."""
+        async with self._launcher_lock:
+            if self._launcher is None or self._launcher.returncode is not None:
+                self._launcher = await asyncio.create_subprocess_exec(
+                    sys.executable, "-S", "-m", "runtimes.oci_shim", "--launcher", cwd=self._repo,
+                    env={"PYTHONPATH": self._repo, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,  # not in the agent's process group: what it starts outlives the agent
+                )  # fmt: skip
+            assert self._launcher.stdin is not None
+            self._launcher.stdin.write(json.dumps(command).encode() + b"\n")
+            await self._launcher.stdin.drain()
+
+    async def close(self) -> None:
+        if self._launcher is not None and self._launcher.stdin is not None:
+            self._launcher.stdin.close()  # EOF: the launcher ends; shims, containers and Pod holders stay
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._launcher.wait(), 5)
+
+    async def _wait_for_file(self, path: Path, timeout: float) -> JSON | None:
+        """The JSON a launched child writes when it is ready (or failed), or None after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            if self._launcher is not None and self._launcher.returncode is not None:
+                return None
+            await asyncio.sleep(0.005)
+        return None
 
     def _pod_dir(self, pod: JSON) -> Path:
         return self.pods_dir / pod_dir_name(pod)
@@ -278,10 +303,11 @@ class OciBackend(Backend):
         hostname = pod_hostname(pod)
         pause_state = pod_dir / "pause.json"
         pause_state.unlink(missing_ok=True)
-        code, out = await self._python("runtimes.oci_pause", str(pause_state), hostname, flags)
-        if code != 0 or not pause_state.exists():
-            raise SandboxError(f"cannot create the pod's namespaces: {out or f'exit code {code}'}")
-        pause = json.loads(pause_state.read_text())
+        await self._launch({"pause": [str(pause_state), hostname, flags]})
+        pause = await self._wait_for_file(pause_state, SHIM_START_TIMEOUT)
+        if pause is None or "error" in pause:
+            why = pause["error"] if pause else "no answer from the launcher"
+            raise SandboxError(f"cannot create the pod's namespaces ({flags}): {why}")
         pid = pause["pid"]
         with contextlib.suppress(CgroupError, OSError):
             await asyncio.to_thread(self.cgroups.add_process, self.cgroups.container_path(pod, PAUSE_CGROUP), pid)
@@ -525,17 +551,12 @@ class OciBackend(Backend):
             raise CreateContainerConfigError(f"{where}: cannot read seccomp profile {path}: {exc}") from exc
 
     async def _start_shim(self, run_dir: Path, where: str) -> JSON:
-        code, out = await self._python("runtimes.oci_shim", "--detach", str(run_dir / "shim.json"))
-        state_file = run_dir / "state.json"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SHIM_START_TIMEOUT
-        while not state_file.exists():
-            if code != 0 or loop.time() > deadline:
-                log = _read_text(run_dir / "shim.log") or out
-                await self._release_rootfs(run_dir)
-                raise CreateContainerError(f"{where}: the shim did not start: {(log or 'no output').strip()}")
-            await asyncio.sleep(0.01)
-        state = json.loads(state_file.read_text())
+        await self._launch({"shim": str(run_dir / "shim.json")})
+        state = await self._wait_for_file(run_dir / "state.json", SHIM_START_TIMEOUT)
+        if state is None:
+            log = _read_text(run_dir / "shim.log")
+            await self._release_rootfs(run_dir)
+            raise CreateContainerError(f"{where}: the shim did not start: {(log or 'no output').strip()}")
         if "error" in state:
             await self._release_rootfs(run_dir)
             raise CreateContainerError(f"{where}: {self.runtime_path} create failed: {state['error']}")

@@ -30,6 +30,7 @@ _FLAGS = {"p": CLONE_NEWPID, "i": CLONE_NEWIPC, "n": CLONE_NEWNET, "u": CLONE_NE
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
+PR_SET_NAME = 15
 
 
 def _loopback_up() -> None:
@@ -39,8 +40,9 @@ def _loopback_up() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def _hold() -> None:
+def _hold(libc: ctypes.CDLL) -> None:
     """pid 1 of the Pod: wait for SIGTERM, reaping whatever is re-parented here meanwhile."""
+    libc.prctl(PR_SET_NAME, b"pause", 0, 0, 0)  # what `ps` shows, as for the kubelet's pause container
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -77,7 +79,7 @@ def main(state_path: str, hostname: str, flags: str) -> int:
         _loopback_up()
     pid = os.fork()
     if pid == 0:
-        _hold()
+        _hold(libc)
     _write_json(state_path, {"pid": pid, "start_ticks": proc_start_ticks(pid), "flags": flags})
     return 0
 

@@ -1,6 +1,7 @@
 """The per-container shim of the oci backend (the role conmon or containerd-shim plays).
 
     python -S -m runtimes.oci_shim [--detach] SPEC.json
+    python -S -m runtimes.oci_shim --launcher     (JSON commands on stdin; forks shims and Pod holders)
 
 Started by the backend in its own session, so it and its container outlive an agent restart.
 It makes the container's stdout/stderr pipes, runs `<runtime> create` with them as the
@@ -17,6 +18,7 @@ Files next to SPEC.json:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -26,7 +28,7 @@ import time
 
 from runtimes.crilog import CriLogWriter
 from runtimes.oci_attach import AttachHub
-from runtimes.shim import _become_subreaper, _now, _write_json, proc_start_ticks
+from runtimes.shim import _become_subreaper, _load_libc, _now, _write_json, proc_start_ticks
 
 DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a daemonized child may hold them)
 
@@ -151,11 +153,8 @@ def main(spec_path: str) -> int:
     return 0
 
 
-def detached(spec_path: str) -> int:
-    """Fork the shim into its own session and return at once: the agent waits only for this short
-    parent, and the shim is nobody's child but init's (and survives the agent)."""
-    if os.fork() != 0:
-        return 0
+def _shim_child(spec_path: str) -> None:
+    """In a forked child: become the shim in a session of its own; never returns."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -176,11 +175,62 @@ def detached(spec_path: str) -> int:
     os._exit(code)
 
 
+def _pause_child(state_path: str, hostname: str, flags: str) -> None:
+    """In a forked child: make the Pod's namespaces and their holder (runtimes/oci_pause.py)."""
+    from runtimes import oci_pause
+
+    os.setsid()
+    try:
+        code = oci_pause.main(state_path, hostname, flags)
+    except BaseException as exc:
+        _write_json(state_path, {"error": f"{exc}"})
+        code = 1
+    os._exit(code)
+
+
+def detached(spec_path: str) -> int:
+    """Fork the shim into its own session and return at once: the agent waits only for this short
+    parent, and the shim is nobody's child but init's (and survives the agent)."""
+    if os.fork() == 0:
+        _shim_child(spec_path)
+    return 0
+
+
+def launcher() -> int:
+    """Fork shims and Pod namespace holders from this already-loaded interpreter, one JSON
+    command per line on stdin: {"shim": SPEC} or {"pause": [STATE, HOSTNAME, FLAGS]}. A fork
+    costs a millisecond where a new interpreter costs tens to hundreds on a busy node. Ends at
+    EOF, i.e. when the agent goes away; what it started lives on in its own sessions."""
+
+    def reap(*_: object) -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+    signal.signal(signal.SIGCHLD, reap)
+    _load_libc()  # once, for every child to become a subreaper cheaply (the launcher itself is not one)
+    from runtimes import oci_pause  # noqa: F401 - imported once here rather than in every child
+
+    for line in sys.stdin:
+        try:
+            command = json.loads(line)
+        except ValueError:
+            continue
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the shim waits for its own children
+            if "shim" in command:
+                _shim_child(command["shim"])
+            _pause_child(*command["pause"])
+    return 0
+
+
 if __name__ == "__main__":
     time.tzset()
     if len(sys.argv) == 3 and sys.argv[1] == "--detach":
         sys.exit(detached(sys.argv[2]))
+    if sys.argv[1:] == ["--launcher"]:
+        sys.exit(launcher())
     if len(sys.argv) != 2:
-        print("usage: python -m runtimes.oci_shim [--detach] SPEC.json", file=sys.stderr)
+        print("usage: python -m runtimes.oci_shim [--detach] SPEC.json | --launcher", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(sys.argv[1]))

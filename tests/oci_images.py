@@ -56,7 +56,8 @@ class LocalImages:
         return image
 
     def present(self, ref: Any) -> LocalImage | None:
-        return self.images.get(str(ref))
+        # A plain name, or an images.reference.Reference (which keeps the name as written).
+        return self.images.get(getattr(ref, "original", None) or str(ref))
 
     async def prepare_rootfs(self, image: LocalImage, container_dir: Path) -> Path:
         target = Path(container_dir) / "rootfs"
