@@ -283,7 +283,10 @@ class OciBackend(Backend):
         netns: str | None = None
         ips: tuple[str, ...] = ()
         host_network = bool(spec.get("hostNetwork"))
-        if not host_network and self.context.network is not None:
+        # As the agent's other backends: no Pod network with hostNetwork, without a network on this
+        # node, or with the handler option pod_network = false (then a loopback-only namespace).
+        wants_network = self.context.network is not None and bool(self.handler.options.get("pod_network", True))
+        if not host_network and wants_network:
             meta = pod["metadata"]
             try:
                 network = await self.context.network.setup(uid, meta.get("namespace", ""), meta.get("name", ""))
@@ -388,7 +391,7 @@ class OciBackend(Backend):
         record = self._load_sandbox(pod_dir)
         if record:
             await self._stop_pause(record)
-        if self.context.network is not None and not pod.get("spec", {}).get("hostNetwork"):
+        if self.context.network is not None:  # idempotent: nothing to do for Pods it never set up
             with contextlib.suppress(Exception):
                 await self.context.network.teardown(pod["metadata"]["uid"])
         await asyncio.to_thread(self._remove_pod_files, pod_dir)
