@@ -102,8 +102,10 @@ def make_backend(base_dir: Path, cgroups: CgroupManager, images: LocalImages, **
 
 
 @pytest.fixture
-def backend(base_dir: Path, cgroups: CgroupManager, images: LocalImages) -> OciBackend:
-    return make_backend(base_dir, cgroups, images)
+async def backend(base_dir: Path, cgroups: CgroupManager, images: LocalImages) -> AsyncIterator[OciBackend]:
+    backend = make_backend(base_dir, cgroups, images)
+    yield backend
+    await backend.close()  # its launcher ends; containers would stay (each test removes its own)
 
 
 def pod_of(*containers: dict, overhead: dict | None = None, **spec: Any) -> dict:
@@ -285,6 +287,7 @@ async def test_exec_timeout_kills_the_command_in_the_container(backend: OciBacke
 async def test_log_rotation(base_dir, cgroups, images) -> None:
     backend = make_backend(base_dir, cgroups, images)
     backend.context = dataclasses.replace(backend.context, log_max_size=4096, log_max_files=3)
+    request_close = backend.close
     container = ctr(
         "i=0; while [ $i -lt 300 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done"
     )
@@ -297,6 +300,7 @@ async def test_log_rotation(base_dir, cgroups, images) -> None:
         assert len(rotated) == 2 and all(os.path.getsize(p) <= 4096 for p in [*rotated, str(path)])
         assert read_logs(str(path)).decode().splitlines()[-1].startswith("line-299-")
         await backend.remove_container(handle)
+    await request_close()
 
 
 async def test_oom_killed(backend: OciBackend) -> None:
@@ -460,7 +464,11 @@ async def test_container_survives_a_backend_restart(base_dir, cgroups, images) -
         await second.remove_container(adopted)
         assert await second.adopt_container(sandbox2, pod, container, {**status, "restartCount": 1}) is None
     finally:
-        await make_backend(base_dir, cgroups, images).remove_sandbox(sandbox, pod)
+        cleaner = make_backend(base_dir, cgroups, images)
+        await cleaner.remove_sandbox(sandbox, pod)
+        await cleaner.close()
+        with contextlib.suppress(NameError):
+            await second.close()
 
 
 async def test_exec_stream_pipes_and_tty(backend: OciBackend) -> None:
@@ -649,6 +657,8 @@ async def test_real_image_pull_overlay_rootfs_and_pod_network(base_dir: Path, cg
             await backend.remove_container(handle)
         assert not any(str(base_dir / "pods") in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
     finally:
+        with contextlib.suppress(NameError):
+            await backend.close()
         await networks.stop(remove_bridge=True)
         await images.close()
         await registry.stop()
