@@ -27,7 +27,7 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
-_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes"}
+_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes", "kubelet_api"}
 EVENT_POLICIES = ("all", "warnings", "none")
 _NODE_KEYS = {
     "labels",
@@ -53,6 +53,17 @@ _HANDLER_KEYS = {
     "options",
 }
 _FEATURE_KEYS = {"user_namespaces", "recursive_read_only_mounts"}
+_KUBELET_API_KEYS = {
+    "enabled",
+    "address",
+    "port",
+    "tls_cert_file",
+    "tls_key_file",
+    "client_ca_file",
+    "anonymous",
+    "authorization_mode",
+}
+AUTHORIZATION_MODES = ("Webhook", "AlwaysAllow")
 
 # containerd's CRI plugin id per config version (1.x writes version 2, 2.x writes version 3).
 _CONTAINERD_CRI_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -117,6 +128,20 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class KubeletAPISettings:
+    """[kubelet_api]: the HTTPS server on the kubelet port (logs, pods, health)."""
+
+    enabled: bool = True
+    address: str = "0.0.0.0"
+    port: int | None = None  # None: 10250, or a free port when 10250 is taken; 0: always a free port
+    tls_cert_file: str | None = None  # None: a self-signed certificate kept in the state dir
+    tls_key_file: str | None = None
+    client_ca_file: str | None = None  # None: the cluster CA from the node kubeconfig
+    anonymous: bool = False
+    authorization_mode: str = "Webhook"  # "Webhook" (SubjectAccessReview) | "AlwaysAllow"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     handlers: Mapping[str, Handler] = field(hash=False)
     default_runtime: str | None
@@ -125,6 +150,7 @@ class AgentConfig:
     source: str | None  # path, or None for the built-in default
     warnings: tuple[str, ...]
     events: str = "all"  # "all" | "warnings" (failures only: cheap at scale) | "none"
+    kubelet_api: KubeletAPISettings = field(default_factory=KubeletAPISettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
@@ -486,6 +512,41 @@ def _reserved(t: _Table, key: str, convert: Any, example: str) -> int:
     return amount
 
 
+def _parse_kubelet_api(t: _Table, base: Path, warnings: list[str]) -> KubeletAPISettings:
+    t.warn_unknown(_KUBELET_API_KEYS, warnings)
+    port = t.data.get("port")
+    if port is not None:
+        port = t.int_("port", 0)
+        if not 0 <= port <= 65535:
+            raise t.error(f"port must be between 0 (any free port) and 65535, not {port}")
+    mode = t.str_("authorization_mode", "Webhook")
+    if mode not in AUTHORIZATION_MODES:
+        raise t.error(f'authorization_mode must be "Webhook" or "AlwaysAllow", not {_q(str(mode))}')
+
+    def path(key: str) -> str | None:
+        value = t.str_(key)
+        if not value:
+            return None
+        full = base / value  # relative to the config file, like import
+        if not full.is_file():
+            raise t.error(f"{key} {_q(value)} does not exist or is not a file; fix the path or remove the key")
+        return str(full)
+
+    cert, key = path("tls_cert_file"), path("tls_key_file")
+    if bool(cert) != bool(key):
+        raise t.error("tls_cert_file and tls_key_file go together; set both, or neither for a self-signed certificate")
+    return KubeletAPISettings(
+        enabled=t.bool_("enabled", True),
+        address=t.str_("address", "0.0.0.0") or "0.0.0.0",
+        port=port,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        client_ca_file=path("client_ca_file"),
+        anonymous=t.bool_("anonymous", False),
+        authorization_mode=mode or "Webhook",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -519,6 +580,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
     if events not in EVENT_POLICIES:
         raise root.error(f'events must be "all", "warnings" or "none", not {_q(str(events))}')
     node = _parse_node(root.table("node"), warnings)
+    kubelet_api = _parse_kubelet_api(root.table("kubelet_api"), Path(file).parent, warnings)
 
     candidates: dict[str, _Candidate] = {}
     import_defaults: list[tuple[str, _Table]] = []
@@ -580,6 +642,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
         source=file,
         warnings=tuple(warnings),
         events=events,
+        kubelet_api=kubelet_api,
     )
 
 

@@ -15,6 +15,9 @@ from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
 from agent.kube import Kube
+from agent.kubelet_api.context import KubeletAPIContext
+from agent.kubelet_api.server import DEFAULT_PORT, KubeletAPIError, KubeletAPIServer, bind
+from agent.kubelet_api.tls import ServingNames
 from agent.logs import kv
 from agent.node import NodeAgent
 from agent.node_status import NodeFacts
@@ -33,7 +36,7 @@ class RunOptions:
     config: AgentConfig
     state_dir: Path
     node_ip: str | None = None
-    kubelet_port: int = 10250
+    kubelet_port: int | None = None  # --port: overrides [kubelet_api] port
     config_path: str | None = None  # re-read on SIGHUP
 
 
@@ -61,17 +64,35 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> Non
 
 async def run(opts: RunOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    api_settings = opts.config.kubelet_api
+    api: KubeletAPIServer | None = None
+    if api_settings.enabled:
+        try:
+            api = KubeletAPIServer(bind(api_settings, opts.kubelet_port))  # bound first: the Node advertises its port
+        except KubeletAPIError as exc:
+            log.error(str(exc))
+            return 2
     kube = await Kube.from_kubeconfig(opts.kubeconfig)
     facts = NodeFacts(
         name=opts.node_name,
         host=read_host_info(str(opts.state_dir)),
         config=opts.config,
         internal_ip=opts.node_ip or address_toward(kube.host),
-        kubelet_port=opts.kubelet_port,
+        kubelet_port=api.port if api else (opts.kubelet_port or DEFAULT_PORT),
     )
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
+    if api is not None:
+        ctx = KubeletAPIContext(opts.node_name, pods, kube, opts.config, opts.state_dir)
+        names = ServingNames.of(opts.node_name, facts.host.hostname, facts.internal_ip)
+        try:
+            await api.start(ctx, api_settings, kube, opts.kubeconfig, names)
+        except KubeletAPIError as exc:
+            log.error(str(exc))
+            await api.close()
+            await kube.close()
+            return 2
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,6 +123,8 @@ async def run(opts: RunOptions) -> int:
         return 0
     finally:
         stopper.cancel()
+        if api is not None:
+            await api.close()
         await pods.close()
         write_stats(stats_path, kube, pods)
         await kube.close()

@@ -1,0 +1,213 @@
+"""Read one container's CRI log file the way the kubelet does (k8s.io/cri-client pkg/logs, v1.36).
+
+What `kubectl logs` sees, byte for byte:
+- only the current file `<restartCount>.log`: like the kubelet, rotated files are not read;
+- `tailLines` counts records (a P piece is a record) from the end of that file, then `since` filters;
+- a P piece is written without a newline, so pieces join into their line; with `timestamps`, the
+  prefix (RFC 3339 with exactly 9 fraction digits) goes only where an output line starts;
+- `limitBytes` counts output bytes, timestamps included, and cuts the last line;
+- following, new records are streamed until the container stops running (then the rest of the file
+  is drained); when the file is rotated away, reading goes on in the new file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+TAIL_BLOCK = 1024  # the kubelet's blockSize for finding the tail's start
+FORCE_CHECK = 1.0  # the kubelet's logForceCheckPeriod: how often a follower re-checks the container
+POLL = 0.1  # how often a follower looks for new bytes (the kubelet uses inotify; polling is enough here)
+BATCH = 64 * 1024  # bytes handed to the response at once
+
+
+class LogReadError(Exception):
+    """The log cannot be read; the message is the kubelet's."""
+
+
+@dataclass
+class LogOptions:
+    tail_lines: int | None = None  # None: all
+    limit_bytes: int | None = None  # None: no limit
+    since_ns: int = 0  # epoch nanoseconds; records before it are skipped
+    follow: bool = False
+    timestamps: bool = False
+    stdout: bool = True
+    stderr: bool = True
+
+
+@dataclass(slots=True)
+class Record:
+    ns: int  # epoch nanoseconds, for `since`
+    stamp: bytes  # the output form of the timestamp
+    stream: str
+    partial: bool
+    message: bytes  # a full record keeps its newline, a partial piece has none
+
+
+def parse_record(line: bytes) -> Record:
+    """One CRI record (with or without its trailing newline); ValueError when it is not one."""
+    parts = line.split(b" ", 3)
+    if len(parts) < 4:
+        raise ValueError("not a CRI log record")
+    raw_ts, stream, tags, message = parts
+    m = _TIMESTAMP.fullmatch(raw_ts)
+    if m is None:
+        raise ValueError(f"unexpected timestamp format: {raw_ts[:40]!r}")
+    if stream not in (b"stdout", b"stderr"):
+        raise ValueError(f"unexpected stream type {stream[:20]!r}")
+    base, frac, zone = m[1].decode(), (m[2] or b"").decode(), m[3].decode()
+    offset = 0 if zone == "Z" else (int(zone[1:3]) * 60 + int(zone[4:6])) * (-1 if zone[0] == "-" else 1)
+    seconds = datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp() - offset * 60
+    ns = int(seconds) * 1_000_000_000 + int(frac.ljust(9, "0") or "0")
+    # Go's "Z07:00" writes Z for any zero offset.
+    out_zone = "Z" if offset == 0 else zone
+    stamp = f"{base}.{frac.ljust(9, '0')}{out_zone}".encode()
+    partial = tags.split(b":", 1)[0] == b"P"
+    if partial and message.endswith(b"\n"):
+        message = message[:-1]
+    return Record(ns, stamp, stream.decode(), partial, message)
+
+
+def tail_start(f: BinaryIO, n: int) -> int:
+    """Offset of the n-th last record (the kubelet's findTailLineStartIndex)."""
+    if n < 0:
+        return 0
+    size = f.seek(0, os.SEEK_END)
+    left, count, buf = 0, 0, b""
+    right = size
+    while right > 0 and count <= n:
+        left = max(0, right - TAIL_BLOCK)
+        f.seek(left)
+        buf = f.read(right - left)
+        count += buf.count(b"\n")
+        right -= TAIL_BLOCK
+    while count > n:
+        idx = buf.index(b"\n") + 1
+        buf = buf[idx:]
+        left += idx
+        count -= 1
+    return left
+
+
+class _Writer:
+    """The kubelet's logWriter: since filter, timestamp prefix, stream choice, byte limit."""
+
+    def __init__(self, opts: LogOptions):
+        self.opts = opts
+        self.remain = opts.limit_bytes if opts.limit_bytes is not None else -1
+        self.out: list[bytes] = []
+        self.size = 0
+
+    def write(self, rec: Record, add_prefix: bool) -> bool:
+        """False once the byte limit is used up."""
+        if rec.ns < self.opts.since_ns:
+            return True
+        line = rec.message
+        if self.opts.timestamps and add_prefix:
+            line = rec.stamp + b" " + line
+        if self.remain >= 0 and len(line) > self.remain:
+            line = line[: self.remain]
+        wanted = self.opts.stdout if rec.stream == "stdout" else self.opts.stderr
+        if not wanted:
+            return True
+        self.out.append(line)
+        self.size += len(line)
+        if self.remain >= 0:
+            self.remain -= len(line)
+            if self.remain <= 0:
+                return False
+        return True
+
+    def take(self) -> bytes:
+        data = b"".join(self.out)
+        self.out.clear()
+        self.size = 0
+        return data
+
+
+async def read_log(
+    path: str, opts: LogOptions, running: Callable[[], Awaitable[bool]] | None = None
+) -> AsyncIterator[bytes]:
+    """Yield what the kubelet would write for the log at `path`. `running` tells a follower
+    whether the container still runs (checked at each end of file, at least every second)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - replaced when the file is rotated away
+    except FileNotFoundError:
+        raise LogReadError(f'failed to open log file "{os.path.basename(path)}": no such file or directory') from None
+    try:
+        tail = opts.tail_lines if opts.tail_lines is not None else -1
+        f.seek(tail_start(f, tail))
+        limited = opts.tail_lines is not None and not opts.follow
+        remaining = tail
+        writer = _Writer(opts)
+        new_line, found, checked_format, stop = True, True, False, False
+        while not stop and not (limited and remaining == 0):
+            line = f.readline()
+            if not line.endswith(b"\n"):  # end of file, possibly inside an unfinished record
+                if opts.follow:
+                    if writer.size:
+                        yield writer.take()
+                    if not found:
+                        break
+                    f.seek(-len(line), os.SEEK_CUR)  # read the unfinished record again later
+                    found, next_file = await _wait(f, path, running)
+                    if next_file is not f:
+                        f.close()
+                        f = next_file
+                    continue
+                stop = True  # write what is left, then end
+                if not line:
+                    continue
+            if not checked_format:
+                try:
+                    parse_record(line)
+                except ValueError:
+                    raise LogReadError(
+                        f"failed to get parse function: unsupported log format: {line[:100]!r}"
+                    ) from None
+                checked_format = True
+            try:
+                rec = parse_record(line)
+            except ValueError:
+                continue  # the kubelet logs a bad record and goes on
+            if not writer.write(rec, new_line):
+                break
+            if limited:
+                remaining -= 1
+            new_line = rec.message.endswith(b"\n") if rec.message else True
+            if writer.size >= BATCH:
+                yield writer.take()
+                await asyncio.sleep(0)
+        if writer.out:
+            yield writer.take()
+    finally:
+        f.close()
+
+
+async def _wait(f: BinaryIO, path: str, running: Callable[[], Awaitable[bool]] | None) -> tuple[bool, BinaryIO]:
+    """Until the file grows or is replaced, or a second has passed: (found, the file to read on).
+    found is False once the container is not running, so the caller drains the file and ends."""
+    if running is not None and not await running():
+        return False, f
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FORCE_CHECK
+    position = f.tell()
+    while loop.time() < deadline:
+        await asyncio.sleep(POLL)
+        mine = os.fstat(f.fileno())
+        if mine.st_size > position:
+            return True, f  # more to read (also what the old file got just before its rotation)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            continue  # between rotation's rename and the new file
+        if current.st_ino != mine.st_ino:
+            return True, open(path, "rb")  # the caller owns and closes it
+    return True, f
