@@ -83,16 +83,6 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
-    if api is not None:
-        ctx = KubeletAPIContext(opts.node_name, pods, kube, opts.config, opts.state_dir)
-        names = ServingNames.of(opts.node_name, facts.host.hostname, facts.internal_ip)
-        try:
-            await api.start(ctx, api_settings, kube, opts.kubeconfig, names)
-        except KubeletAPIError as exc:
-            log.error(str(exc))
-            await api.close()
-            await kube.close()
-            return 2
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,6 +98,16 @@ async def run(opts: RunOptions) -> int:
     )
     for warning in opts.config.warnings:
         log.warning(warning)
+    if api is not None:
+        ctx = KubeletAPIContext(opts.node_name, pods, kube, opts.config, opts.state_dir)
+        names = ServingNames.of(opts.node_name, facts.host.hostname, facts.internal_ip)
+        try:
+            await api.start(ctx, api_settings, kube, opts.kubeconfig, names)
+        except KubeletAPIError as exc:
+            log.error(str(exc))
+            await api.close()
+            await kube.close()
+            return 2
 
     main = asyncio.create_task(agent_main(node, pods), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")

@@ -155,7 +155,13 @@ class KubeletAPIServer:
         kubeconfig: str,
         names: tls.ServingNames,
     ) -> None:
-        cert, key = serving_files(settings, ctx.state_dir, names)
+        try:
+            cert, key = serving_files(settings, ctx.state_dir, names)
+        except OSError as exc:
+            raise KubeletAPIError(
+                f"cannot write the self-signed serving certificate under {ctx.state_dir / 'pki'}: {exc}; "
+                "make the state dir writable or set [kubelet_api] tls_cert_file and tls_key_file"
+            ) from exc
         try:
             ssl_context = tls.server_context(cert, key, client_ca(settings, kubeconfig))
         except tls.TLSConfigError as exc:
