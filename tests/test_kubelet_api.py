@@ -341,3 +341,39 @@ async def test_unknown_pod_and_container_are_404(cluster, node, chatty):
         cluster, node, "/containerLogs/default/no-such-pod/main", cert="apiserver-kubelet-client"
     )
     assert (status, body) == (404, 'pod "no-such-pod" does not exist')
+
+
+async def test_client_certificate_from_an_unknown_ca_gets_nothing(cluster, node, chatty, tmp_path):
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "mallory"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "m.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "m.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = client_ssl(cluster, None)
+    ctx.load_cert_chain(str(tmp_path / "m.crt"), str(tmp_path / "m.key"))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+        try:
+            async with session.get(f"{node.url}/containerLogs/default/{chatty}/main") as resp:
+                status, body = resp.status, await resp.text()
+        except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+            return  # the TLS handshake refused the certificate
+    assert status == 401 and "late" not in body

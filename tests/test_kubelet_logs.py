@@ -1,4 +1,5 @@
-"""The kubelet API's log reading and request mapping, on real files (no cluster needed).
+"""The kubelet API's log reading, request mapping, config, certificate and credentials, on real files
+(no cluster needed).
 
 Expected outputs follow the kubelet's reader (k8s.io/cri-client pkg/logs, v1.36): records are
 counted for tailLines, P pieces join without a newline, timestamps carry 9 fraction digits, only
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
@@ -307,3 +309,118 @@ async def test_tail_of_a_large_file_reads_only_its_end(tmp_path: Path):
     started = time.perf_counter()
     assert await read(path, tail_lines=2) == b"199998\n199999\n"
     assert time.perf_counter() - started < 0.5  # seeks from the end instead of reading ~8 MB
+
+
+# --- config, certificate, credentials --------------------------------------------------------------
+
+
+def test_kubelet_api_config_defaults_and_errors(tmp_path: Path):
+    from agent.config import ConfigError, load_config
+
+    default = load_config(write(tmp_path / "a.toml", "")).kubelet_api
+    assert (default.enabled, default.address, default.port, default.anonymous) == (True, "0.0.0.0", None, False)
+    assert default.authorization_mode == "Webhook" and default.client_ca_file is None
+    write(tmp_path / "ca.pem", "x")
+    cfg = load_config(
+        write(
+            tmp_path / "b.toml",
+            "[kubelet_api]",
+            "port = 0",
+            'address = "127.0.0.1"',
+            'client_ca_file = "ca.pem"',
+            "anonymous = true",
+            'authorization_mode = "AlwaysAllow"',
+        )
+    ).kubelet_api
+    assert (cfg.port, cfg.address, cfg.anonymous, cfg.authorization_mode) == (0, "127.0.0.1", True, "AlwaysAllow")
+    assert cfg.client_ca_file == str(tmp_path / "ca.pem")  # relative to the config file
+    for body, message in (
+        ("port = 70000", "port must be between 0"),
+        ('authorization_mode = "RBAC"', 'authorization_mode must be "Webhook" or "AlwaysAllow"'),
+        ('tls_cert_file = "ca.pem"', "tls_cert_file and tls_key_file go together"),
+        ('client_ca_file = "missing.pem"', 'client_ca_file "missing.pem" does not exist'),
+        ('anonymous = "yes"', "anonymous must be true or false"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load_config(write(tmp_path / "c.toml", "[kubelet_api]", body))
+        assert "[kubelet_api]" in str(info.value)
+    warned = load_config(write(tmp_path / "d.toml", "[kubelet_api]", "prot = 1")).warnings
+    assert any('unknown key "prot"' in w and "port" in w for w in warned)
+
+
+def test_self_signed_certificate_is_reused_and_remade_when_names_change(tmp_path: Path):
+    from cryptography import x509
+
+    from agent.kubelet_api.tls import ServingNames, self_signed
+
+    names = ServingNames.of("node-a", "VM", "10.0.0.5", "")
+    assert names == ServingNames(("node-a", "vm"), ("10.0.0.5",))
+    cert, key = self_signed(tmp_path, names)
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = cert.read_bytes()
+    parsed = x509.load_pem_x509_certificate(first)
+    san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(san.get_values_for_type(x509.DNSName)) == ["node-a", "vm"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert self_signed(tmp_path, names)[0].read_bytes() == first  # reused at restart
+    self_signed(tmp_path, ServingNames.of("node-a", "vm", "10.0.0.6"))
+    assert cert.read_bytes() != first  # the IP changed: a new certificate
+    ssl_ctx = server_context_for(cert, key)
+    assert ssl_ctx.verify_mode.name == "CERT_NONE"
+
+
+def server_context_for(cert: Path, key: Path):
+    from agent.kubelet_api.tls import server_context
+
+    return server_context(cert, key, None)
+
+
+def test_bad_serving_files_name_the_fix(tmp_path: Path):
+    from agent.kubelet_api.tls import TLSConfigError, server_context
+
+    write(tmp_path / "bad.crt", "not a certificate")
+    with pytest.raises(TLSConfigError, match="tls_cert_file"):
+        server_context(tmp_path / "bad.crt", tmp_path / "bad.crt", None)
+
+
+def test_credentials_from_certificates_and_headers():
+    from agent.kubelet_api.authn import bearer_token, user_from_peercert
+
+    peer = {"subject": ((("commonName", "kube-apiserver-kubelet-client"),), (("organizationName", "system:masters"),))}
+    user = user_from_peercert(peer)
+    assert user is not None and user.name == "kube-apiserver-kubelet-client"
+    assert user.groups == ("system:masters", "system:authenticated")
+    assert user_from_peercert(None) is None and user_from_peercert({}) is None
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+
+
+async def test_anonymous_only_when_enabled_and_without_credentials():
+    from agent.kubelet_api.authn import Authenticator
+
+    anonymous = await Authenticator(kube=None, anonymous=True).authenticate(None, None)  # type: ignore[arg-type]
+    assert anonymous is not None and (anonymous.name, anonymous.groups) == (
+        "system:anonymous",
+        ("system:unauthenticated",),
+    )
+    assert await Authenticator(kube=None, anonymous=False).authenticate(None, None) is None  # type: ignore[arg-type]
+    assert await Authenticator(kube=None, anonymous=True).authenticate(None, "Basic x") is None  # type: ignore[arg-type]
+
+
+def test_explicit_port_in_use_is_an_error_and_the_default_falls_back():
+    import socket
+
+    from agent.config import KubeletAPISettings
+    from agent.kubelet_api.server import KubeletAPIError, bind
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(KubeletAPIError, match=f"127.0.0.1:{port}.*set \\[kubelet_api\\] port"):
+            bind(KubeletAPISettings(address="127.0.0.1", port=port))
+        with pytest.raises(KubeletAPIError):
+            bind(KubeletAPISettings(address="127.0.0.1"), cli_port=port)
+    free = bind(KubeletAPISettings(address="127.0.0.1", port=0))
+    assert free.getsockname()[1] > 0
+    free.close()
