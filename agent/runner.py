@@ -64,6 +64,7 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> Non
 
 async def run(opts: RunOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    kube = await Kube.from_kubeconfig(opts.kubeconfig)
     api_settings = opts.config.kubelet_api
     api: KubeletAPIServer | None = None
     if api_settings.enabled:
@@ -71,8 +72,8 @@ async def run(opts: RunOptions) -> int:
             api = KubeletAPIServer(bind(api_settings, opts.kubelet_port))  # bound first: the Node advertises its port
         except KubeletAPIError as exc:
             log.error(str(exc))
+            await kube.close()
             return 2
-    kube = await Kube.from_kubeconfig(opts.kubeconfig)
     facts = NodeFacts(
         name=opts.node_name,
         host=read_host_info(str(opts.state_dir)),
