@@ -13,6 +13,7 @@ What `kubectl logs` sees, byte for byte:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,11 +45,33 @@ class LogOptions:
 
 @dataclass(slots=True)
 class Record:
-    ns: int  # epoch nanoseconds, for `since`
-    stamp: bytes  # the output form of the timestamp
+    timestamp: re.Match[bytes]  # the parsed time; converted only when `since` or `timestamps` need it
     stream: str
     partial: bool
     message: bytes  # a full record keeps its newline, a partial piece has none
+
+    @property
+    def ns(self) -> int:
+        """Epoch nanoseconds, for `since`."""
+        base, frac, zone = self.timestamp.groups()
+        return _epoch(base, zone) * 1_000_000_000 + int((frac or b"").ljust(9, b"0"))
+
+    @property
+    def stamp(self) -> bytes:
+        """The output form: 9 fraction digits, and Z for any zero offset (Go's "Z07:00")."""
+        base, frac, zone = self.timestamp.groups()
+        if zone != b"Z" and zone[1:] == b"00:00":
+            zone = b"Z"
+        return base + b"." + (frac or b"").ljust(9, b"0") + zone
+
+
+@functools.lru_cache(maxsize=64)  # consecutive records mostly share their second
+def _epoch(base: bytes, zone: bytes) -> int:
+    seconds = int(datetime.fromisoformat(base.decode()).replace(tzinfo=UTC).timestamp())
+    if zone != b"Z":
+        offset = (int(zone[1:3]) * 60 + int(zone[4:6])) * 60
+        seconds += -offset if zone[:1] == b"+" else offset
+    return seconds
 
 
 def parse_record(line: bytes) -> Record:
@@ -60,19 +83,16 @@ def parse_record(line: bytes) -> Record:
     m = _TIMESTAMP.fullmatch(raw_ts)
     if m is None:
         raise ValueError(f"unexpected timestamp format: {raw_ts[:40]!r}")
-    if stream not in (b"stdout", b"stderr"):
+    if stream == b"stdout":
+        name = "stdout"
+    elif stream == b"stderr":
+        name = "stderr"
+    else:
         raise ValueError(f"unexpected stream type {stream[:20]!r}")
-    base, frac, zone = m[1].decode(), (m[2] or b"").decode(), m[3].decode()
-    offset = 0 if zone == "Z" else (int(zone[1:3]) * 60 + int(zone[4:6])) * (-1 if zone[0] == "-" else 1)
-    seconds = datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp() - offset * 60
-    ns = int(seconds) * 1_000_000_000 + int(frac.ljust(9, "0") or "0")
-    # Go's "Z07:00" writes Z for any zero offset.
-    out_zone = "Z" if offset == 0 else zone
-    stamp = f"{base}.{frac.ljust(9, '0')}{out_zone}".encode()
-    partial = tags.split(b":", 1)[0] == b"P"
+    partial = tags[:1] == b"P" and (len(tags) == 1 or tags[1:2] == b":")
     if partial and message.endswith(b"\n"):
         message = message[:-1]
-    return Record(ns, stamp, stream.decode(), partial, message)
+    return Record(m, name, partial, message)
 
 
 def tail_start(f: BinaryIO, n: int) -> int:
@@ -107,7 +127,7 @@ class _Writer:
 
     def write(self, rec: Record, add_prefix: bool) -> bool:
         """False once the byte limit is used up."""
-        if rec.ns < self.opts.since_ns:
+        if self.opts.since_ns and rec.ns < self.opts.since_ns:
             return True
         line = rec.message
         if self.opts.timestamps and add_prefix:
