@@ -377,3 +377,29 @@ async def test_client_certificate_from_an_unknown_ca_gets_nothing(cluster, node,
         except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
             return  # the TLS handshake refused the certificate
     assert status == 401 and "late" not in body
+
+
+def open_log_files(pid: int, needle: str) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if needle in target and target.endswith(".log"):
+            out.append(target)
+    return out
+
+
+async def test_follow_stops_reading_when_the_client_goes_away(cluster, node, chatty):
+    """The agent closes the log file soon after a following client hangs up."""
+    ctx = client_ssl(cluster, "apiserver-kubelet-client")
+    pid = node.agent.proc.pid
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+        resp = await session.get(f"{node.url}/containerLogs/default/{chatty}/main?follow=true")
+        assert resp.status == 200
+        assert (await resp.content.readline()) == b"early-1\n"
+        assert open_log_files(pid, chatty), "the follower should hold the log file open"
+        resp.close()  # hang up mid-stream
+    closed = await eventually(lambda: asyncio.sleep(0, not open_log_files(pid, chatty)), 5, 0.2, "log file closed")
+    assert closed
