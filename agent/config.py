@@ -62,8 +62,10 @@ _KUBELET_API_KEYS = {
     "client_ca_file",
     "anonymous",
     "authorization_mode",
+    "serving_cert",
 }
 AUTHORIZATION_MODES = ("Webhook", "AlwaysAllow")
+SERVING_CERT_SOURCES = ("self-signed", "csr")
 
 # containerd's CRI plugin id per config version (1.x writes version 2, 2.x writes version 3).
 _CONTAINERD_CRI_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -139,6 +141,7 @@ class KubeletAPISettings:
     client_ca_file: str | None = None  # None: the cluster CA from the node kubeconfig
     anonymous: bool = False
     authorization_mode: str = "Webhook"  # "Webhook" (SubjectAccessReview) | "AlwaysAllow"
+    serving_cert: str = "self-signed"  # without tls_cert_file: "self-signed" | "csr" (signed by the cluster)
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,9 @@ def _parse_kubelet_api(t: _Table, base: Path, warnings: list[str]) -> KubeletAPI
             raise t.error(f"{key} {_q(value)} does not exist or is not a file; fix the path or remove the key")
         return str(full)
 
+    serving_cert = t.str_("serving_cert", "self-signed")
+    if serving_cert not in SERVING_CERT_SOURCES:
+        raise t.error(f'serving_cert must be "self-signed" or "csr", not {_q(str(serving_cert))}')
     cert, key = path("tls_cert_file"), path("tls_key_file")
     if bool(cert) != bool(key):
         raise t.error("tls_cert_file and tls_key_file go together; set both, or neither for a self-signed certificate")
@@ -544,6 +550,7 @@ def _parse_kubelet_api(t: _Table, base: Path, warnings: list[str]) -> KubeletAPI
         client_ca_file=path("client_ca_file"),
         anonymous=t.bool_("anonymous", False),
         authorization_mode=mode or "Webhook",
+        serving_cert=serving_cert or "self-signed",
     )
 
 

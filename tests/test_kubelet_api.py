@@ -403,3 +403,71 @@ async def test_follow_stops_reading_when_the_client_goes_away(cluster, node, cha
         resp.close()  # hang up mid-stream
     closed = await eventually(lambda: asyncio.sleep(0, not open_log_files(pid, chatty)), 5, 0.2, "log file closed")
     assert closed
+
+
+async def served_certificate(port: int, ca: Path | None = None) -> Any:
+    """The certificate the agent serves; with `ca`, the TLS handshake must verify against it for 127.0.0.1."""
+    from cryptography import x509
+
+    if ca is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, start_agent, tmp_path):
+    from cryptography.x509.oid import NameOID
+
+    name = unique("emu-csr")
+    config = '[kubelet_api]\nport = 0\nserving_cert = "csr"\n'
+    state = tmp_path / "csr-state"
+    agent = await start_agent(name, config, state_dir=state)
+    obj = await wait_node_ready(kubectl, name, timeout=30)
+    port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+
+    async def pending_csrs() -> list[dict[str, Any]]:
+        items = (await kubectl.json("get", "csr"))["items"]
+        return [
+            c
+            for c in items
+            if c["spec"]["username"] == f"system:node:{name}"
+            and c["spec"]["signerName"] == "kubernetes.io/kubelet-serving"
+        ]
+
+    csrs = await eventually(pending_csrs, 20, what="a kubelet-serving CSR from the node")
+    try:
+        assert len(csrs) == 1
+        before = await served_certificate(port)
+        assert before.issuer == before.subject  # self-signed while the request waits
+        assert "kubectl certificate approve " + csrs[0]["metadata"]["name"] in agent.log
+        await kubectl("certificate", "approve", csrs[0]["metadata"]["name"])
+
+        async def cluster_signed() -> Any:
+            cert = await served_certificate(port)
+            return cert if cert.issuer != cert.subject else None
+
+        cert = await eventually(cluster_signed, 20, what="the issued certificate in use")
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"system:node:{name}"
+        assert cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "kubelet-emu-devcluster-ca"
+        await served_certificate(port, ca=cluster.ca_cert)  # verifies for 127.0.0.1 against the cluster CA
+
+        # A restart reuses the issued certificate: served at once, no new request.
+        await agent.stop()
+        again = await start_agent(name, config, state_dir=state)
+        await wait_node_ready(kubectl, name, timeout=30)
+
+        async def serving_port() -> int | None:
+            m = re.search(r'msg="kubelet API serving" .*port=(\d+)', again.log)
+            return int(m[1]) if m else None
+
+        port = await eventually(serving_port, 20, what="the restarted agent's port")
+        assert (await served_certificate(port, ca=cluster.ca_cert)).serial_number == cert.serial_number
+        assert len(await pending_csrs()) == 1
+    finally:
+        for c in await pending_csrs():
+            await kubectl.run("delete", "csr", c["metadata"]["name"], check=False)

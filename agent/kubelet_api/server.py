@@ -7,6 +7,8 @@ streaming (exec/attach/portForward), stats and metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import importlib
 import importlib.util
@@ -20,7 +22,7 @@ from aiohttp import web
 from agent.config import KubeletAPISettings
 from agent.kube import Kube
 from agent.kubeconfig import cluster_ca
-from agent.kubelet_api import tls
+from agent.kubelet_api import csr, tls
 from agent.kubelet_api.authn import AuthenticationError, Authenticator
 from agent.kubelet_api.authz import AuthorizationError, Authorizer
 from agent.kubelet_api.context import KubeletAPIContext
@@ -115,11 +117,16 @@ def build_app(ctx: KubeletAPIContext, authenticator: Authenticator, authorizer: 
     return app
 
 
-def serving_files(settings: KubeletAPISettings, state_dir: Path, names: tls.ServingNames) -> tuple[str, str]:
+def serving_files(settings: KubeletAPISettings, state_dir: Path, names: tls.ServingNames) -> tuple[str, str, bool]:
+    """(certificate, key, whether to ask the cluster for a certificate meanwhile)."""
     if settings.tls_cert_file and settings.tls_key_file:
-        return settings.tls_cert_file, settings.tls_key_file
+        return settings.tls_cert_file, settings.tls_key_file, False
+    if settings.serving_cert == "csr":
+        issued = csr.issued_files(state_dir / "pki", names)
+        if issued is not None:
+            return str(issued[0]), str(issued[1]), False
     cert, key = tls.self_signed(state_dir / "pki", names)
-    return str(cert), str(key)
+    return str(cert), str(key), settings.serving_cert == "csr"
 
 
 def client_ca(settings: KubeletAPISettings, kubeconfig: str) -> bytes | None:
@@ -146,6 +153,7 @@ class KubeletAPIServer:
         self.runner: web.AppRunner | None = None
         self.authenticator: Authenticator | None = None
         self.authorizer: Authorizer | None = None
+        self.cert_request: asyncio.Task[None] | None = None
 
     async def start(
         self,
@@ -156,7 +164,7 @@ class KubeletAPIServer:
         names: tls.ServingNames,
     ) -> None:
         try:
-            cert, key = serving_files(settings, ctx.state_dir, names)
+            cert, key, request_cert = serving_files(settings, ctx.state_dir, names)
         except OSError as exc:
             raise KubeletAPIError(
                 f"cannot write the self-signed serving certificate under {ctx.state_dir / 'pki'}: {exc}; "
@@ -166,6 +174,13 @@ class KubeletAPIServer:
             ssl_context = tls.server_context(cert, key, client_ca(settings, kubeconfig))
         except tls.TLSConfigError as exc:
             raise KubeletAPIError(str(exc)) from exc
+        if request_cert:
+            # New connections get the issued certificate once it is loaded into the live context.
+            def install(cert_file: Path, key_file: Path) -> None:
+                ssl_context.load_cert_chain(str(cert_file), str(key_file))
+
+            requester = csr.ServingCertRequester(kube, ctx.node_name, names, ctx.state_dir / "pki", install)
+            self.cert_request = asyncio.create_task(requester.run(), name="serving-csr")
         self.authenticator = Authenticator(kube, settings.anonymous)
         self.authorizer = Authorizer(kube, ctx.node_name, settings.authorization_mode)
         app = build_app(ctx, self.authenticator, self.authorizer)
@@ -179,6 +194,10 @@ class KubeletAPIServer:
         )
 
     async def close(self) -> None:
+        if self.cert_request is not None:
+            self.cert_request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.cert_request
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
