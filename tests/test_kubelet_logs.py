@@ -340,6 +340,7 @@ def test_kubelet_api_config_defaults_and_errors(tmp_path: Path):
         ('tls_cert_file = "ca.pem"', "tls_cert_file and tls_key_file go together"),
         ('client_ca_file = "missing.pem"', 'client_ca_file "missing.pem" does not exist'),
         ('anonymous = "yes"', "anonymous must be true or false"),
+        ('serving_cert = "acme"', 'serving_cert must be "self-signed" or "csr"'),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)) as info:
             load_config(write(tmp_path / "c.toml", "[kubelet_api]", body))
