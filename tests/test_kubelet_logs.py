@@ -349,22 +349,22 @@ def test_kubelet_api_config_defaults_and_errors(tmp_path: Path):
     assert any('unknown key "prot"' in w and "port" in w for w in warned)
 
 
-def test_self_signed_certificate_is_reused_and_remade_when_names_change(tmp_path: Path):
+async def test_self_signed_certificate_is_reused_and_remade_when_names_change(tmp_path: Path):
     from cryptography import x509
 
     from agent.kubelet_api.tls import ServingNames, self_signed
 
     names = ServingNames.of("node-a", "VM", "10.0.0.5", "")
     assert names == ServingNames(("node-a", "vm"), ("10.0.0.5",))
-    cert, key = self_signed(tmp_path, names)
+    cert, key = await self_signed(tmp_path, names)
     assert key.stat().st_mode & 0o777 == 0o600
     first = cert.read_bytes()
     parsed = x509.load_pem_x509_certificate(first)
     san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(san.get_values_for_type(x509.DNSName)) == ["node-a", "vm"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
-    assert self_signed(tmp_path, names)[0].read_bytes() == first  # reused at restart
-    self_signed(tmp_path, ServingNames.of("node-a", "vm", "10.0.0.6"))
+    assert (await self_signed(tmp_path, names))[0].read_bytes() == first  # reused at restart
+    await self_signed(tmp_path, ServingNames.of("node-a", "vm", "10.0.0.6"))
     assert cert.read_bytes() != first  # the IP changed: a new certificate
     ssl_ctx = server_context_for(cert, key)
     assert ssl_ctx.verify_mode.name == "CERT_NONE"

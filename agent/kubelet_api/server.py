@@ -117,7 +117,9 @@ def build_app(ctx: KubeletAPIContext, authenticator: Authenticator, authorizer: 
     return app
 
 
-def serving_files(settings: KubeletAPISettings, state_dir: Path, names: tls.ServingNames) -> tuple[str, str, bool]:
+async def serving_files(
+    settings: KubeletAPISettings, state_dir: Path, names: tls.ServingNames
+) -> tuple[str, str, bool]:
     """(certificate, key, whether to ask the cluster for a certificate meanwhile)."""
     if settings.tls_cert_file and settings.tls_key_file:
         return settings.tls_cert_file, settings.tls_key_file, False
@@ -125,7 +127,7 @@ def serving_files(settings: KubeletAPISettings, state_dir: Path, names: tls.Serv
         issued = csr.issued_files(state_dir / "pki", names)
         if issued is not None:
             return str(issued[0]), str(issued[1]), False
-    cert, key = tls.self_signed(state_dir / "pki", names)
+    cert, key = await tls.self_signed(state_dir / "pki", names)
     return str(cert), str(key), settings.serving_cert == "csr"
 
 
@@ -164,7 +166,7 @@ class KubeletAPIServer:
         names: tls.ServingNames,
     ) -> None:
         try:
-            cert, key, request_cert = serving_files(settings, ctx.state_dir, names)
+            cert, key, request_cert = await serving_files(settings, ctx.state_dir, names)
         except OSError as exc:
             raise KubeletAPIError(
                 f"cannot write the self-signed serving certificate under {ctx.state_dir / 'pki'}: {exc}; "

@@ -8,11 +8,13 @@ beside it records what it covers, so a restart need not import `cryptography` to
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
 import os
 import ssl
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ class ServingNames:
         return cls(tuple(sorted(set(dns))), tuple(sorted(set(ips))))
 
 
-def self_signed(pki_dir: Path, names: ServingNames) -> tuple[Path, Path]:
+async def self_signed(pki_dir: Path, names: ServingNames) -> tuple[Path, Path]:
     """The certificate and key files, made or reused; regenerated when stale."""
     cert, key, note = pki_dir / "kubelet.crt", pki_dir / "kubelet.key", pki_dir / "kubelet.json"
     try:
@@ -65,10 +67,25 @@ def self_signed(pki_dir: Path, names: ServingNames) -> tuple[Path, Path]:
         current = False
     if current:
         return cert, key
-    not_after = _generate(cert, key, names)
+    not_after = await _generate_in_child(pki_dir, names)
     note.write_text(json.dumps({"dns": list(names.dns), "ips": list(names.ips), "not_after": not_after}))
     log.info("made a self-signed serving certificate", extra=kv(file=str(cert), dns=",".join(names.dns)))
     return cert, key
+
+
+async def _generate_in_child(pki_dir: Path, names: ServingNames) -> float:
+    """A short-lived child makes the pair: importing cryptography would cost the agent ~7 MiB for good."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    spec = json.dumps({"dns": list(names.dns), "ips": list(names.ips)})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.kubelet_api.tls", str(pki_dir), spec,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"making the self-signed certificate failed: {err.decode(errors='replace').strip()[-300:]}")
+    return float(out.decode().strip())
 
 
 def _generate(cert_path: Path, key_path: Path, names: ServingNames) -> float:
@@ -145,3 +162,15 @@ def server_context(cert: Path | str, key: Path | str, client_ca: bytes | None) -
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def main(argv: list[str]) -> int:
+    """python -m agent.kubelet_api.tls PKI_DIR '{"dns": [...], "ips": [...]}': make the pair, print not_after."""
+    pki_dir, spec = Path(argv[0]), json.loads(argv[1])
+    names = ServingNames(tuple(spec["dns"]), tuple(spec["ips"]))
+    print(_generate(pki_dir / "kubelet.crt", pki_dir / "kubelet.key", names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
