@@ -25,6 +25,7 @@ from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import container_resource_config, pod_resource_config
+from network.netns import enter_netns_preexec
 from runtimes.base import (
     JSON,
     Backend,
@@ -124,9 +125,11 @@ class ProcessBackend(Backend):
         # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
-        return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"])
+        ips, netns = await self.setup_pod_network(pod)
+        return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"], ips=ips, netns=netns)
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
+        await self.teardown_pod_network(pod)
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
@@ -184,6 +187,7 @@ class ProcessBackend(Backend):
             "uid": security.get("runAsUser"),
             "gid": security.get("runAsGroup"),
             "cgroup_procs": cgroup_procs,
+            "netns": sandbox.netns,
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
@@ -318,7 +322,11 @@ class ProcessBackend(Backend):
         if not command:
             raise RunContainerError("exec: empty command")
 
+        join_netns = enter_netns_preexec(spec["netns"]) if spec.get("netns") else None
+
         def enter() -> None:
+            if join_netns is not None:  # exec probes see the Pod's network, as the container does
+                join_netns()
             for procs in spec["cgroup_procs"]:
                 with open(procs, "w") as f:
                     f.write("0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -79,7 +80,10 @@ class Kubectl:
 class AgentProcess:
     """A real `kubelet-emu run` process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, node: str, config_path: Path | None):
+    def __init__(
+        self, proc: asyncio.subprocess.Process, log_path: Path, node: str, config_path: Path | None, state_dir: Path
+    ):
+        self.state_dir = state_dir
         self.proc = proc
         self.log_path = log_path
         self.node = node
@@ -124,6 +128,30 @@ def agent_argv() -> list[str]:
     return [sys.executable, "-m", "agent.cli"]
 
 
+async def remove_node_network(state_dir: Path, node: str) -> None:
+    """Pod networks outlive the agent by design (like its containers); a test node's bridge,
+    leftover Pod namespaces and FORWARD rules go when the test is over."""
+    if not (state_dir / "network").exists():
+        return
+    from agent.pod_network import default_bridge
+    from network import iptables
+    from network.pods import PodNetworks
+
+    bridge = default_bridge(node)
+    state_file = state_dir / "network" / "ipam.json"
+    if state_file.exists():  # Pods had addresses: tear down whatever of theirs is left
+        networks = PodNetworks(state_dir / "network", bridge=bridge)
+        await networks.start(json.loads(state_file.read_text())["cidr"])
+        await networks.cleanup_orphans(set())
+        await networks.stop(remove_bridge=True)
+        return
+    proc = await asyncio.create_subprocess_exec("ip", "link", "del", bridge, stderr=asyncio.subprocess.DEVNULL)
+    await proc.wait()
+    if iptables.iptables_binary() is not None:
+        for rule in iptables.forward_rules(bridge):
+            await iptables.remove_rule(rule)
+
+
 def agent_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -132,7 +160,9 @@ def agent_env() -> dict[str, str]:
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[manage.Cluster]:
     directory = Path(os.environ.get("KUBELET_EMU_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("devcluster"))
     # A short grace period keeps the node-lifecycle test quick; everything else is the default.
-    c = await manage.up(directory, port=free_port(), node_monitor_grace_period="20s", quiet=True)
+    # Its own pod range, so Pod networks of concurrent sessions (or a running demo) never collide.
+    cidr = f"10.{random.randint(100, 250)}.0.0/16"
+    c = await manage.up(directory, port=free_port(), node_monitor_grace_period="20s", quiet=True, cluster_cidr=cidr)
     yield c
     await manage.down(directory)
 
@@ -168,13 +198,15 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
             )
-        agent = AgentProcess(proc, log_path, node, config_path)
+        agent = AgentProcess(proc, log_path, node, config_path, state_dir or tmp_path / f"state-{node}")
         started.append(agent)
         return agent
 
     yield start
     for agent in started:
         await agent.stop()
+    for agent in started:
+        await remove_node_network(agent.state_dir, agent.node)
     # Leave no stale Nodes behind: they would put the cluster in "full disruption" mode.
     kubectl = Kubectl(cluster)
     for node in {a.node for a in started}:
