@@ -23,7 +23,16 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
-from conftest import AgentProcess, Kubectl, agent_argv, agent_env, delete_node, eventually, wait_node_ready
+from conftest import (
+    AgentProcess,
+    Kubectl,
+    agent_argv,
+    agent_env,
+    delete_node,
+    eventually,
+    remove_node_network,
+    wait_node_ready,
+)
 
 from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
@@ -40,6 +49,8 @@ default_runtime = "procs"
 cgroup_root = "{CGROUP_ROOT}"
 [runtimes.procs]
 backend = "process"
+[network]
+enabled = false  # Pods on the host network: these tests are about the kubelet API
 [kubelet_api]
 port = 0
 """
@@ -89,7 +100,7 @@ async def node(
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
         )
-    agent = AgentProcess(proc, log_path, name, config)
+    agent = AgentProcess(proc, log_path, name, config, state)
     try:
         obj = await wait_node_ready(kubectl, name, timeout=30)
         port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
@@ -100,6 +111,7 @@ async def node(
             "--wait=true", "--timeout=60s", check=False,
         )  # fmt: skip
         await agent.stop()
+        await remove_node_network(state, name)
         await delete_node(kubectl, name)
         CgroupManager(detect_mode(), root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)
 
@@ -424,7 +436,7 @@ async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, s
     from cryptography.x509.oid import NameOID
 
     name = unique("emu-csr")
-    config = '[kubelet_api]\nport = 0\nserving_cert = "csr"\n'
+    config = '[network]\nenabled = false\n[kubelet_api]\nport = 0\nserving_cert = "csr"\n'
     state = tmp_path / "csr-state"
     agent = await start_agent(name, config, state_dir=state)
     obj = await wait_node_ready(kubectl, name, timeout=30)
