@@ -127,7 +127,7 @@ async def run(opts: RunOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods)
     stats_path = opts.state_dir / "agent-stats.json"
-    loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods)
+    loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods, api)
 
     log.info(
         "kubelet-emu starting",
@@ -167,11 +167,11 @@ async def run(opts: RunOptions) -> int:
             await pods.images.close()
         if pods.network is not None:
             await pods.network.stop()
-        write_stats(stats_path, kube, pods)
+        write_stats(stats_path, kube, pods, api)
         await kube.close()
 
 
-def write_stats(path: Path, kube: Kube, pods: PodController) -> None:
+def write_stats(path: Path, kube: Kube, pods: PodController, api: KubeletAPIServer | None = None) -> None:
     """API requests made over the agent's life, for benchmarks (the /metrics endpoint comes later)."""
     stats = {
         "requests_by_verb": kube.requests_by_verb,
@@ -180,4 +180,8 @@ def write_stats(path: Path, kube: Kube, pods: PodController) -> None:
         "pod_watch_relists": pods.pods.relists,
         "pod_watch_restarts": pods.pods.watch_restarts,
     }
+    if api is not None and api.authenticator is not None and api.authorizer is not None:
+        # What the kubelet API's caches save: reviews sent, not requests served.
+        stats["kubelet_api_token_reviews"] = api.authenticator.token_reviews
+        stats["kubelet_api_access_reviews"] = api.authorizer.reviews
     path.write_text(json.dumps(stats, indent=2))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import ssl
 import time
@@ -483,3 +484,35 @@ async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, s
     finally:
         for c in await pending_csrs():
             await kubectl.run("delete", "csr", c["metadata"]["name"], check=False)
+
+
+async def agent_stats(node: Node) -> dict[str, Any]:
+    path = node.state / "agent-stats.json"
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    node.agent.proc.send_signal(signal.SIGUSR1)
+    await eventually(lambda: asyncio.sleep(0, path.exists() and path.stat().st_mtime_ns != before), 5, 0.05, "stats")
+    return json.loads(path.read_text())
+
+
+async def test_token_and_access_reviews_are_cached(cluster, kubectl, node, chatty):
+    sa = unique("sa-cached")
+    role = unique("node-proxy-cached")
+    await kubectl("create", "serviceaccount", sa)
+    await kubectl("create", "clusterrole", role, "--verb=get", "--resource=nodes/proxy")
+    await kubectl("create", "clusterrolebinding", role, f"--clusterrole={role}", f"--serviceaccount=default:{sa}")
+    try:
+        token = (await kubectl("create", "token", sa)).strip()
+        path = f"/containerLogs/default/{chatty}/main?tailLines=1"
+
+        async def allowed() -> bool:
+            return (await direct(cluster, node, path, token=token))[0] == 200
+
+        await eventually(allowed, 10)
+        first = await agent_stats(node)
+        for _ in range(10):
+            assert await direct(cluster, node, path, token=token) == (200, "late-2\n")
+        after = await agent_stats(node)
+        assert after["kubelet_api_token_reviews"] == first["kubelet_api_token_reviews"]
+        assert after["kubelet_api_access_reviews"] == first["kubelet_api_access_reviews"]
+    finally:
+        await kubectl.run("delete", "clusterrolebinding,clusterrole", role, check=False)
