@@ -50,6 +50,8 @@ default_runtime = "procs"
 cgroup_root = "{CGROUP_ROOT}"
 [runtimes.procs]
 backend = "process"
+[runtimes.fake]
+backend = "emulated"
 [network]
 enabled = false  # Pods on the host network: these tests are about the kubelet API
 [kubelet_api]
@@ -516,3 +518,27 @@ async def test_token_and_access_reviews_are_cached(cluster, kubectl, node, chatt
         assert after["kubelet_api_access_reviews"] == first["kubelet_api_access_reviews"]
     finally:
         await kubectl.run("delete", "clusterrolebinding,clusterrole", role, check=False)
+
+
+async def test_an_emulated_container_has_an_empty_log(cluster, kubectl, node):
+    """Nothing runs, so nothing was printed: empty, and a follower waits until the container ends."""
+    rc, name = unique("rc-fake"), unique("p-fake")
+    await kubectl.apply(f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: fake\n")
+    manifest = pod_yaml(name, node.name, "true", restart="Never").replace(
+        "  restartPolicy:", f"  runtimeClassName: {rc}\n  restartPolicy:"
+    )
+    manifest = manifest.replace(
+        "metadata: {name: " + name + "}",
+        f"""metadata:
+  name: {name}
+  annotations: {{emulated.kubelet-emu.io/exit-after: "4s"}}""",
+    )
+    await kubectl.apply(manifest)
+    await running_pod(kubectl, name)
+    assert await kubectl("logs", name) == ""
+    started = time.monotonic()
+    code, out, _ = await kubectl.run("logs", "-f", name, check=False)
+    waited = time.monotonic() - started
+    assert (code, out) == (0, "")
+    assert 1.0 < waited < 15, f"-f should last until the emulated container exits, took {waited:.1f}s"
+    await kubectl.run("delete", "runtimeclass", rc, check=False)

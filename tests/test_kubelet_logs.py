@@ -425,3 +425,10 @@ def test_explicit_port_in_use_is_an_error_and_the_default_falls_back():
     free = bind(KubeletAPISettings(address="127.0.0.1", port=0))
     assert free.getsockname()[1] > 0
     free.close()
+
+
+async def test_a_symlink_in_the_logs_place_is_never_followed(tmp_path: Path):
+    secret = write(tmp_path / "secret", f"{T1} stdout F do not show")
+    os.symlink(secret, tmp_path / "0.log")
+    with pytest.raises(LogReadError, match="failed to open log file"):
+        await read(tmp_path / "0.log")

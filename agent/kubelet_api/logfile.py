@@ -152,15 +152,23 @@ class _Writer:
         return data
 
 
+def open_log(path: str) -> BinaryIO:
+    """Open for reading without following a symlink in the file's own place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")
+
+
 async def read_log(
     path: str, opts: LogOptions, running: Callable[[], Awaitable[bool]] | None = None
 ) -> AsyncIterator[bytes]:
     """Yield what the kubelet would write for the log at `path`. `running` tells a follower
     whether the container still runs (checked at each end of file, at least every second)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - replaced when the file is rotated away
+        f = open_log(path)
     except FileNotFoundError:
         raise LogReadError(f'failed to open log file "{os.path.basename(path)}": no such file or directory') from None
+    except OSError as exc:  # ELOOP: a symlink put in the log's place is never followed
+        raise LogReadError(f'failed to open log file "{os.path.basename(path)}": {exc.strerror}') from None
     try:
         tail = opts.tail_lines if opts.tail_lines is not None else -1
         f.seek(tail_start(f, tail))
@@ -229,5 +237,8 @@ async def _wait(f: BinaryIO, path: str, running: Callable[[], Awaitable[bool]] |
         except FileNotFoundError:
             continue  # between rotation's rename and the new file
         if current.st_ino != mine.st_ino:
-            return True, open(path, "rb")  # the caller owns and closes it
+            try:
+                return True, open_log(path)  # the caller owns and closes it
+            except OSError:
+                continue
     return True, f

@@ -9,6 +9,7 @@ Names are checked before anything is read, and the file must lie inside the Pod'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,6 +26,8 @@ from agent.kubelet_api.paths import invalid_name
 from agent.logs import kv
 
 log = logging.getLogger(__name__)
+
+NO_FILE_POLL = 0.5  # seconds between looks for a log file that does not exist yet
 
 
 class BadQuery(Exception):
@@ -173,15 +176,10 @@ async def container_logs(request: web.Request, ctx: KubeletAPIContext) -> web.St
     try:
         container_id = select_container_id(pod_name, rec.to_json(), container, previous)
         fallback = rec.restart_count - 1 if previous and rec.state == "running" else rec.restart_count
-        path = log_path(str(ctx.pods_dir), worker.pod, container, run_number(container_id, container, fallback))
+        run = run_number(container_id, container, fallback)
+        path = log_path(str(ctx.pods_dir), worker.pod, container, run)
     except ValueError as exc:
         return web.Response(status=400, text=str(exc))
-    if not os.path.isfile(path):
-        backend = worker.backend.name if worker.backend else "this"
-        return web.Response(
-            status=400,
-            text=f'no log file for container "{container}" in pod "{pod_name}": the {backend} backend wrote none',
-        )
 
     async def still_running() -> bool:
         if request.transport is None or request.transport.is_closing():
@@ -193,6 +191,20 @@ async def container_logs(request: web.Request, ctx: KubeletAPIContext) -> web.St
     response = web.StreamResponse(headers={"Content-Type": "text/plain"})
     response.enable_chunked_encoding()
     await response.prepare(request)  # headers out now: a follower sees the stream open at once
+    # No file yet (a container just starting) or ever (the emulated backend runs nothing, so it
+    # prints nothing): an empty log, and a follower waits while the container runs.
+    while not os.path.isfile(path):
+        if not opts.follow or not await still_running():
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
+            return response
+        await asyncio.sleep(NO_FILE_POLL)
+    try:
+        path = log_path(str(ctx.pods_dir), worker.pod, container, run)  # again: the directories may have changed
+    except ValueError as exc:
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(str(exc).encode())
+        return response
     try:
         async for chunk in read_log(path, opts, still_running):
             if request.transport is None or request.transport.is_closing():
