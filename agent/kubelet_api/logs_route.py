@@ -127,12 +127,8 @@ def select_container_id(pod_name: str, status: dict[str, Any], container: str, p
             raise ValueError(f"{where} is terminated")
         return last["containerID"]
     if waiting is not None:
-        return _raise(f"{where} is waiting to start: {waiting.get('reason', '')}")
+        raise ValueError(f"{where} is waiting to start: {waiting.get('reason', '')}")
     raise ValueError(f"{where} is waiting to start - no logs yet")
-
-
-def _raise(message: str) -> str:
-    raise ValueError(message)
 
 
 def run_number(container_id: str, container: str, fallback: int) -> int:
