@@ -103,8 +103,9 @@ async def node(
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
         )
-    agent = AgentProcess(proc, log_path, name, config, state)
+    agent: AgentProcess | None = None
     try:
+        agent = AgentProcess(proc, log_path, name, config, state)
         obj = await wait_node_ready(kubectl, name, timeout=30)
         port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
         yield Node(name, agent, port, state)
@@ -113,7 +114,11 @@ async def node(
             "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
             "--wait=true", "--timeout=60s", check=False,
         )  # fmt: skip
-        await agent.stop()
+        if agent is not None:
+            await agent.stop()
+        elif proc.returncode is None:  # never leave the agent running, whatever failed above
+            proc.terminate()
+            await proc.wait()
         await remove_node_network(state, name)
         await delete_node(kubectl, name)
         CgroupManager(detect_mode(), root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)
