@@ -22,6 +22,7 @@ from agent.logs import kv
 log = logging.getLogger("kubelet_emu.network")
 
 CIDR_POLL = 1.0
+START_RETRY = 10.0
 CIDR_NOTICE_AFTER = 30.0  # say once that no CIDR has come yet (a cluster without --allocate-node-cidrs)
 
 
@@ -59,9 +60,19 @@ class NodePodNetwork:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        """Find the CIDR and start the bridge; then stay idle (cancelled when the agent stops)."""
+        """Find the CIDR and start the bridge. A failure (an address conflict, say) is logged once and
+        retried: Pods needing a network wait in ContainerCreating meanwhile, the others run."""
         self.cidr = self.configured_cidr or await self._node_cidr()
-        await self.networks.start(self.cidr)
+        said = ""
+        while True:
+            try:
+                await self.networks.start(self.cidr)
+                break
+            except Exception as exc:  # PodNetworkError, NetlinkError, OSError: all retried alike
+                if str(exc) != said:
+                    said = str(exc)
+                    log.error("pod network not started; retrying every 10s: " + said, extra=kv(cidr=self.cidr))
+                await asyncio.sleep(START_RETRY)
         log.info("pod network ready", extra=kv(cidr=self.cidr, bridge=self.networks.bridge))
         self.ready.set()
 
