@@ -35,8 +35,10 @@ from runtimes.base import (
     RunContainerError,
     Sandbox,
     SandboxError,
+    StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
+from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container
 from runtimes.shim import proc_start_ticks
 
 SHIM_START_TIMEOUT = 10.0
@@ -343,3 +345,16 @@ class ProcessBackend(Backend):
             await proc.wait()
             raise
         return proc.returncode or 0, out
+
+    # --- streaming (runtimes/process_exec.py) ----------------------------------------------------
+
+    async def exec_stream(
+        self, sandbox: Sandbox, handle: ContainerHandle, command: list[str], tty: bool, stdin: bool
+    ) -> StreamingProcess:
+        return await exec_in_container(handle, command, tty, stdin)
+
+    async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
+        return await attach_to_container(handle, tty, stdin)
+
+    async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
+        return await connect_in_pod(sandbox, port)
