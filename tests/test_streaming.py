@@ -1,0 +1,286 @@
+"""kubectl exec, attach and port-forward through the real API server to a real agent's kubelet API.
+
+kubectl (v1.36) speaks WebSocket to the API server, which translates exec/attach to SPDY/3.1 and
+tunnels port-forward's SPDY toward this node (it declares no ExtendWebSocketsToKubelet feature), so
+these tests drive the agent's SPDY server, streaming protocols and the process backend end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import pty
+import re
+import signal
+import struct
+import termios
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import Kubectl, eventually, free_port, wait_node_ready
+
+from devcluster import manage
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
+]
+
+CGROUP_ROOT = f"kubelet-emu-stream-{uuid.uuid4().hex[:6]}"
+CONFIG = f"""
+default_runtime = "procs"
+[node]
+cgroup_root = "{CGROUP_ROOT}"
+[runtimes.procs]
+backend = "process"
+[runtimes.fake]
+backend = "emulated"
+"""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+async def node(cluster: manage.Cluster, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """One agent for the module: every test here only adds Pods to it."""
+    from conftest import AgentProcess, agent_argv, agent_env, delete_node
+
+    name = unique("emu-stream")
+    tmp = tmp_path_factory.mktemp("stream")
+    kubeconfig = await manage.node_kubeconfig(cluster.dir, name)
+    config = tmp / "agent.toml"
+    config.write_text(CONFIG)
+    log_path = tmp / "agent.log"
+    args = [*agent_argv(), "run", "--kubeconfig", str(kubeconfig), "--node-name", name]
+    args += ["--state-dir", str(tmp / "state"), "--config", str(config)]
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
+        )
+    agent = AgentProcess(proc, log_path, name, config)
+    kubectl = Kubectl(cluster)
+    try:
+        await wait_node_ready(kubectl, name)
+        yield name
+    finally:
+        await kubectl.run(
+            "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+            "--wait=true", "--timeout=60s", check=False,
+        )  # fmt: skip
+        await agent.stop()
+        await delete_node(kubectl, name)
+        print(agent.log[-3000:])
+
+
+async def run_pod(
+    kubectl: Kubectl, node: str, command: str, *, runtime_class: str = "", restart: str = "Always"
+) -> str:
+    name = unique("p")
+    rc = f"  runtimeClassName: {runtime_class}\n" if runtime_class else ""
+    await kubectl.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  restartPolicy: {restart}
+{rc}  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", {command!r}]
+""")
+
+    async def running() -> bool:
+        pod = await kubectl.get("pod", name)
+        return bool(pod) and pod["status"].get("phase") == "Running"
+
+    await eventually(running, 30, interval=0.2, what=f"pod {name} Running")
+    return name
+
+
+async def test_exec_prints_output_and_returns_the_exit_code(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    started = time.monotonic()
+    code, out, err = await kubectl.run("exec", pod, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3", check=False)
+    elapsed = time.monotonic() - started
+    assert (code, out) == (3, "hi\n"), err
+    assert "oops" in err and "command terminated with exit code 3" in err
+    assert elapsed < 10, f"kubectl exec took {elapsed:.1f}s"
+
+    code, out, err = await kubectl.run("exec", pod, "-c", "main", "--", "sh", "-c", "echo $HOSTNAME; pwd")
+    assert code == 0 and out.split("\n")[0] == pod, err
+
+
+async def test_exec_runs_in_the_containers_cgroup(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    _, out, _ = await kubectl.run("exec", pod, "--", "cat", "/proc/self/cgroup")
+    assert CGROUP_ROOT in out and "main" in out, out
+
+
+async def test_exec_with_stdin(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    code, out, err = await kubectl.run("exec", "-i", pod, "--", "cat", stdin="hello\nworld\n")
+    assert (code, out) == (0, "hello\nworld\n"), err
+
+    big = "".join(f"line {i:06d} {'x' * 90}\n" for i in range(3000))  # 300 kB: many SPDY frames each way
+    code, out, err = await kubectl.run("exec", "-i", pod, "--", "sh", "-c", "wc -c; echo done >&2", stdin=big)
+    assert code == 0 and out.strip() == str(len(big)) and "done" in err, err
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+async def _read_until(fd: int, pattern: str, timeout: float) -> str:
+    """Read the pty until `pattern` (a regex) shows up in the output."""
+    loop = asyncio.get_running_loop()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = asyncio.Event()
+        loop.add_reader(fd, ready.set)
+        try:
+            await asyncio.wait_for(ready.wait(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        finally:
+            loop.remove_reader(fd)
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if re.search(pattern, seen.decode(errors="replace")):
+            return seen.decode(errors="replace")
+    pytest.fail(f"no {pattern!r} on the terminal within {timeout}s; it showed: {seen.decode(errors='replace')!r}")
+
+
+async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
+    """kubectl exec -it on a real terminal: a shell with a TTY, its size, and a resize."""
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    argv, env = manage.kubectl_argv(kubectl.cluster, ["exec", "-it", pod, "--", "sh"])
+    master, slave = pty.openpty()
+    _set_winsize(slave, 33, 111)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env={**env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        os.write(master, b"tty; stty size; echo $((6*7))\n")
+        out = await _read_until(master, r"\n42\r?\n", 20)
+        assert "/dev/pts/" in out and "33 111" in out, out
+
+        _set_winsize(master, 40, 132)  # the terminal is resized: kubectl sees SIGWINCH and sends it on
+        os.kill(proc.pid, signal.SIGWINCH)
+        await asyncio.sleep(0.5)
+        os.write(master, b"stty size\n")
+        await _read_until(master, r"40 132", 10)
+
+        os.write(master, b"exit 4\n")
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert code == 4
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+
+
+async def test_port_forward_to_an_http_server_in_the_pod(kubectl: Kubectl, node: str) -> None:
+    port = free_port()  # the Pod may share the host's network: a port nobody uses
+    pod = await run_pod(kubectl, node, f"cd /etc && exec python3 -m http.server {port} --bind 127.0.0.1")
+    local = free_port()
+    argv, env = manage.kubectl_argv(kubectl.cluster, ["port-forward", f"pod/{pod}", f"{local}:{port}"])
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"Forwarding from" in line, line
+
+        async def get(path: str) -> tuple[int, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            await writer.drain()
+            response = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = response.partition(b"\r\n\r\n")
+            return int(head.split()[1]), body
+
+        async def served() -> tuple[int, bytes] | None:  # the server may still be starting
+            try:
+                return await get("/")
+            except (OSError, ValueError, IndexError, TimeoutError):
+                return None
+
+        status, body = await eventually(served, 20, interval=0.5, what="an answer through the port-forward")
+        assert status == 200 and b"passwd" in body
+        hostname = Path("/etc/hostname").read_bytes()
+        for _ in range(3):  # connection after connection on one forwarding session
+            status, body = await get("/hostname")
+            assert (status, body) == (200, hostname)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_port_forward_to_a_closed_port_reports_the_error(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    closed, local = free_port(), free_port()
+    argv, env = manage.kubectl_argv(kubectl.cluster, ["port-forward", f"pod/{pod}", f"{local}:{closed}"])
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        await asyncio.wait_for(proc.stdout.readline(), 20)
+        reader, writer = await asyncio.open_connection("127.0.0.1", local)
+        await asyncio.wait_for(reader.read(), 10)  # closed on us: nothing listens in the Pod
+        writer.close()
+        err = await asyncio.wait_for(proc.stderr.read(), 15)  # kubectl gives up on the session
+        assert f"error forwarding port {closed}".encode() in err and b"Connect call failed" in err, err
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
+async def test_attach_follows_the_containers_output(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(
+        kubectl, node, "sleep 1; for i in $(seq 1 20); do echo tick $i; echo tock $i >&2; sleep 0.2; done",
+        restart="Never",
+    )  # fmt: skip
+    code, out, err = await kubectl.run("attach", pod, check=False)
+    assert code == 0, err
+    ticks = [int(n) for n in re.findall(r"tick (\d+)", out)]
+    assert ticks and ticks == list(range(ticks[0], 21)), out  # from where it joined, in order, to the end
+    assert "tock 20" in err
+
+
+async def test_exec_into_an_unknown_container_is_refused(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    code, _, err = await kubectl.run("exec", pod, "-c", "nope", "--", "true", check=False)
+    assert code != 0 and "nope" in err, err
+
+
+async def test_exec_on_the_emulated_backend_says_it_cannot(kubectl: Kubectl, node: str) -> None:
+    rc = unique("fake")
+    await kubectl.apply(f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: fake\n")
+    try:
+        pod = await run_pod(kubectl, node, "sleep 3600", runtime_class=rc)
+        code, _, err = await kubectl.run("exec", pod, "--", "true", check=False)
+        assert code != 0 and "the emulated backend cannot exec into containers" in err, err
+    finally:
+        await kubectl.run("delete", "runtimeclass", rc, "--wait=false", check=False)
