@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import os
 import signal
@@ -23,6 +24,17 @@ from runtimes.base import ContainerHandle, NotSupportedError, RunContainerError,
 from runtimes.crilog import parse_line
 
 ATTACH_POLL = 0.1  # seconds between looks at the log file of an attached container
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec functions only call it
+
+
+def setns_net(fd: int) -> None:
+    """Move the calling thread into the network namespace `fd` (os.setns arrived only in Python 3.12)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+    elif _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
@@ -34,7 +46,7 @@ def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
     if spec.get("netns"):
         fd = os.open(spec["netns"], os.O_RDONLY)
         try:
-            os.setns(fd, os.CLONE_NEWNET)
+            setns_net(fd)
         finally:
             os.close(fd)
     if tty_fd is not None:
@@ -244,11 +256,11 @@ def _socket_in_netns(netns: str) -> socket.socket:
     try:
         target = os.open(netns, os.O_RDONLY)
         try:
-            os.setns(target, os.CLONE_NEWNET)
+            setns_net(target)
             try:
                 return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             finally:
-                os.setns(own, os.CLONE_NEWNET)
+                setns_net(own)
         finally:
             os.close(target)
     finally:

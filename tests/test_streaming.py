@@ -14,16 +14,20 @@ import pty
 import re
 import signal
 import struct
+import subprocess
+import sys
 import termios
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Kubectl, eventually, free_port, wait_node_ready
 
 from devcluster import manage
+from runtimes.base import ContainerHandle, Sandbox
+from runtimes.process_exec import connect_in_pod, exec_in_container
 
 pytestmark = [
     pytest.mark.cluster,
@@ -284,3 +288,62 @@ async def test_exec_on_the_emulated_backend_says_it_cannot(kubectl: Kubectl, nod
         assert code != 0 and "the emulated backend cannot exec into containers" in err, err
     finally:
         await kubectl.run("delete", "runtimeclass", rc, "--wait=false", check=False)
+
+
+# --- the process backend inside a Pod network namespace (no cluster: a namespace made here) -------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = unique("emu-stream-test")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+async def _serve_once(reply: bytes, port: int, netns: str | None) -> asyncio.subprocess.Process:
+    """A one-shot TCP server answering `reply`, in `netns` or on the host."""
+    code = (
+        "import socket,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+        f"s.bind(('127.0.0.1',{port}));s.listen();print('up',flush=True);c,_=s.accept();"
+        f"c.sendall({reply!r}+c.recv(100));c.close()"
+    )
+    prefix = ["ip", "netns", "exec", Path(netns).name] if netns else []
+    proc = await asyncio.create_subprocess_exec(*prefix, sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"up\n"
+    return proc
+
+
+async def test_port_forward_connects_inside_the_pods_network_namespace(netns: str) -> None:
+    port = free_port()
+    host = await _serve_once(b"host:", port, None)  # the same port on the host must not be the one reached
+    pod = await _serve_once(b"pod:", port, netns)
+    try:
+        reader, writer = await connect_in_pod(Sandbox(id="s", pod_uid="u", netns=netns), port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.read(), 5) == b"pod:ping"
+        writer.close()
+        reader, writer = await connect_in_pod(Sandbox(id="s", pod_uid="u"), port)  # no netns: the host's
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.read(), 5) == b"host:ping"
+        writer.close()
+        with pytest.raises(ConnectionRefusedError):
+            await connect_in_pod(Sandbox(id="s", pod_uid="u", netns=netns), free_port())
+    finally:
+        for proc in (host, pod):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def test_exec_joins_the_pods_network_namespace(netns: str) -> None:
+    spec = {"env": {"PATH": os.environ["PATH"]}, "cwd": "/", "cgroup_procs": [], "netns": netns}
+    handle = ContainerHandle(id="c1", name="main", image="busybox", extra={"spec": spec})
+    proc = await exec_in_container(handle, ["readlink", "/proc/self/ns/net"], tty=False, stdin=False)
+    out = await proc.stdout.read()
+    assert await proc.wait() == 0
+    assert out.decode().strip() == f"net:[{os.stat(netns).st_ino}]"
