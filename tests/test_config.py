@@ -899,3 +899,14 @@ def test_network_and_images_errors(tmp_path, text, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path / "a.toml", text))
     assert expected in str(err.value) and str(tmp_path / "a.toml") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["agent-import-containerd.toml", "agent-import-crio.toml"])
+def test_example_imports_map_handlers_to_oci_runtimes(name):
+    """The containerd-style and CRI-O-style examples give runc and crun handlers (both installed by .ci/run)."""
+    cfg = load_config(EXAMPLE.parent / name)
+    assert cfg.handlers["runc"].backend == "oci" and cfg.handlers["runc"].runtime_path == "/usr/sbin/runc"
+    assert cfg.handlers["crun"].runtime_path == "/usr/bin/crun"
+    assert cfg.handlers["crun"].runtime_root == "/run/kubelet-emu/crun"
+    assert cfg.handlers["fast"].backend == "emulated"
+    assert cfg.default_runtime == "runc" and not cfg.warnings
