@@ -9,32 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import os
 import signal
-import socket
 import struct
 import subprocess
 import termios
 from pathlib import Path
 from typing import Any
 
+from network.netns import connect_in_netns, setns_fd
 from runtimes.base import ContainerHandle, NotSupportedError, RunContainerError, Sandbox, StreamingProcess
 from runtimes.crilog import parse_line
 
 ATTACH_POLL = 0.1  # seconds between looks at the log file of an attached container
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec functions only call it
-
-
-def setns_net(fd: int) -> None:
-    """Move the calling thread into the network namespace `fd` (os.setns arrived only in Python 3.12)."""
-    if hasattr(os, "setns"):
-        os.setns(fd, CLONE_NEWNET)
-    elif _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
@@ -46,7 +34,7 @@ def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
     if spec.get("netns"):
         fd = os.open(spec["netns"], os.O_RDONLY)
         try:
-            setns_net(fd)
+            setns_fd(fd)  # os.setns is Python 3.12+
         finally:
             os.close(fd)
     if tty_fd is not None:
@@ -249,39 +237,8 @@ async def attach_to_container(handle: ContainerHandle, tty: bool, stdin: bool) -
 # --- port-forward ----------------------------------------------------------------------------------
 
 
-def _socket_in_netns(netns: str) -> socket.socket:
-    """A TCP socket created inside `netns` (a socket keeps the namespace it was made in). Runs in a
-    worker thread: setns changes only the calling thread, which is moved back before returning."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(netns, os.O_RDONLY)
-        try:
-            setns_net(target)
-            try:
-                return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            finally:
-                setns_net(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
-
-
 async def connect_in_pod(sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection to 127.0.0.1:`port` as seen from inside the Pod."""
     if sandbox.netns is None:
         return await asyncio.open_connection("127.0.0.1", port)
-    try:
-        from network.netns import connect_in_netns  # the network package's own helper, when present
-    except ImportError:
-        connect_in_netns = None
-    if connect_in_netns is not None:
-        return await connect_in_netns(sandbox.netns, "127.0.0.1", port)
-    sock = await asyncio.to_thread(_socket_in_netns, sandbox.netns)
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock)
+    return await connect_in_netns(sandbox.netns, "127.0.0.1", port)
