@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import pty
+import random
 import re
 import signal
 import struct
@@ -46,40 +47,27 @@ backend = "emulated"
 """
 
 
+def config() -> str:
+    """A pod CIDR of the node's own: a new cluster hands every first node 10.244.0.0/24, which the
+    bridge of a node another test run left behind may still route."""
+    return CONFIG + f'[network]\npod_cidr = "10.{random.randint(100, 199)}.{random.randint(0, 255)}.0/24"\n'
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture(scope="module")
-async def node(cluster: manage.Cluster, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """One agent for the module: every test here only adds Pods to it."""
-    from conftest import AgentProcess, agent_argv, agent_env, delete_node
-
+@pytest.fixture
+async def node(kubectl: Kubectl, start_agent) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     name = unique("emu-stream")
-    tmp = tmp_path_factory.mktemp("stream")
-    kubeconfig = await manage.node_kubeconfig(cluster.dir, name)
-    config = tmp / "agent.toml"
-    config.write_text(CONFIG)
-    log_path = tmp / "agent.log"
-    args = [*agent_argv(), "run", "--kubeconfig", str(kubeconfig), "--node-name", name]
-    args += ["--state-dir", str(tmp / "state"), "--config", str(config)]
-    with open(log_path, "wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
-        )
-    agent = AgentProcess(proc, log_path, name, config)
-    kubectl = Kubectl(cluster)
-    try:
-        await wait_node_ready(kubectl, name)
-        yield name
-    finally:
-        await kubectl.run(
-            "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-            "--wait=true", "--timeout=60s", check=False,
-        )  # fmt: skip
-        await agent.stop()
-        await delete_node(kubectl, name)
-        print(agent.log[-3000:])
+    await start_agent(name, config())
+    await wait_node_ready(kubectl, name)
+    yield name
+    # Process containers outlive a stopped agent by design: delete the Pods while it runs.
+    await kubectl.run(
+        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "--wait=true", "--timeout=60s", check=False,
+    )  # fmt: skip
 
 
 async def run_pod(
@@ -204,6 +192,8 @@ async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
 async def test_port_forward_to_an_http_server_in_the_pod(kubectl: Kubectl, node: str) -> None:
     port = free_port()  # the Pod may share the host's network: a port nobody uses
     pod = await run_pod(kubectl, node, f"cd /etc && exec python3 -m http.server {port} --bind 127.0.0.1")
+    status = (await kubectl.json("get", "pod", pod))["status"]
+    assert status["podIP"] != status["hostIP"]  # its own network namespace: only reachable from inside
     local = free_port()
     argv, env = manage.kubectl_argv(kubectl.cluster, ["port-forward", f"pod/{pod}", f"{local}:{port}"])
     proc = await asyncio.create_subprocess_exec(

@@ -30,6 +30,7 @@ V4, V3, V2 = "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io"
 SUPPORTED_PROTOCOLS = [V4, V3, V2]  # the kubelet's list, less the legacy unversioned channel.k8s.io
 STREAM_CREATION_TIMEOUT = 30.0  # the kubelet's default
 OUTPUT_DRAIN_TIMEOUT = 5.0  # after the command ends: what is left in its pipes still goes out
+FIRST_RESIZE_TIMEOUT = 1.0  # with a TTY: how long stdin waits for the terminal's size
 HANGUP_TIMEOUT = 5.0  # after the status: the client hangs up first, or we do
 STREAM_TYPES = ("error", "stdin", "stdout", "stderr", "resize")
 
@@ -148,12 +149,16 @@ async def _pump(
 ) -> dict | None:
     """Copy data until the process ends; its Status, or None when the client went away first."""
     tasks = []
+    resize = channels.get("resize")
+    if resize is not None:
+        sized = asyncio.Event()
+        tasks.append(asyncio.create_task(_apply_resizes(resize, proc, sized)))
+        # kubectl sends the terminal's size first thing: typed input must not reach a 0x0 terminal.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sized.wait(), FIRST_RESIZE_TIMEOUT)
     stdin = channels.get("stdin")
     if stdin is not None:
         tasks.append(asyncio.create_task(_copy_stdin(stdin, proc)))
-    resize = channels.get("resize")
-    if resize is not None:
-        tasks.append(asyncio.create_task(_apply_resizes(resize, proc)))
     outputs = []
     for kind, source in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         target = channels.get(kind)
@@ -203,7 +208,7 @@ async def _copy_stdin(stream: SpdyStream, proc: StreamingProcess) -> None:
             writer.close()  # EOF for the command (`cat` ends)
 
 
-async def _apply_resizes(stream: SpdyStream, proc: StreamingProcess) -> None:
+async def _apply_resizes(stream: SpdyStream, proc: StreamingProcess, sized: asyncio.Event) -> None:
     decoder = json.JSONDecoder()
     buffer = ""
     while data := await stream.read():
@@ -217,6 +222,7 @@ async def _apply_resizes(stream: SpdyStream, proc: StreamingProcess) -> None:
             buffer = buffer[end:]
             if isinstance(size, dict):
                 await proc.resize(int(size.get("Width") or 0), int(size.get("Height") or 0))
+                sized.set()
 
 
 async def _report(error: SpdyStream | None, protocol: str, status: dict) -> None:
