@@ -127,6 +127,37 @@ async def test_exec_with_stdin(kubectl: Kubectl, node: str) -> None:
     assert code == 0 and out.strip() == str(len(big)) and "done" in err, err
 
 
+def _pids_running(needle: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+async def test_exec_command_stops_when_the_client_goes_away(kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    duration = f"{random.randint(10000, 99999)}.5"  # names the exec'd process on this host
+    argv, env = manage.kubectl_argv(kubectl.cluster, ["exec", pod, "--", "sleep", duration])
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.DEVNULL)
+
+    async def started() -> list[int]:
+        return _pids_running(f"sleep {duration}")
+
+    await eventually(started, 15, interval=0.2, what="the exec'd sleep")
+    proc.kill()  # kubectl dies: the API server drops its SPDY connection to the node
+    await proc.wait()
+
+    async def stopped() -> bool:
+        return not _pids_running(f"sleep {duration}")
+
+    await eventually(stopped, 15, interval=0.2, what="the exec'd sleep to be stopped")
+
+
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
