@@ -189,6 +189,8 @@ class ProcessBackend(Backend):
             "gid": security.get("runAsGroup"),
             "cgroup_procs": cgroup_procs,
             "netns": sandbox.netns,
+            "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
+            "stdin_once": bool(container.get("stdinOnce")),
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,

@@ -222,16 +222,58 @@ class LogFollower(StreamingProcess):
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
+    def close(self) -> None:
+        """The session is over: stop following, and let go of the container's stdin."""
+        self._task.cancel()
+        if self.stdin is not None:
+            self.stdin.close()
+
+
+class FifoStdin:
+    """attach -i: what the client types goes into the container's stdin FIFO. Closing it ends
+    the container's stdin only with stdinOnce (the shim then drops its own write end)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, run_dir: Path, once: bool):
+        self.writer, self.run_dir, self.once = writer, run_dir, once
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def close(self) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        if self.once:
+            (self.run_dir / "stdin-close").touch()
+
 
 async def attach_to_container(handle: ContainerHandle, tty: bool, stdin: bool) -> LogFollower:
-    if stdin:
-        raise NotSupportedError(
-            f"attach to container {handle.name}: the process backend attaches to output only (the container's "
-            "stdin is /dev/null); attach without -i/--stdin, or use kubectl exec -i"
-        )
-    if not handle.extra.get("spec"):
+    spec = handle.extra.get("spec")
+    if not spec:
         raise RunContainerError(f"container {handle.name} has no recorded spec: it was not created by this agent")
-    return LogFollower(handle, tty)
+    writer = None
+    if stdin:
+        fifo = spec.get("stdin_fifo")
+        if not fifo:
+            raise NotSupportedError(
+                f"container {handle.name} does not accept stdin: set `stdin: true` in its spec to attach with -i"
+            )
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the container holds the reading end
+        except OSError as exc:
+            raise RunContainerError(f"attach to container {handle.name}: cannot open its stdin: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+        )
+        stream = asyncio.StreamWriter(transport, protocol, None, loop)
+        writer = FifoStdin(stream, Path(handle.extra["run_dir"]), bool(spec.get("stdin_once")))
+    follower = LogFollower(handle, tty)
+    follower.stdin = writer
+    return follower
 
 
 # --- port-forward ----------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ async def node(kubectl: Kubectl, start_agent) -> AsyncIterator[str]:  # type: ig
 
 
 async def run_pod(
-    kubectl: Kubectl, node: str, command: str, *, runtime_class: str = "", restart: str = "Always"
+    kubectl: Kubectl, node: str, command: str, *, runtime_class: str = "", restart: str = "Always", extra: str = ""
 ) -> str:
     name = unique("p")
     rc = f"  runtimeClassName: {runtime_class}\n" if runtime_class else ""
@@ -88,7 +88,7 @@ spec:
   - name: main
     image: busybox
     command: ["sh", "-c", {command!r}]
-""")
+{extra}""")
 
     async def running() -> bool:
         pod = await kubectl.get("pod", name)
@@ -292,6 +292,22 @@ async def test_attach_follows_the_containers_output(kubectl: Kubectl, node: str)
     ticks = [int(n) for n in re.findall(r"tick (\d+)", out)]
     assert ticks and ticks == list(range(ticks[0], 21)), out  # from where it joined, in order, to the end
     assert "tock 20" in err
+
+
+async def test_attach_with_stdin_once(kubectl: Kubectl, node: str) -> None:
+    """stdin: true gives the container a stdin attach -i writes to; stdinOnce closes it when the
+    first attach's input ends, so the container reads EOF."""
+    pod = await run_pod(
+        kubectl, node, "while read l; do echo got:$l; done; echo eof", restart="Never",
+        extra="    stdin: true\n    stdinOnce: true\n",
+    )  # fmt: skip
+    code, out, err = await kubectl.run("attach", "-i", pod, stdin="a\nb\n", check=False)
+    assert code == 0, err
+    assert out.endswith("got:a\ngot:b\neof\n"), out
+
+    other = await run_pod(kubectl, node, "sleep 3600")
+    code, _, err = await kubectl.run("attach", "-i", other, stdin="x\n", check=False)
+    assert code != 0 and "does not accept stdin" in err, err
 
 
 async def test_exec_into_an_unknown_container_is_refused(kubectl: Kubectl, node: str) -> None:

@@ -74,7 +74,7 @@ def exit_code_status(code: int) -> dict:
 
 
 def internal_error_status(message: str) -> dict:
-    message = f"Internal error occurred: {message}"
+    # The kubelet prefixes "Internal error occurred: "; the API server's translator adds it again.
     return {"status": "Failure", "reason": "InternalError", "code": 500, "message": message}
 
 
