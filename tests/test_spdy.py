@@ -1,14 +1,21 @@
-"""SPDY/3.1 framing, header compression and the server connection (agent/kubelet_api/spdy*.py)."""
+"""SPDY/3.1 framing, header compression, the server connection and the HTTP upgrade
+(agent/kubelet_api/spdy.py, spdy_conn.py, upgrade.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import zlib
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
+from conftest import free_port
 
 from agent.kubelet_api import spdy
 from agent.kubelet_api.spdy_conn import SpdyConnection, SpdyStream, StreamResetError
+from agent.kubelet_api.upgrade import UpgradeRefused, negotiate, switch_to_spdy
 
 # Written by github.com/moby/spdystream's Framer (the API server's SPDY client), v0.5.1:
 # SYN_STREAM 1 {streamtype: error}; SYN_STREAM 3 FIN {streamtype: data, port: 8080, requestid: 0};
@@ -220,3 +227,107 @@ async def test_protocol_error_says_goaway_and_drops_the_transport() -> None:
     (goaway,) = w.received()
     assert isinstance(goaway, spdy.ControlFrame) and goaway.type == spdy.GOAWAY and goaway.status == 1
     assert w.transport_closed and w.conn.closed.is_set()
+
+
+# --- the HTTP upgrade, over real TLS -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+async def echo_server(tls_files: tuple[str, str]) -> AsyncIterator[int]:
+    """An HTTPS server whose /echo upgrades to SPDY and answers each stream's data upper-cased."""
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        try:
+            protocol = negotiate(request, ["v4.channel.k8s.io", "v3.channel.k8s.io"])
+        except UpgradeRefused as refused:
+            return refused.response
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(stream: SpdyStream) -> None:
+            await stream.write((await stream.read_all()).upper())
+            stream.close()
+
+        def accept(stream: SpdyStream) -> bool:
+            tasks.add(asyncio.ensure_future(answer(stream)))  # runs once the SYN_REPLY is out
+            return True
+
+        conn, response = await switch_to_spdy(request, protocol, accept)
+        await conn.closed.wait()
+        conn.close()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/echo", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_files)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    yield port
+    await runner.cleanup()
+
+
+async def _request(port: int, headers: str) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    writer.write(f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n{headers}\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head.decode(), reader, writer
+
+
+UPGRADE = "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+
+
+async def test_upgrade_over_tls_then_spdy_streams(echo_server: int) -> None:
+    head, reader, writer = await _request(
+        echo_server, UPGRADE + "X-Stream-Protocol-Version: v5.channel.k8s.io\r\nX-Stream-Protocol-Version: "
+        "v4.channel.k8s.io, v3.channel.k8s.io\r\n"
+    )  # fmt: skip
+    assert head.startswith("HTTP/1.1 101")
+    assert "X-Stream-Protocol-Version: v4.channel.k8s.io" in head  # the client's first that we speak
+    assert "Transfer-Encoding" not in head and "Content-Length" not in head
+
+    compressor, parser = spdy.HeaderCompressor(), spdy.FrameParser()
+    writer.write(spdy.syn_stream_frame(compressor, 1, {"streamType": ["stdin"]}))
+    writer.write(spdy.syn_stream_frame(compressor, 3, {"streamType": ["stdout"]}))
+    writer.write(spdy.data_frame(1, b"hello ") + spdy.data_frame(1, b"spdy", fin=True))
+    writer.write(spdy.data_frame(3, b"", fin=True))
+    frames: list[spdy.Frame] = []
+    while sum(1 for f in frames if isinstance(f, spdy.DataFrame) and f.fin) < 2:
+        frames += parser.feed(await asyncio.wait_for(reader.read(65536), 5))
+    replies = [f.stream_id for f in frames if isinstance(f, spdy.ControlFrame) and f.type == spdy.SYN_REPLY]
+    assert replies == [1, 3]
+    assert b"".join(f.data for f in frames if isinstance(f, spdy.DataFrame) and f.stream_id == 1) == b"HELLO SPDY"
+
+    writer.write(spdy.goaway_frame(0))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the server hangs up after GOAWAY
+    writer.close()
+
+
+async def test_upgrade_refusals_name_the_problem(echo_server: int) -> None:
+    head, _, writer = await _request(echo_server, UPGRADE + "X-Stream-Protocol-Version: channel.k8s.io\r\n")
+    writer.close()
+    assert head.startswith("HTTP/1.1 403")
+    assert "X-Accepted-Stream-Protocol-Versions: v4.channel.k8s.io" in head
+
+    head, _, writer = await _request(echo_server, UPGRADE)
+    writer.close()
+    assert head.startswith("HTTP/1.1 400")
+
+    head, _, writer = await _request(echo_server, "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n")
+    writer.close()
+    assert head.startswith("HTTP/1.1 400")
