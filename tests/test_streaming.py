@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import pty
 import random
@@ -24,8 +25,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
 
+from agent.kubelet_api import remotecommand, spdy
+from agent.kubelet_api.remotecommand import StreamOptions
 from devcluster import manage
 from runtimes.base import ContainerHandle, Sandbox
 from runtimes.process_exec import connect_in_pod, exec_in_container
@@ -384,3 +388,115 @@ async def test_exec_joins_the_pods_network_namespace(netns: str) -> None:
     out = await proc.stdout.read()
     assert await proc.wait() == 0
     assert out.decode().strip() == f"net:[{os.stat(netns).st_ino}]"
+
+
+# --- the remote-command protocol versions, against a local server (no cluster) ---------------------
+
+
+class SpdyClient:
+    """The API server's side of a kubelet stream session, made of the agent's own frame writers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.compressor, self.parser = spdy.HeaderCompressor(), spdy.FrameParser()
+        self.next_id = 1
+        self.data: dict[int, bytes] = {}
+        self.finished: set[int] = set()
+
+    @classmethod
+    async def connect(cls, port: int, path: str, protocol: str) -> SpdyClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            f"X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101") and protocol.encode() in head, head
+        return cls(reader, writer)
+
+    def open(self, stream_type: str) -> int:
+        sid, self.next_id = self.next_id, self.next_id + 2
+        self.writer.write(spdy.syn_stream_frame(self.compressor, sid, {"streamType": [stream_type]}))
+        return sid
+
+    def send(self, sid: int, data: bytes, fin: bool = False) -> None:
+        self.writer.write(spdy.data_frame(sid, data, fin))
+
+    async def until_finished(self, *sids: int) -> None:
+        while not set(sids) <= self.finished:
+            chunk = await asyncio.wait_for(self.reader.read(65536), 10)
+            assert chunk, f"connection closed before streams {set(sids) - self.finished} ended"
+            for frame in self.parser.feed(chunk):
+                if isinstance(frame, spdy.DataFrame):
+                    self.data[frame.stream_id] = self.data.get(frame.stream_id, b"") + frame.data
+                    if frame.fin:
+                        self.finished.add(frame.stream_id)
+
+
+@pytest.fixture
+async def exec_server() -> AsyncIterator[int]:
+    """/exec?command=..: remotecommand.serve running the command on this host with exec_in_container."""
+    spec = {"env": {"PATH": os.environ["PATH"]}, "cwd": "/", "cgroup_procs": []}
+    handle = ContainerHandle(id="c1", name="main", image="busybox", extra={"spec": spec})
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        opts = StreamOptions.from_query(dict(request.query))
+        command = request.query.getall("command")
+        return await remotecommand.serve(
+            request, opts, lambda: exec_in_container(handle, command, opts.tty, opts.stdin), "exec in test"
+        )
+
+    app = web.Application()
+    app.router.add_post("/exec", route)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield port
+    await runner.cleanup()
+
+
+SH = "/exec?command=sh&command=-c&command="
+
+
+async def test_v4_reports_the_exit_code_as_a_status(exec_server: int) -> None:
+    c = await SpdyClient.connect(
+        exec_server, SH + "echo+hi%3Becho+err+%3E%262%3Bexit+3&output=1&error=1", "v4.channel.k8s.io"
+    )
+    error, stdout, stderr = c.open("error"), c.open("stdout"), c.open("stderr")
+    await c.until_finished(error, stdout, stderr)
+    assert (c.data[stdout], c.data[stderr]) == (b"hi\n", b"err\n")
+    status = json.loads(c.data[error])
+    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+
+async def test_v3_writes_only_a_failures_message(exec_server: int) -> None:
+    c = await SpdyClient.connect(exec_server, SH + "exit+0&output=1", "v3.channel.k8s.io")
+    error, stdout = c.open("error"), c.open("stdout")
+    await c.until_finished(error, stdout)
+    assert c.data.get(error, b"") == b""  # success: nothing but the end of the stream
+
+    c = await SpdyClient.connect(exec_server, "/exec?command=no-such-command&output=1", "v3.channel.k8s.io")
+    error, stdout = c.open("error"), c.open("stdout")
+    await c.until_finished(error)
+    assert b"no-such-command" in c.data[error] and not c.data[error].startswith(b"{")
+
+
+async def test_v4_tty_applies_resizes_sent_in_pieces(exec_server: int) -> None:
+    c = await SpdyClient.connect(exec_server, SH + "sleep+0.5%3Bstty+size&input=1&output=1&tty=1", "v4.channel.k8s.io")
+    error, stdin, stdout, resize = c.open("error"), c.open("stdin"), c.open("stdout"), c.open("resize")
+    c.send(resize, b'{"Width":100,')  # kubectl's JSON encoder output may arrive split anywhere
+    await asyncio.sleep(0.1)
+    c.send(resize, b'"Height":30}\n')
+    await c.until_finished(error, stdout)
+    assert c.data[stdout].strip() == b"30 100"
+    assert json.loads(c.data[error]) == {"status": "Success"}
+    c.send(stdin, b"", fin=True)
+
+
+async def test_v2_tty_needs_no_resize_stream(exec_server: int) -> None:
+    c = await SpdyClient.connect(exec_server, SH + "tty&input=1&output=1&tty=1", "v2.channel.k8s.io")
+    error, _, stdout = c.open("error"), c.open("stdin"), c.open("stdout")
+    await c.until_finished(error, stdout)
+    assert c.data[stdout].startswith(b"/dev/pts/") and c.data.get(error, b"") == b""

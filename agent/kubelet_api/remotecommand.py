@@ -30,7 +30,7 @@ V4, V3, V2 = "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io"
 SUPPORTED_PROTOCOLS = [V4, V3, V2]  # the kubelet's list, less the legacy unversioned channel.k8s.io
 STREAM_CREATION_TIMEOUT = 30.0  # the kubelet's default
 OUTPUT_DRAIN_TIMEOUT = 5.0  # after the command ends: what is left in its pipes still goes out
-FIRST_RESIZE_TIMEOUT = 1.0  # with a TTY: how long stdin waits for the terminal's size
+FIRST_RESIZE_TIMEOUT = 1.0  # with a TTY: how long the command waits for the terminal's size
 HANGUP_TIMEOUT = 5.0  # after the status: the client hangs up first, or we do
 STREAM_TYPES = ("error", "stdin", "stdout", "stderr", "resize")
 
@@ -121,6 +121,7 @@ async def serve(request: web.Request, opts: StreamOptions, start: Starter, what:
 
 async def _run(conn: SpdyConnection, channels: _Channels, protocol: str, start: Starter, what: str) -> None:
     closed = asyncio.create_task(conn.closed.wait())
+    reading_sizes: asyncio.Task[None] | None = None
     try:
         ready = asyncio.create_task(channels.complete.wait())
         done, _ = await asyncio.wait({ready, closed}, timeout=STREAM_CREATION_TIMEOUT, return_when="FIRST_COMPLETED")
@@ -130,32 +131,41 @@ async def _run(conn: SpdyConnection, channels: _Channels, protocol: str, start: 
                      channels.expected)  # fmt: skip
             return
         error = channels.get("error")
+        sizes: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        resize = channels.get("resize")
+        reading_sizes = asyncio.create_task(_read_sizes(resize, sizes)) if resize is not None else None
+        first_size = None
+        if reading_sizes is not None:
+            # kubectl sends the terminal's size first thing: the command should not start on a 0x0 TTY.
+            with contextlib.suppress(TimeoutError):
+                first_size = await asyncio.wait_for(sizes.get(), FIRST_RESIZE_TIMEOUT)
         try:
             proc = await start()
         except BackendError as exc:
             await _report(error, protocol, internal_error_status(f"{what}: {exc}"))
             return
-        status = await _pump(proc, conn, channels, closed, what)
+        if first_size is not None:
+            await proc.resize(*first_size)
+        status = await _pump(proc, channels, closed, sizes, what)
         if status is not None:
             await _report(error, protocol, status)
     finally:
         closed.cancel()
+        if reading_sizes is not None:
+            reading_sizes.cancel()
         for stream in channels.by_type.values():
             stream.close()
 
 
 async def _pump(
-    proc: StreamingProcess, conn: SpdyConnection, channels: _Channels, closed: asyncio.Task, what: str
+    proc: StreamingProcess,
+    channels: _Channels,
+    closed: asyncio.Task,
+    sizes: asyncio.Queue[tuple[int, int]],
+    what: str,
 ) -> dict | None:
     """Copy data until the process ends; its Status, or None when the client went away first."""
-    tasks = []
-    resize = channels.get("resize")
-    if resize is not None:
-        sized = asyncio.Event()
-        tasks.append(asyncio.create_task(_apply_resizes(resize, proc, sized)))
-        # kubectl sends the terminal's size first thing: typed input must not reach a 0x0 terminal.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sized.wait(), FIRST_RESIZE_TIMEOUT)
+    tasks = [asyncio.create_task(_apply_sizes(sizes, proc))]
     stdin = channels.get("stdin")
     if stdin is not None:
         tasks.append(asyncio.create_task(_copy_stdin(stdin, proc)))
@@ -208,7 +218,8 @@ async def _copy_stdin(stream: SpdyStream, proc: StreamingProcess) -> None:
             writer.close()  # EOF for the command (`cat` ends)
 
 
-async def _apply_resizes(stream: SpdyStream, proc: StreamingProcess, sized: asyncio.Event) -> None:
+async def _read_sizes(stream: SpdyStream, sizes: asyncio.Queue[tuple[int, int]]) -> None:
+    """Terminal sizes as kubectl's JSON encoder writes them, in whatever pieces they arrive."""
     decoder = json.JSONDecoder()
     buffer = ""
     while data := await stream.read():
@@ -221,8 +232,12 @@ async def _apply_resizes(stream: SpdyStream, proc: StreamingProcess, sized: asyn
                 break  # incomplete: wait for more
             buffer = buffer[end:]
             if isinstance(size, dict):
-                await proc.resize(int(size.get("Width") or 0), int(size.get("Height") or 0))
-                sized.set()
+                sizes.put_nowait((int(size.get("Width") or 0), int(size.get("Height") or 0)))
+
+
+async def _apply_sizes(sizes: asyncio.Queue[tuple[int, int]], proc: StreamingProcess) -> None:
+    while True:
+        await proc.resize(*await sizes.get())
 
 
 async def _report(error: SpdyStream | None, protocol: str, status: dict) -> None:
