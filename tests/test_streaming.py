@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -34,10 +35,7 @@ from devcluster import manage
 from runtimes.base import ContainerHandle, Sandbox
 from runtimes.process_exec import connect_in_pod, exec_in_container
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for cgroups and namespaces")
 
 CGROUP_ROOT = f"kubelet-emu-stream-{uuid.uuid4().hex[:6]}"
 CONFIG = f"""
@@ -63,6 +61,10 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 async def node(kubectl: Kubectl, start_agent) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    if importlib.util.find_spec("agent.kubelet_api.server") is None:
+        pytest.skip(
+            "the kubelet API server (agent/kubelet_api/server.py) is not in this tree: nothing serves the routes"
+        )
     name = unique("emu-stream")
     await start_agent(name, config())
     await wait_node_ready(kubectl, name)
@@ -102,6 +104,7 @@ spec:
     return name
 
 
+@pytest.mark.cluster
 async def test_exec_prints_output_and_returns_the_exit_code(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     started = time.monotonic()
@@ -115,12 +118,14 @@ async def test_exec_prints_output_and_returns_the_exit_code(kubectl: Kubectl, no
     assert code == 0 and out.split("\n")[0] == pod, err
 
 
+@pytest.mark.cluster
 async def test_exec_runs_in_the_containers_cgroup(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     _, out, _ = await kubectl.run("exec", pod, "--", "cat", "/proc/self/cgroup")
     assert CGROUP_ROOT in out and "main" in out, out
 
 
+@pytest.mark.cluster
 async def test_exec_with_stdin(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     code, out, err = await kubectl.run("exec", "-i", pod, "--", "cat", stdin="hello\nworld\n")
@@ -143,6 +148,7 @@ def _pids_running(needle: str) -> list[int]:
     return pids
 
 
+@pytest.mark.cluster
 async def test_exec_command_stops_when_the_client_goes_away(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     duration = f"{random.randint(10000, 99999)}.5"  # names the exec'd process on this host
@@ -192,6 +198,7 @@ async def _read_until(fd: int, pattern: str, timeout: float) -> str:
     pytest.fail(f"no {pattern!r} on the terminal within {timeout}s; it showed: {seen.decode(errors='replace')!r}")
 
 
+@pytest.mark.cluster
 async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
     """kubectl exec -it on a real terminal: a shell with a TTY, its size, and a resize."""
     pod = await run_pod(kubectl, node, "sleep 3600")
@@ -224,6 +231,7 @@ async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
         os.close(master)
 
 
+@pytest.mark.cluster
 async def test_port_forward_to_an_http_server_in_the_pod(kubectl: Kubectl, node: str) -> None:
     port = free_port()  # the Pod may share the host's network: a port nobody uses
     pod = await run_pod(kubectl, node, f"cd /etc && exec python3 -m http.server {port} --bind 127.0.0.1")
@@ -265,6 +273,7 @@ async def test_port_forward_to_an_http_server_in_the_pod(kubectl: Kubectl, node:
         await proc.wait()
 
 
+@pytest.mark.cluster
 async def test_port_forward_to_a_closed_port_reports_the_error(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     closed, local = free_port(), free_port()
@@ -286,6 +295,7 @@ async def test_port_forward_to_a_closed_port_reports_the_error(kubectl: Kubectl,
         await proc.wait()
 
 
+@pytest.mark.cluster
 async def test_attach_follows_the_containers_output(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(
         kubectl, node, "sleep 1; for i in $(seq 1 20); do echo tick $i; echo tock $i >&2; sleep 0.2; done",
@@ -298,6 +308,7 @@ async def test_attach_follows_the_containers_output(kubectl: Kubectl, node: str)
     assert "tock 20" in err
 
 
+@pytest.mark.cluster
 async def test_attach_with_stdin_once(kubectl: Kubectl, node: str) -> None:
     """stdin: true gives the container a stdin attach -i writes to; stdinOnce closes it when the
     first attach's input ends, so the container reads EOF."""
@@ -314,12 +325,14 @@ async def test_attach_with_stdin_once(kubectl: Kubectl, node: str) -> None:
     assert code != 0 and "does not accept stdin" in err, err
 
 
+@pytest.mark.cluster
 async def test_exec_into_an_unknown_container_is_refused(kubectl: Kubectl, node: str) -> None:
     pod = await run_pod(kubectl, node, "sleep 3600")
     code, _, err = await kubectl.run("exec", pod, "-c", "nope", "--", "true", check=False)
     assert code != 0 and "nope" in err, err
 
 
+@pytest.mark.cluster
 async def test_exec_on_the_emulated_backend_says_it_cannot(kubectl: Kubectl, node: str) -> None:
     rc = unique("fake")
     await kubectl.apply(f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {rc}}}\nhandler: fake\n")
