@@ -33,6 +33,7 @@ class _Pair:
         self.request_id = request_id
         self.data: SpdyStream | None = None
         self.error: SpdyStream | None = None
+        self.expiry: asyncio.Future[None] | None = None
 
 
 class _Forwarder:
@@ -57,19 +58,22 @@ class _Forwarder:
         pair = self.pairs.get(request_id)
         if pair is None:
             pair = self.pairs[request_id] = _Pair(request_id)
-            self._spawn(self._expire(pair))
+            pair.expiry = self._spawn(self._expire(pair))
         if getattr(pair, kind) is not None:
             log.warning("%s: request %s has a second %s stream", self.what, request_id, kind)
             return False
         setattr(pair, kind, stream)
         if pair.data is not None and pair.error is not None:
+            if pair.expiry is not None:
+                pair.expiry.cancel()
             self._spawn(self._forward(pair, int(port_text)))
         return True
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _expire(self, pair: _Pair) -> None:
         await asyncio.sleep(STREAM_CREATION_TIMEOUT)

@@ -144,6 +144,10 @@ async def _run(conn: SpdyConnection, channels: _Channels, protocol: str, start: 
         except BackendError as exc:
             await _report(error, protocol, internal_error_status(f"{what}: {exc}"))
             return
+        except Exception as exc:  # a bug, not the user's doing: logged, and the client still hears of it
+            log.exception("%s failed", what)
+            await _report(error, protocol, internal_error_status(f"{what}: {exc!r}"))
+            return
         if first_size is not None:
             await proc.resize(*first_size)
         status = await _pump(proc, channels, closed, sizes, what)

@@ -39,6 +39,7 @@ CANCEL = 5
 INTERNAL_ERROR = 6
 
 GOAWAY_OK = 0
+GOAWAY_PROTOCOL_ERROR = 1
 
 MAX_FRAME_LENGTH = 0xFFFFFF
 HEADER_VALUE_SEPARATOR = b"\x00"  # several values of one header, joined

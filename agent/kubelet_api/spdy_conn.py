@@ -119,7 +119,7 @@ class SpdyConnection:
                 self._dispatch(frame)
         except spdy.SpdyProtocolError as exc:
             log.warning("closing a SPDY connection after a protocol error: %s", exc)
-            self.close(status=1)
+            self.close(status=spdy.GOAWAY_PROTOCOL_ERROR)
         return False, b""
 
     def feed_eof(self) -> None:
