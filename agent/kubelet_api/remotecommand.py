@@ -180,7 +180,11 @@ async def _pump(
             outputs.append(asyncio.create_task(_copy_output(source, target)))
     exited = asyncio.create_task(proc.wait())
     try:
-        await asyncio.wait({exited, closed}, return_when="FIRST_COMPLETED")
+        try:
+            await asyncio.wait({exited, closed}, return_when="FIRST_COMPLETED")
+        except asyncio.CancelledError:  # the agent is stopping: nobody is left to talk to the command
+            await asyncio.shield(proc.kill())
+            raise
         if not exited.done():
             log.info("%s: the client went away; stopping the command", what)
             await proc.kill()
