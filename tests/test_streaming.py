@@ -8,6 +8,7 @@ these tests drive the agent's SPDY server, streaming protocols and the process b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from conftest import Kubectl, eventually, free_port, wait_node_ready
 
 from agent.kubelet_api import remotecommand, spdy
 from agent.kubelet_api.remotecommand import StreamOptions
+from cgroups.manager import CgroupError, CgroupManager, detect_mode
 from devcluster import manage
 from runtimes.base import ContainerHandle, Sandbox
 from runtimes.process_exec import connect_in_pod, exec_in_container
@@ -53,6 +55,13 @@ def config() -> str:
     """A pod CIDR of the node's own: a new cluster hands every first node 10.244.0.0/24, which the
     bridge of a node another test run left behind may still route."""
     return CONFIG + f'[network]\npod_cidr = "10.{random.randint(100, 199)}.{random.randint(0, 255)}.0/24"\n'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cgroup_root() -> Iterator[None]:
+    yield
+    with contextlib.suppress(CgroupError, OSError):  # the test root itself, once every Pod is gone
+        CgroupManager(detect_mode(), root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)
 
 
 def unique(prefix: str) -> str:
