@@ -36,8 +36,10 @@ from runtimes.base import (
     RunContainerError,
     Sandbox,
     SandboxError,
+    StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
+from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container
 from runtimes.shim import proc_start_ticks
 
 SHIM_START_TIMEOUT = 10.0
@@ -188,6 +190,8 @@ class ProcessBackend(Backend):
             "gid": security.get("runAsGroup"),
             "cgroup_procs": cgroup_procs,
             "netns": sandbox.netns,
+            "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
+            "stdin_once": bool(container.get("stdinOnce")),
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
@@ -348,3 +352,16 @@ class ProcessBackend(Backend):
             await proc.wait()
             raise
         return proc.returncode or 0, out
+
+    # --- streaming (runtimes/process_exec.py) ----------------------------------------------------
+
+    async def exec_stream(
+        self, sandbox: Sandbox, handle: ContainerHandle, command: list[str], tty: bool, stdin: bool
+    ) -> StreamingProcess:
+        return await exec_in_container(handle, command, tty, stdin)
+
+    async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
+        return await attach_to_container(handle, tty, stdin)
+
+    async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
+        return await connect_in_pod(sandbox, port)

@@ -66,8 +66,8 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
                 os.close(fd)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        stdin = os.open(spec.get("stdin_fifo") or os.devnull, os.O_RDONLY)  # the FIFO attach -i writes to
+        os.dup2(stdin, 0)
         os.closerange(3, 65536)
         if spec.get("gid") is not None:
             os.setgroups([])
@@ -132,6 +132,18 @@ def _kill_leftovers(pgid: int, cgroup_procs: list[str]) -> None:
                     os.kill(other, signal.SIGKILL)
 
 
+def _open_stdin_fifo(spec: dict) -> int | None:
+    """Container `stdin: true`: its stdin is a FIFO that `attach -i` writes to. The shim holds it
+    open for writing, so the container reads EOF only when stdinOnce closes it (a stdin-close file
+    the agent writes when the first attach's stdin ends)."""
+    path = spec.get("stdin_fifo")
+    if not path:
+        return None
+    if not os.path.exists(path):
+        os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDWR)
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -141,6 +153,7 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    stdin_keeper = _open_stdin_fifo(spec)
     pid = os.fork()
     if pid == 0:
         os.close(out_r)
@@ -176,6 +189,9 @@ def main(spec_path: str) -> int:
                 sel.unregister(key.fd)
                 os.close(key.fd)
                 open_fds -= 1
+        if stdin_keeper is not None and os.path.exists(os.path.join(directory, "stdin-close")):
+            os.close(stdin_keeper)  # stdinOnce: the container now reads EOF
+            stdin_keeper = None
         if status is None:
             done, st = os.waitpid(pid, os.WNOHANG)
             if done:

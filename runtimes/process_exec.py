@@ -1,0 +1,286 @@
+"""Streaming for the process backend: exec with pipes or a TTY, attach by following the CRI log,
+and TCP connections into a Pod's network namespace for port-forward.
+
+An exec'd command runs the way the container does: its cgroup, network namespace, user, groups,
+working directory and environment (the container's spec.json, written at create time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+import termios
+from pathlib import Path
+from typing import Any
+
+from network.netns import connect_in_netns, setns_fd
+from runtimes.base import ContainerHandle, NotSupportedError, RunContainerError, Sandbox, StreamingProcess
+from runtimes.crilog import parse_line
+
+ATTACH_POLL = 0.1  # seconds between looks at the log file of an attached container
+
+
+def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
+    """preexec_fn of an exec'd process (after fork, before exec): the container's cgroup and
+    network namespace first (both need root), then the controlling TTY, then its user."""
+    for procs in spec.get("cgroup_procs", []):
+        with open(procs, "w") as f:
+            f.write("0")
+    if spec.get("netns"):
+        fd = os.open(spec["netns"], os.O_RDONLY)
+        try:
+            setns_fd(fd)  # os.setns is Python 3.12+
+        finally:
+            os.close(fd)
+    if tty_fd is not None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # stdin is the pty's slave; we lead a new session
+    if spec.get("gid") is not None:
+        os.setgroups([])
+        os.setgid(spec["gid"])
+    if spec.get("uid") is not None:
+        os.setuid(spec["uid"])
+
+
+class ExecProcess(StreamingProcess):
+    """A command started by exec, on pipes or on a pseudo-terminal."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, master_fd: int | None = None):
+        self.proc = proc
+        self.master_fd = master_fd
+
+    async def wait(self) -> int:
+        code = await self.proc.wait()
+        return 128 - code if code < 0 else code  # asyncio reports a signal as -signal
+
+    async def resize(self, width: int, height: int) -> None:
+        if self.master_fd is not None and width > 0 and height > 0:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        if self.master_fd is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.master_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.master_fd)
+            self.master_fd = None
+
+
+def _pty_reader(master_fd: int) -> asyncio.StreamReader:
+    """The pty's output as a StreamReader; EIO (every slave closed: the command ended) is its EOF."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+
+    def readable() -> None:
+        try:
+            data = os.read(master_fd, 65536)
+        except OSError:
+            data = b""
+        if data:
+            reader.feed_data(data)
+        else:
+            loop.remove_reader(master_fd)
+            reader.feed_eof()
+
+    loop.add_reader(master_fd, readable)
+    return reader
+
+
+async def _pty_writer(master_fd: int) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    pipe = os.fdopen(os.dup(master_fd), "wb", buffering=0)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, pipe)
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def exec_in_container(handle: ContainerHandle, command: list[str], tty: bool, stdin: bool) -> ExecProcess:
+    spec = handle.extra.get("spec")
+    if not spec:
+        raise RunContainerError(f"container {handle.name} has no recorded spec: it was not created by this agent")
+    if not command:
+        raise RunContainerError(f"exec into container {handle.name}: the command is empty")
+    env = dict(spec["env"])
+    if tty:
+        env.setdefault("TERM", "xterm")  # what container runtimes give a TTY exec
+    common: dict[str, Any] = {"env": env, "cwd": spec["cwd"], "start_new_session": True}
+    try:
+        if not tty:
+            proc = await asyncio.create_subprocess_exec(
+                *command, **common, preexec_fn=lambda: _enter_container(spec, None),
+                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            result = ExecProcess(proc)
+            result.stdin, result.stdout, result.stderr = proc.stdin, proc.stdout, proc.stderr
+            return result
+        master, slave = os.openpty()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, **common, preexec_fn=lambda: _enter_container(spec, slave),
+                stdin=slave, stdout=slave, stderr=slave,
+            )  # fmt: skip
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+    except FileNotFoundError as exc:
+        raise RunContainerError(f"exec into container {handle.name}: {command[0]!r}: executable not found") from exc
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:  # SubprocessError: the preexec step failed
+        raise RunContainerError(f"exec into container {handle.name}: {exc}") from exc
+    os.set_blocking(master, False)
+    result = ExecProcess(proc, master)
+    result.stdout = _pty_reader(master)
+    result.stdin = await _pty_writer(master) if stdin else None
+    return result
+
+
+# --- attach: the container's output, as its shim writes it to the CRI log -------------------------
+
+
+class LogFollower(StreamingProcess):
+    """Attach without stdin: the container's stdout and stderr from now on, until it exits.
+
+    The shim owns the container's stdio and copies it to the CRI log; following that log gives
+    what the container writes, split back into its two streams (merged into stdout with a TTY)."""
+
+    def __init__(self, handle: ContainerHandle, tty: bool):
+        self.handle = handle
+        self.log_path = Path(handle.extra["spec"]["log_path"])
+        self.exit_file = Path(handle.extra["run_dir"]) / "exit.json"
+        self.stdout = asyncio.StreamReader()
+        self.stderr = None if tty else asyncio.StreamReader()
+        self._task = asyncio.create_task(self._follow(), name=f"attach:{handle.name}")
+        self._exit_code: int | None = None
+
+    async def _follow(self) -> None:
+        try:
+            f = open(self.log_path, "rb")  # noqa: SIM115 - kept open while following
+        except FileNotFoundError:
+            f = None
+        inode = None
+        if f is not None:
+            f.seek(0, os.SEEK_END)
+            inode = os.fstat(f.fileno()).st_ino
+        pending = b""
+        try:
+            while True:
+                exited = self.exit_file.exists()  # checked before the last read: nothing is missed
+                chunk = f.read() if f is not None else b""
+                if chunk:
+                    pending += chunk
+                    *records, pending = pending.split(b"\n")
+                    for record in records:
+                        self._emit(record)
+                    continue
+                if exited:
+                    return
+                try:
+                    current = os.stat(self.log_path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current is not None and current != inode:  # rotated: go on with the new file
+                    if f is not None:
+                        f.close()
+                    f, inode, pending = open(self.log_path, "rb"), current, b""  # noqa: SIM115
+                    continue
+                await asyncio.sleep(ATTACH_POLL)
+        finally:
+            if f is not None:
+                f.close()
+            self.stdout.feed_eof()
+            if self.stderr is not None:
+                self.stderr.feed_eof()
+
+    def _emit(self, record: bytes) -> None:
+        try:
+            _, stream, partial, message = parse_line(record)
+        except ValueError:
+            return
+        data = message if partial else message + b"\n"
+        target = self.stderr if stream == "stderr" and self.stderr is not None else self.stdout
+        target.feed_data(data)
+
+    async def wait(self) -> int:
+        await asyncio.shield(self._task)
+        return 0
+
+    async def kill(self) -> None:
+        self._task.cancel()  # detaching leaves the container running
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def close(self) -> None:
+        """The session is over: stop following, and let go of the container's stdin."""
+        self._task.cancel()
+        if self.stdin is not None:
+            self.stdin.close()
+
+
+class FifoStdin:
+    """attach -i: what the client types goes into the container's stdin FIFO. Closing it ends
+    the container's stdin only with stdinOnce (the shim then drops its own write end)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, run_dir: Path, once: bool):
+        self.writer, self.run_dir, self.once = writer, run_dir, once
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def close(self) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        if self.once:
+            (self.run_dir / "stdin-close").touch()
+
+
+async def attach_to_container(handle: ContainerHandle, tty: bool, stdin: bool) -> LogFollower:
+    spec = handle.extra.get("spec")
+    if not spec:
+        raise RunContainerError(f"container {handle.name} has no recorded spec: it was not created by this agent")
+    writer = None
+    if stdin:
+        fifo = spec.get("stdin_fifo")
+        if not fifo:
+            raise NotSupportedError(
+                f"container {handle.name} does not accept stdin: set `stdin: true` in its spec to attach with -i"
+            )
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the container holds the reading end
+        except OSError as exc:
+            raise RunContainerError(f"attach to container {handle.name}: cannot open its stdin: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+        )
+        stream = asyncio.StreamWriter(transport, protocol, None, loop)
+        writer = FifoStdin(stream, Path(handle.extra["run_dir"]), bool(spec.get("stdin_once")))
+    follower = LogFollower(handle, tty)
+    follower.stdin = writer
+    return follower
+
+
+# --- port-forward ----------------------------------------------------------------------------------
+
+
+async def connect_in_pod(sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to 127.0.0.1:`port` as seen from inside the Pod."""
+    if sandbox.netns is None:
+        return await asyncio.open_connection("127.0.0.1", port)
+    return await connect_in_netns(sandbox.netns, "127.0.0.1", port)
