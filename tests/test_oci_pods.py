@@ -17,9 +17,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
+from conftest import Kubectl, eventually, free_port, wait_node_ready
 
 from cgroups.manager import CgroupManager, detect_mode
+from devcluster import manage
 
 pytest_plugins = ["registry_fixture"]
 pytestmark = [
@@ -237,3 +238,46 @@ async def test_same_pod_same_cgroup_values_on_both_backends(kubectl, node, busyb
     assert values["same-oci"] == values["same-proc"]
     assert values["same-oci"]["memory.limit_in_bytes"] == str((96 + 120) * 1024 * 1024)
     assert values["same-oci"]["cpu.shares"] == str(350 * 1024 // 1000)  # request 100m + overhead 250m
+
+
+async def test_exec_and_port_forward_into_a_runc_pod(kubectl, node, busybox_ref):
+    """kubectl exec (exit code, stdin) and port-forward reach a container run by runc."""
+    name, _, _ = node
+    server = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", "mkdir -p /www && echo inside > /www/index.html && "
+                    "exec httpd -f -p 127.0.0.1:8080 -h /www"],
+    }  # fmt: skip
+    await kubectl.apply(pod("exec-me", name, ISOLATED, server))
+    await eventually(lambda: running(kubectl, "exec-me"), 60, what="exec-me Running")
+
+    code, out, err = await kubectl.run(
+        "exec", "exec-me", "--", "sh", "-c", "echo hi; ps -o pid,comm; exit 3", check=False
+    )
+    assert code == 3 and out.startswith("hi\n"), (code, out, err)
+    assert "httpd" in out  # the container's own pid namespace: its processes only
+    code, out, _ = await kubectl.run("exec", "-i", "exec-me", "--", "cat", stdin="through stdin\n")
+    assert (code, out) == (0, "through stdin\n")
+
+    # httpd listens on the Pod's loopback only: port-forward connects inside the Pod's namespace.
+    local = free_port()
+    argv, env = manage.kubectl_argv(kubectl.cluster, ["port-forward", "pod/exec-me", f"{local}:8080"])
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert b"Forwarding from" in await asyncio.wait_for(proc.stdout.readline(), 20)
+
+        async def fetch() -> bytes | None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                writer.write(b"GET / HTTP/1.0\r\n\r\n")
+                body = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                return body or None
+            except OSError:
+                return None
+
+        assert b"inside" in await eventually(fetch, 20, what="an answer through the port-forward")
+    finally:
+        proc.terminate()
+        await proc.wait()
