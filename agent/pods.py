@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import metrics
 from agent.admission import NodeUsage, Rejection
 from agent.config import AgentConfig
 from agent.events import EventRecorder
@@ -185,7 +186,7 @@ class PodController:
                 log_max_size=node.container_log_max_size,
                 log_max_files=node.container_log_max_files,
             )
-            backend = backend_class(handler.backend)(handler, context)
+            backend = metrics.instrument_backend(backend_class(handler.backend)(handler, context))
             self.backends[handler_name] = backend
         return backend
 
