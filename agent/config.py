@@ -8,6 +8,7 @@ newer agent still starts.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -26,8 +27,11 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # A RuntimeClass handler must be a DNS label, so any other name could never be selected.
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
-_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes"}
+_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes", "network", "images"}
+_NETWORK_KEYS = {"enabled", "pod_cidr", "bridge", "masquerade"}
+_IMAGES_KEYS = {"mirrors", "insecure_registries", "gc_high_percent", "gc_low_percent"}
 EVENT_POLICIES = ("all", "warnings", "none")
 _NODE_KEYS = {
     "labels",
@@ -117,6 +121,28 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """Pod networking: a bridge on the node, a namespace, veth and IP per Pod."""
+
+    enabled: bool = True
+    pod_cidr: str | None = None  # None: the Node's spec.podCIDR, allocated by the controller-manager
+    bridge: str | None = None  # None: "emu-" + a hash of the node name (several agents may share a host)
+    masquerade: bool = False  # SNAT traffic leaving the node from Pod IPs
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # registry host -> URLs
+    insecure_registries: tuple[str, ...] = ()  # hosts reached over plain http (127.0.0.1 always is)
+    gc_high_percent: int = 85  # the kubelet's imageGCHighThresholdPercent
+    gc_low_percent: int = 80
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mirrors", {k: tuple(v) for k, v in self.mirrors.items()})
+        object.__setattr__(self, "insecure_registries", tuple(self.insecure_registries))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     handlers: Mapping[str, Handler] = field(hash=False)
     default_runtime: str | None
@@ -125,6 +151,8 @@ class AgentConfig:
     source: str | None  # path, or None for the built-in default
     warnings: tuple[str, ...]
     events: str = "all"  # "all" | "warnings" (failures only: cheap at scale) | "none"
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
@@ -457,6 +485,47 @@ def _parse_node(t: _Table, warnings: list[str]) -> NodeSettings:
     )
 
 
+def _parse_network(t: _Table, warnings: list[str]) -> NetworkSettings:
+    t.warn_unknown(_NETWORK_KEYS, warnings)
+    cidr = t.str_("pod_cidr")
+    if cidr is not None:
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+        except ValueError:
+            raise t.error(f'pod_cidr {_q(cidr)} is not a network such as "10.244.0.0/24"') from None
+        if net.version != 4 or net.num_addresses < 4:
+            raise t.error(f"pod_cidr {_q(cidr)} must be an IPv4 network with room for Pods (at most /30)")
+    bridge = t.str_("bridge")
+    if bridge is not None and not _IFNAME.fullmatch(bridge):
+        raise t.error(f"bridge {_q(bridge)} is not an interface name (1-15 letters, digits, '-', '_', '.')")
+    return NetworkSettings(
+        enabled=t.bool_("enabled", True), pod_cidr=cidr, bridge=bridge, masquerade=t.bool_("masquerade", False)
+    )
+
+
+def _parse_images(t: _Table, warnings: list[str]) -> ImageSettings:
+    t.warn_unknown(_IMAGES_KEYS, warnings)
+    mirrors = t.table("mirrors")
+    parsed: dict[str, tuple[str, ...]] = {}
+    for host, urls in mirrors.data.items():
+        if isinstance(urls, str):
+            urls = [urls]
+        schemes = ("http://", "https://")
+        urls_ok = isinstance(urls, list) and all(isinstance(u, str) and u.startswith(schemes) for u in urls)
+        if not urls_ok:
+            raise mirrors.error(f'mirrors for {_q(host)} must be URLs, e.g. "{host}" = ["http://127.0.0.1:5000"]')
+        parsed[host] = tuple(urls)
+    high, low = t.int_("gc_high_percent", 85), t.int_("gc_low_percent", 80)
+    if not 0 < low <= high <= 100:
+        raise t.error(f"need 0 < gc_low_percent <= gc_high_percent <= 100, not {low} and {high}")
+    return ImageSettings(
+        mirrors=parsed,
+        insecure_registries=tuple(t.str_list("insecure_registries")),
+        gc_high_percent=high,
+        gc_low_percent=low,
+    )
+
+
 def _parse_taint(node: _Table, index: int, item: Any, warnings: list[str]) -> Taint:
     t = _Table(item, node.file, f"node.taints[{index}]")
     if not isinstance(item, dict):
@@ -519,6 +588,8 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
     if events not in EVENT_POLICIES:
         raise root.error(f'events must be "all", "warnings" or "none", not {_q(str(events))}')
     node = _parse_node(root.table("node"), warnings)
+    network = _parse_network(root.table("network"), warnings)
+    images = _parse_images(root.table("images"), warnings)
 
     candidates: dict[str, _Candidate] = {}
     import_defaults: list[tuple[str, _Table]] = []
@@ -580,6 +651,8 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
         source=file,
         warnings=tuple(warnings),
         events=events,
+        network=network,
+        images=images,
     )
 
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent import metrics
+from agent.image_pull import ImageGate
 from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
 from agent.pod_status import ContainerRecord, PodRecord, build_status, rejected_status
@@ -53,7 +54,7 @@ class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
         "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "c",
-        "deletion_requested", "gone", "handler_name", "handles", "key", "pod", "rec", "sandbox", "task", "uid",
+        "deletion_requested", "gates", "gone", "handler_name", "handles", "key", "pod", "rec", "sandbox", "task", "uid",
         "wake",
     )  # fmt: skip
 
@@ -71,6 +72,7 @@ class PodWorker:
         self.admitted = False
         self.deletion_requested = asyncio.Event()
         self.gone = False  # the Pod object no longer exists
+        self.gates: dict[str, ImageGate] | None = None  # per container, only for backends that use images
         self.wake: asyncio.Event | None = None  # set while waiting for a missing handler to appear
         self._write_lock = asyncio.Lock()
         self._flush_pending = False
@@ -284,6 +286,11 @@ class PodWorker:
         while True:
             handle = self.handles.get(name)
             if handle is None:
+                if backend.uses_images and self.c.images is not None:
+                    if self.gates is None:
+                        self.gates = {}
+                    gate = self.gates.setdefault(name, ImageGate())
+                    rec.image_id = (await gate.ensure(self, spec, rec)).image_id
                 try:
                     handle = await backend.create_container(self.sandbox, self.pod, spec, rec.restart_count)
                     self.c.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)

@@ -89,6 +89,8 @@ class PodController:
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.cgroups = _cgroup_manager(config)
+        self.images: Any = None  # images.service.ImageService, set by the runner when a handler needs images
+        self.network: Any = None  # network.pods.PodNetworks, set by the runner once the pod CIDR is known
         self.runtime_classes = Informer(
             kube,
             "/apis/node.k8s.io/v1/runtimeclasses",
@@ -185,6 +187,8 @@ class PodController:
                 pod_pids_limit=node.pod_pids_limit,
                 log_max_size=node.container_log_max_size,
                 log_max_files=node.container_log_max_files,
+                images=self.images,
+                network=self.network,
             )
             backend = metrics.instrument_backend(backend_class(handler.backend)(handler, context))
             self.backends[handler_name] = backend

@@ -18,8 +18,9 @@ from agent.kube import Kube
 from agent.logs import kv
 from agent.node import NodeAgent
 from agent.node_status import NodeFacts
+from agent.pod_network import NodePodNetwork, pod_networks
 from agent.pods import PodController
-from runtimes.registry import known_backends
+from runtimes.registry import backend_class, known_backends
 
 log = logging.getLogger("agent")
 
@@ -42,6 +43,34 @@ async def agent_main(node: NodeAgent, pods: PodController) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(node.run(), name="node")
         tg.create_task(pods.run(), name="pods")
+        if pods.network is not None:
+            tg.create_task(pods.network.run(), name="pod-network")
+            tg.create_task(_remove_orphan_networks(pods), name="pod-network-orphans")
+
+
+async def _remove_orphan_networks(pods: PodController) -> None:
+    """After a restart: free the namespaces and addresses of Pods deleted while the agent was away."""
+    await pods.pods.synced.wait()
+    await pods.network.ready.wait()
+    removed = await pods.network.networks.cleanup_orphans(set(pods.workers))
+    if removed:
+        log.info("removed networks of deleted pods", extra=kv(count=len(removed)))
+
+
+def _image_service(opts: RunOptions) -> object | None:
+    """The image store, created only when some handler's backend runs images (it costs memory)."""
+    if not any(backend_class(h.backend).uses_images for h in opts.config.handlers.values()):
+        return None
+    from images.service import ImageService
+
+    settings = opts.config.images
+    return ImageService(
+        opts.state_dir / "images",
+        mirrors={host: list(urls) for host, urls in settings.mirrors.items()},
+        insecure_registries=set(settings.insecure_registries),
+        gc_high_percent=settings.gc_high_percent,
+        gc_low_percent=settings.gc_low_percent,
+    )
 
 
 def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> None:
@@ -72,6 +101,10 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
+    pods.images = _image_service(opts)
+    networks = pod_networks(opts.config.network, opts.node_name, opts.state_dir)
+    if networks is not None:
+        pods.network = NodePodNetwork(networks, kube, opts.node_name, opts.config.network.pod_cidr)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,6 +136,8 @@ async def run(opts: RunOptions) -> int:
     finally:
         stopper.cancel()
         await pods.close()
+        if pods.network is not None:
+            await pods.network.stop()
         write_stats(stats_path, kube, pods)
         await kube.close()
 

@@ -138,6 +138,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     runs_probes: ClassVar[bool] = True  # the emulated backend has nothing to probe
+    uses_images: ClassVar[bool] = False  # True: the agent pulls each container's image before creating it
 
     def __init__(self, handler: Handler, context: BackendContext):
         self.handler = handler
@@ -148,6 +149,30 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def create_sandbox(self, pod: JSON) -> Sandbox: ...
+
+    # --- pod networking, for backends whose Pods get their own network namespace -------------------
+
+    def wants_pod_network(self, pod: JSON) -> bool:
+        """A namespace and IP of its own, unless the Pod uses the host's network, networking is off
+        on this node, or the handler says `pod_network = false`."""
+        if self.context.network is None or (pod.get("spec") or {}).get("hostNetwork"):
+            return False
+        return bool(self.handler.options.get("pod_network", True))
+
+    async def setup_pod_network(self, pod: JSON) -> tuple[tuple[str, ...], str | None]:
+        """(pod IPs, network namespace path); ((), None) for the host's network."""
+        if not self.wants_pod_network(pod):
+            return (), None
+        meta = pod["metadata"]
+        try:
+            net = await self.context.network.setup(meta["uid"], meta["namespace"], meta["name"])
+        except Exception as exc:  # the network package's errors name the Pod and the interface
+            raise SandboxError(f"pod network for {meta['namespace']}/{meta['name']}: {exc}") from exc
+        return (net.ip,), net.netns_path
+
+    async def teardown_pod_network(self, pod: JSON) -> None:
+        if self.context.network is not None:
+            await self.context.network.teardown(pod["metadata"]["uid"])
 
     @abc.abstractmethod
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:

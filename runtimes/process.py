@@ -124,9 +124,11 @@ class ProcessBackend(Backend):
         # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
-        return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"])
+        ips, netns = await self.setup_pod_network(pod)
+        return Sandbox(id=pod["metadata"]["uid"], pod_uid=pod["metadata"]["uid"], ips=ips, netns=netns)
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
+        await self.teardown_pod_network(pod)
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
@@ -184,6 +186,7 @@ class ProcessBackend(Backend):
             "uid": security.get("runAsUser"),
             "gid": security.get("runAsGroup"),
             "cgroup_procs": cgroup_procs,
+            "netns": sandbox.netns,
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,

@@ -57,6 +57,12 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+        if spec.get("netns"):  # the Pod's network namespace: its IP, its loopback
+            fd = os.open(spec["netns"], os.O_RDONLY)
+            try:
+                os.setns(fd, os.CLONE_NEWNET)
+            finally:
+                os.close(fd)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -850,3 +850,63 @@ def test_events_policy(tmp_path):
     path.write_text('events = "loud"\n[runtimes.x]\nbackend = "emulated"\n')
     with pytest.raises(ConfigError, match=r"events\.toml: .*events must be"):
         load_config(path)
+
+
+def test_network_and_images_defaults(tmp_path):
+    cfg = load_config(write(tmp_path / "a.toml", "[runtimes.x]\nbackend = 'emulated'\n"))
+    assert cfg.network.enabled and cfg.network.pod_cidr is None and cfg.network.bridge is None
+    assert not cfg.network.masquerade
+    assert cfg.images.mirrors == {} and (cfg.images.gc_high_percent, cfg.images.gc_low_percent) == (85, 80)
+
+
+def test_network_and_images_tables(tmp_path):
+    text = """
+[network]
+pod_cidr = "10.88.0.0/24"
+bridge = "emu0"
+masquerade = true
+
+[images]
+insecure_registries = ["registry.lan:5000"]
+gc_high_percent = 90
+gc_low_percent = 70
+
+[images.mirrors]
+"registry.k8s.io" = ["http://127.0.0.1:5000"]
+"docker.io" = "http://127.0.0.1:5001"
+"""
+    cfg = load_config(write(tmp_path / "a.toml", text))
+    assert cfg.network.pod_cidr == "10.88.0.0/24" and cfg.network.bridge == "emu0" and cfg.network.masquerade
+    assert cfg.images.mirrors == {
+        "registry.k8s.io": ("http://127.0.0.1:5000",),
+        "docker.io": ("http://127.0.0.1:5001",),
+    }
+    assert cfg.images.insecure_registries == ("registry.lan:5000",)
+    assert (cfg.images.gc_high_percent, cfg.images.gc_low_percent) == (90, 70)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[network]\npod_cidr = "10.88.0.1/24"', '[network]: pod_cidr "10.88.0.1/24" is not a network'),
+        ('[network]\npod_cidr = "fd00::/64"', "must be an IPv4 network"),
+        ('[network]\nbridge = "a-very-long-bridge-name"', "is not an interface name"),
+        ('[images.mirrors]\n"docker.io" = ["127.0.0.1:5000"]', 'mirrors for "docker.io" must be URLs'),
+        ("[images]\ngc_high_percent = 50\ngc_low_percent = 60", "gc_low_percent <= gc_high_percent"),
+    ],
+)
+def test_network_and_images_errors(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path / "a.toml", text))
+    assert expected in str(err.value) and str(tmp_path / "a.toml") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["agent-import-containerd.toml", "agent-import-crio.toml"])
+def test_example_imports_map_handlers_to_oci_runtimes(name):
+    """The containerd-style and CRI-O-style examples give runc and crun handlers (both installed by .ci/run)."""
+    cfg = load_config(EXAMPLE.parent / name)
+    assert cfg.handlers["runc"].backend == "oci" and cfg.handlers["runc"].runtime_path == "/usr/sbin/runc"
+    assert cfg.handlers["crun"].runtime_path == "/usr/bin/crun"
+    assert cfg.handlers["crun"].runtime_root == "/run/kubelet-emu/crun"
+    assert cfg.handlers["fast"].backend == "emulated"
+    assert cfg.default_runtime == "runc" and not cfg.warnings

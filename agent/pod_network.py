@@ -1,0 +1,99 @@
+"""Pod networking on this node: where the pod CIDR comes from and when the bridge is ready.
+
+The controller-manager allocates `spec.podCIDR` some time after the Node is registered, so the
+first Pods may arrive before there is a network to put them in: their setup waits here (their
+status says ContainerCreating meanwhile) instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from agent.config import NetworkSettings
+from agent.kube import ApiError, Kube
+from agent.logs import kv
+
+log = logging.getLogger("kubelet_emu.network")
+
+CIDR_POLL = 1.0
+CIDR_NOTICE_AFTER = 30.0  # say once that no CIDR has come yet (a cluster without --allocate-node-cidrs)
+
+
+def default_bridge(node_name: str) -> str:
+    """A bridge name of its own per node (15 characters at most), so several agents share a host."""
+    return "emu-" + hashlib.sha256(node_name.encode()).hexdigest()[:8]
+
+
+def pod_networks(settings: NetworkSettings, node_name: str, state_dir: Path) -> Any:
+    """A PodNetworks for this node, or None where pod networking cannot run (not root)."""
+    if not settings.enabled:
+        return None
+    if os.geteuid() != 0:
+        log.warning("pod networking needs root; Pods use the host's network", extra=kv(node=node_name))
+        return None
+    if importlib.util.find_spec("network") is None:  # an install without the network package
+        log.warning("pod networking unavailable (no network package); Pods use the host's network")
+        return None
+    from network.pods import PodNetworks
+
+    return PodNetworks(
+        state_dir / "network", bridge=settings.bridge or default_bridge(node_name), masquerade=settings.masquerade
+    )
+
+
+class NodePodNetwork:
+    """PodNetworks behind a gate: setup() waits until the bridge exists with the node's pod CIDR."""
+
+    def __init__(self, networks: Any, kube: Kube, node_name: str, configured_cidr: str | None):
+        self.networks = networks
+        self.kube = kube
+        self.node_name = node_name
+        self.configured_cidr = configured_cidr
+        self.cidr: str | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Find the CIDR and start the bridge; then stay idle (cancelled when the agent stops)."""
+        self.cidr = self.configured_cidr or await self._node_cidr()
+        await self.networks.start(self.cidr)
+        log.info("pod network ready", extra=kv(cidr=self.cidr, bridge=self.networks.bridge))
+        self.ready.set()
+
+    async def _node_cidr(self) -> str:
+        waited, noticed = 0.0, False
+        while True:
+            try:
+                node = await self.kube.get(f"/api/v1/nodes/{self.node_name}")
+                cidr = (node.get("spec") or {}).get("podCIDR")
+                if cidr:
+                    return cidr
+            except ApiError as exc:
+                if not exc.not_found:
+                    log.debug("reading the node's podCIDR", extra=kv(error=exc.describe()))
+            if waited >= CIDR_NOTICE_AFTER and not noticed:
+                noticed = True
+                log.warning(
+                    "no spec.podCIDR on the node yet; Pods wait for it. Set [network] pod_cidr in the config "
+                    "if the controller-manager does not allocate node CIDRs",
+                    extra=kv(node=self.node_name),
+                )
+            await asyncio.sleep(CIDR_POLL)
+            waited += CIDR_POLL
+
+    async def setup(self, pod_uid: str, namespace: str, name: str) -> Any:
+        await self.ready.wait()
+        return await self.networks.setup(pod_uid, namespace, name)
+
+    async def teardown(self, pod_uid: str) -> None:
+        # Teardown needs no bridge: it removes what setup made, even before the CIDR is known.
+        await self.networks.teardown(pod_uid)
+
+    async def stop(self) -> None:
+        if self.ready.is_set():
+            await self.networks.stop()

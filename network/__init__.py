@@ -1,0 +1,8 @@
+"""Pod networking: a network namespace, a veth on a node bridge and an address per Pod.
+
+- network.ipam: addresses from the pod CIDR, persisted per owner (Pod UID).
+- network.netns: creating, entering and removing named network namespaces; TCP connections and
+  subprocesses inside one (port-forward, the process backend).
+- network.iptables: the bridge's FORWARD rules and the optional MASQUERADE rule.
+- network.pods: PodNetworks, the bridge and per-Pod setup/teardown/orphan cleanup.
+"""

@@ -1,0 +1,215 @@
+"""Pod IP addresses from the node's pod CIDR, recorded in a JSON state file.
+
+The state file is the ledger of which Pod (owner = Pod UID) holds which address. It is
+rewritten atomically (temp file, fsync, rename) under an exclusive flock on a sidecar lock
+file, so two processes never hand out the same address, and an agent restart finds every
+address still taken. Within one process an asyncio lock keeps callers from piling up on the
+file lock in executor threads.
+
+Addresses go out round-robin after the last one handed out, so an address just released is
+not reused at once (stale ARP and conntrack entries of the old Pod would hit the new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_VERSION = 1
+
+
+class IPAMError(Exception):
+    """The pod CIDR is unusable, exhausted, or the state file disagrees with it."""
+
+
+class IPAMExhaustedError(IPAMError):
+    pass
+
+
+class CIDRChangedError(IPAMError):
+    pass
+
+
+@dataclass
+class _State:
+    cidr: str
+    allocations: dict[str, str] = field(default_factory=dict)  # ip -> owner
+    last: str | None = None  # the address handed out last (round-robin cursor)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "cidr": self.cidr, "last": self.last, "allocations": self.allocations}
+
+
+def parse_pod_cidr(cidr: str) -> ipaddress.IPv4Network:
+    """The pod CIDR as a network; IPv4 with room for a gateway and at least one Pod."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as e:
+        raise IPAMError(f"pod CIDR {cidr!r} is not a valid network address: {e}") from e
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise IPAMError(f"pod CIDR {cidr}: only IPv4 pod CIDRs are supported")
+    if net.prefixlen > 30:
+        raise IPAMError(f"pod CIDR {cidr} is too small: it needs a gateway and at least one Pod address (/30 or wider)")
+    return net
+
+
+def pod_cidr_from_node(node: dict[str, Any]) -> str | None:
+    """The node's IPv4 pod CIDR as the controller-manager assigned it (spec.podCIDRs, or the older
+    spec.podCIDR), or None when it has none yet."""
+    spec = node.get("spec") or {}
+    for cidr in [*(spec.get("podCIDRs") or []), spec.get("podCIDR")]:
+        if cidr and ":" not in cidr:
+            return str(cidr)
+    return None
+
+
+def gateway_of(cidr: str) -> str:
+    """The gateway (bridge) address: the first host address of the CIDR."""
+    return str(parse_pod_cidr(cidr).network_address + 1)
+
+
+class IPAM:
+    """Hands out Pod addresses from `cidr`: the network address, the gateway (first host) and the
+    broadcast address are never handed out."""
+
+    def __init__(self, state_file: Path, cidr: str):
+        self.state_file = Path(state_file)
+        self.network = parse_pod_cidr(cidr)
+        self.cidr = str(self.network)
+        self.gateway = str(self.network.network_address + 1)
+        self.prefix_len = self.network.prefixlen
+        self._lock_file = self.state_file.with_name(self.state_file.name + ".lock")
+        self._lock = asyncio.Lock()
+
+    # --- the async API (use these inside the event loop) -------------------------------------
+
+    async def allocate(self, owner: str) -> str:
+        """The address of `owner`; a new one the first time (the same one on every later call)."""
+        async with self._lock:
+            return await asyncio.to_thread(self.allocate_sync, owner)
+
+    async def release(self, owner: str) -> str | None:
+        """Free the address of `owner`; returns it, or None when `owner` held none."""
+        async with self._lock:
+            return await asyncio.to_thread(self.release_sync, owner)
+
+    async def owners(self) -> dict[str, str]:
+        """owner -> address, for every address handed out."""
+        async with self._lock:
+            return await asyncio.to_thread(self.owners_sync)
+
+    async def address_of(self, owner: str) -> str | None:
+        return (await self.owners()).get(owner)
+
+    # --- the same, blocking (for threads and other processes' tools) --------------------------
+
+    def allocate_sync(self, owner: str) -> str:
+        if not owner:
+            raise IPAMError("an address owner (the Pod UID) must not be empty")
+        with self._locked_state() as state:
+            for ip, holder in state.allocations.items():
+                if holder == owner:
+                    return ip
+            ip = self._next_free(state)
+            state.allocations[ip] = owner
+            state.last = ip
+            self._write(state)
+            return ip
+
+    def release_sync(self, owner: str) -> str | None:
+        with self._locked_state() as state:
+            held = [ip for ip, holder in state.allocations.items() if holder == owner]
+            if not held:
+                return None
+            for ip in held:
+                del state.allocations[ip]
+            self._write(state)
+            return held[0]
+
+    def owners_sync(self) -> dict[str, str]:
+        with self._locked_state() as state:
+            return {owner: ip for ip, owner in state.allocations.items()}
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _candidates(self, after: str | None) -> Iterator[str]:
+        """Every Pod address once, starting after `after` and wrapping around."""
+        first = int(self.network.network_address) + 2  # past the network address and the gateway
+        last = int(self.network.broadcast_address) - 1
+        count = last - first + 1
+        start = first
+        if after is not None:
+            a = int(ipaddress.IPv4Address(after))
+            if first <= a <= last:
+                start = a + 1 if a < last else first
+        for i in range(count):
+            yield str(ipaddress.IPv4Address(first + (start - first + i) % count))
+
+    def _next_free(self, state: _State) -> str:
+        for ip in self._candidates(state.last):
+            if ip not in state.allocations:
+                return ip
+        raise IPAMExhaustedError(
+            f"pod CIDR {self.cidr} is exhausted: all {len(state.allocations)} addresses are taken "
+            f"(state file {self.state_file}); delete Pods on this node or give it a larger pod CIDR"
+        )
+
+    @contextlib.contextmanager
+    def _locked_state(self) -> Iterator[_State]:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self._read()
+        finally:
+            os.close(fd)  # also drops the flock
+
+    def _read(self) -> _State:
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return _State(cidr=self.cidr)
+        except (OSError, ValueError) as e:
+            raise IPAMError(
+                f"IPAM state file {self.state_file} is unreadable ({e}); fix or remove it "
+                "(removing it forgets which Pods hold which address)"
+            ) from e
+        try:
+            state = _State(cidr=str(raw["cidr"]), allocations=dict(raw["allocations"]), last=raw.get("last"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise IPAMError(
+                f"IPAM state file {self.state_file} has an unexpected layout ({e}); fix or remove it"
+            ) from e
+        if state.cidr != self.cidr:
+            if state.allocations:
+                owners = ", ".join(sorted(set(state.allocations.values()))[:5])
+                raise CIDRChangedError(
+                    f"pod CIDR changed from {state.cidr} to {self.cidr}, but IPAM state file {self.state_file} "
+                    f"still has {len(state.allocations)} addresses of the old CIDR (owners: {owners}); "
+                    "tear those Pods down (or remove the file once they are gone), then restart"
+                )
+            return _State(cidr=self.cidr)  # nothing allocated: start fresh with the new CIDR
+        return state
+
+    def _write(self, state: _State) -> None:
+        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
+        data = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.state_file)
+        # The rename itself is durable only once the directory is synced.
+        dfd = os.open(self.state_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
