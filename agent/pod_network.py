@@ -69,8 +69,9 @@ class NodePodNetwork:
         waited, noticed = 0.0, False
         while True:
             try:
-                node = await self.kube.get(f"/api/v1/nodes/{self.node_name}")
-                cidr = (node.get("spec") or {}).get("podCIDR")
+                from network.ipam import pod_cidr_from_node
+
+                cidr = pod_cidr_from_node(await self.kube.get(f"/api/v1/nodes/{self.node_name}"))
                 if cidr:
                     return cidr
             except ApiError as exc:

@@ -27,6 +27,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from network.netns import setns_fd
 from runtimes.crilog import CriLogWriter
 
 
@@ -60,7 +61,7 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
         if spec.get("netns"):  # the Pod's network namespace: its IP, its loopback
             fd = os.open(spec["netns"], os.O_RDONLY)
             try:
-                os.setns(fd, os.CLONE_NEWNET)
+                setns_fd(fd)  # os.setns is 3.12+
             finally:
                 os.close(fd)
         os.dup2(out_w, 1)

@@ -79,7 +79,10 @@ class Kubectl:
 class AgentProcess:
     """A real `kubelet-emu run` process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, node: str, config_path: Path | None):
+    def __init__(
+        self, proc: asyncio.subprocess.Process, log_path: Path, node: str, config_path: Path | None, state_dir: Path
+    ):
+        self.state_dir = state_dir
         self.proc = proc
         self.log_path = log_path
         self.node = node
@@ -122,6 +125,30 @@ REPO = Path(__file__).resolve().parent.parent
 def agent_argv() -> list[str]:
     """The agent of the tree these tests live in (not whatever an editable install points at)."""
     return [sys.executable, "-m", "agent.cli"]
+
+
+async def remove_node_network(state_dir: Path, node: str) -> None:
+    """Pod networks outlive the agent by design (like its containers); a test node's bridge,
+    leftover Pod namespaces and FORWARD rules go when the test is over."""
+    if not (state_dir / "network").exists():
+        return
+    from agent.pod_network import default_bridge
+    from network import iptables
+    from network.pods import PodNetworks
+
+    bridge = default_bridge(node)
+    state_file = state_dir / "network" / "ipam.json"
+    if state_file.exists():  # Pods had addresses: tear down whatever of theirs is left
+        networks = PodNetworks(state_dir / "network", bridge=bridge)
+        await networks.start(json.loads(state_file.read_text())["cidr"])
+        await networks.cleanup_orphans(set())
+        await networks.stop(remove_bridge=True)
+        return
+    proc = await asyncio.create_subprocess_exec("ip", "link", "del", bridge, stderr=asyncio.subprocess.DEVNULL)
+    await proc.wait()
+    if iptables.iptables_binary() is not None:
+        for rule in iptables.forward_rules(bridge):
+            await iptables.remove_rule(rule)
 
 
 def agent_env() -> dict[str, str]:
@@ -168,13 +195,15 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env()
             )
-        agent = AgentProcess(proc, log_path, node, config_path)
+        agent = AgentProcess(proc, log_path, node, config_path, state_dir or tmp_path / f"state-{node}")
         started.append(agent)
         return agent
 
     yield start
     for agent in started:
         await agent.stop()
+    for agent in started:
+        await remove_node_network(agent.state_dir, agent.node)
     # Leave no stale Nodes behind: they would put the cluster in "full disruption" mode.
     kubectl = Kubectl(cluster)
     for node in {a.node for a in started}:
