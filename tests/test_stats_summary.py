@@ -8,9 +8,12 @@ at the end read a real process Pod's real (v1 on this host) cgroups and compare.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +31,7 @@ from agent.stats import emulated_usage, host, resource_metrics
 from agent.stats.collector import StatsCollector
 from agent.stats.rates import CpuRates
 from agent.stats.summary import summary_json
-from cgroups.detect import CgroupMode
+from cgroups.detect import CgroupMode, detect_mode
 from cgroups.manager import CgroupManager
 from cgroups.stats import CgroupUsageReader, parse_meminfo, read_v1, read_v2
 
@@ -566,3 +569,179 @@ def test_host_fs_usage_of_a_real_directory(tmp_path):
     fs = host.fs_usage(str(tmp_path))
     st = os.statvfs(tmp_path)
     assert fs.capacity_bytes == st.f_blocks * st.f_frsize and fs.inodes_used == st.f_files - st.f_ffree
+
+
+# --- integration: a real process Pod on a real agent, its real cgroups -------------------------------
+
+CGROUP_ROOT = f"kubelet-emu-stats-{uuid.uuid4().hex[:6]}"
+PROCESS_CONFIG = f"""
+default_runtime = "procs"
+[node]
+cgroup_root = "{CGROUP_ROOT}"
+[network]
+pod_cidr = "10.{random.randrange(100, 250)}.{random.randrange(0, 255)}.0/24"  # not the one parallel test nodes use
+[runtimes.procs]
+backend = "process"
+"""
+# Touches 96 MiB (a bytearray built by repetition is written, so it is resident), logs, then spins.
+BURNER = """
+data = bytearray(b"x") * (96 << 20)
+for i in range(200):
+    print("burning", i, flush=True)
+while True:
+    pass
+"""
+
+
+def burner_pod(name: str, node: str) -> str:
+    command = json.dumps(["python3", "-c", BURNER])
+    return f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: burn
+    image: busybox
+    command: {command}
+    resources: {{limits: {{cpu: 500m, memory: 256Mi}}, requests: {{cpu: 500m, memory: 256Mi}}}}
+"""
+
+
+def direct_counters(mode: CgroupMode, relative: str) -> tuple[int, int, int]:
+    """(cpu ns, memory usage, working set) read straight from the cgroup files, the test's own way."""
+
+    def read(*parts: str) -> str:
+        return Path(*parts).read_text()
+
+    def stat(text: str, key: str) -> int:
+        return next(int(line.split()[1]) for line in text.splitlines() if line.split()[0] == key)
+
+    if mode.version == 2:
+        base = os.path.join(mode.mounts["unified"], relative)
+        cpu = stat(read(base, "cpu.stat"), "usage_usec") * 1000
+        usage = int(read(base, "memory.current"))
+        return cpu, usage, usage - stat(read(base, "memory.stat"), "inactive_file")
+    cpu = int(read(mode.mounts["cpuacct"], relative, "cpuacct.usage"))
+    memory = os.path.join(mode.mounts["memory"], relative)
+    usage = int(read(memory, "memory.usage_in_bytes"))
+    return cpu, usage, usage - stat(read(memory, "memory.stat"), "total_inactive_file")
+
+
+def netns_of(pid: int) -> str | None:
+    """The /run/netns entry the process lives in, if any."""
+    want = os.stat(f"/proc/{pid}/ns/net")
+    for entry in Path("/run/netns").glob("*") if Path("/run/netns").is_dir() else []:
+        with contextlib.suppress(OSError):
+            st = entry.stat()
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return str(entry)
+    return None
+
+
+@pytest.fixture
+async def process_node(kubectl, start_agent, tmp_path):
+    from conftest import wait_node_ready
+
+    name = f"emu-stats-{uuid.uuid4().hex[:6]}"
+    state = tmp_path / "state"
+    agent = await start_agent(name, PROCESS_CONFIG, state_dir=state)
+    await wait_node_ready(kubectl, name)
+    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
+    yield SimpleNamespace(name=name, agent=agent, state=state, cgroups=manager)
+    await kubectl.run(
+        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "--wait=true", "--timeout=60s", check=False,
+    )  # fmt: skip
+    with contextlib.suppress(Exception):
+        manager.remove(CGROUP_ROOT, kill=True)
+
+
+def mirror_controller(pod: dict, manager: CgroupManager, netns: str | None) -> SimpleNamespace:
+    """What the collector reads of the agent's controller, for the Pod the real agent runs."""
+    status = pod["status"]["containerStatuses"][0]
+    started = datetime.fromisoformat(status["state"]["running"]["startedAt"].replace("Z", "+00:00"))
+    pod_start = datetime.fromisoformat(pod["status"]["startTime"].replace("Z", "+00:00"))
+    worker = SimpleNamespace(
+        pod=pod,
+        backend=SimpleNamespace(name="process"),
+        sandbox=SimpleNamespace(netns=netns),
+        gone=False,
+        handles={"burn": SimpleNamespace(started_at=started)},
+        rec=SimpleNamespace(start_time=pod_start),
+    )
+    return SimpleNamespace(workers={pod["metadata"]["uid"]: worker}, cgroups=manager)
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
+async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
+    from conftest import eventually
+
+    name = f"burner-{uuid.uuid4().hex[:6]}"
+    await kubectl.apply(burner_pod(name, process_node.name))
+
+    async def running() -> dict | None:
+        obj = await kubectl.get("pod", name)
+        return obj if obj and obj["status"].get("phase") == "Running" else None
+
+    pod = await eventually(running, 30, what=f"{name} Running")
+    manager: CgroupManager = process_node.cgroups
+    pod_rel, ctr_rel = manager.pod_path(pod), manager.container_path(pod, "burn")
+
+    async def allocated() -> bool:
+        return direct_counters(manager.mode, ctr_rel)[2] > 90 * MiB
+
+    await eventually(allocated, 20, what="the burner's 96 MiB resident")
+    pids = manager.pids(ctr_rel)
+    netns = netns_of(pids[0]) if pids else None
+
+    collector = StatsCollector(process_node.name, mirror_controller(pod, manager, netns), process_node.state)
+    before = direct_counters(manager.mode, pod_rel)
+    first = collector.build(collector.targets())
+    await asyncio.sleep(2.0)
+    mid = direct_counters(manager.mode, pod_rel)
+    snapshot = collector.build(collector.targets())
+    after = direct_counters(manager.mode, pod_rel)
+    ctr_after = direct_counters(manager.mode, ctr_rel)
+
+    summary = by_name(summary_json(snapshot))[name]
+    cpu, memory = summary["cpu"], summary["memory"]
+    print(  # the deviations, for the record (pytest -s shows them)
+        f"\nstats vs cgroup: cpu {cpu['usageCoreNanoSeconds']} in [{mid[0]}, {after[0]}]; "
+        f"working set {memory['workingSetBytes']} vs {after[2]} ({memory['workingSetBytes'] / after[2] - 1:+.2%}); "
+        f"usage {memory['usageBytes']} vs {after[1]} ({memory['usageBytes'] / after[1] - 1:+.2%}); "
+        f"nanocores {cpu.get('usageNanoCores')} vs {(after[0] - before[0]) / (snapshot.taken - first.taken):.0f}"
+    )
+    # Cumulative CPU lies between the reads just before and after the sampling (10 % slack).
+    assert mid[0] * 0.9 <= cpu["usageCoreNanoSeconds"] <= after[0] * 1.1
+    assert abs(memory["usageBytes"] - after[1]) <= 0.1 * after[1]
+    assert abs(memory["workingSetBytes"] - after[2]) <= 0.1 * after[2]
+    assert memory["workingSetBytes"] > 90 * MiB
+    assert memory["availableBytes"] == 256 * MiB - memory["workingSetBytes"]  # the pod's limit
+    # The rate over the two samplings against the counter's own rate over the bracketing reads.
+    interval = snapshot.pods[0].usage.time - first.pods[0].usage.time  # type: ignore[union-attr]
+    measured = (after[0] - before[0]) / (interval + 0.05)
+    assert cpu["usageNanoCores"] == pytest.approx(measured, rel=0.15)
+    assert 0.1e9 < cpu["usageNanoCores"] < 0.6e9  # a 500m limit on a spinning process
+
+    (container,) = summary["containers"]
+    assert container["name"] == "burn"
+    assert abs(container["memory"]["workingSetBytes"] - ctr_after[2]) <= 0.1 * ctr_after[2]
+    assert container["cpu"]["usageCoreNanoSeconds"] <= ctr_after[0] * 1.1
+    assert container["logs"]["usedBytes"] > 0 and container["logs"]["inodesUsed"] >= 1
+    assert summary["ephemeral-storage"]["usedBytes"] >= container["logs"]["usedBytes"]
+    if netns is not None:  # the process backend's own namespace: its eth0 (lo is left out)
+        assert "eth0" in [i["name"] for i in summary["network"]["interfaces"]]
+    else:
+        assert "network" not in summary
+
+    # The same sampling as /metrics/resource: what metrics-server reads for `kubectl top`.
+    families = {f.name: f for f in text_string_to_metric_families(resource_metrics.render(snapshot))}
+    (ctr_cpu,) = [s for s in families["container_cpu_usage_seconds"].samples if s.labels["pod"] == name]
+    assert ctr_cpu.labels == {"container": "burn", "namespace": "default", "pod": name}
+    assert ctr_cpu.value == container["cpu"]["usageCoreNanoSeconds"] / 1e9
+    (pod_mem,) = [s for s in families["pod_memory_working_set_bytes"].samples if s.labels["pod"] == name]
+    assert pod_mem.value == memory["workingSetBytes"]
