@@ -381,7 +381,9 @@ def test_pod_cgroup_gone_mid_read(fake_node):
 
 
 def test_go_float_matches_strconv():
-    cases = {10.0: "10", 1e6: "1e+06", 1624396278.302: "1.624396278302e+09", 0.5: "0.5", 1e-05: "1e-05",
+    cases = {10.0: "10", 1e6: "1e+06", 999999.0: "999999", 0.0001: "0.0001", 1.5e-07: "1.5e-07", 2e21: "2e+21",
+             -1234567.5: "-1.2345675e+06", 100.25: "100.25", 1624396278.302: "1.624396278302e+09", 0.5: "0.5",
+             1e-05: "1e-05",
              123456.0: "123456", 10784768.0: "1.0784768e+07", 0.0: "0", -2.5: "-2.5"}  # fmt: skip
     assert {v: resource_metrics.go_float(v) for v in cases} == cases
 
@@ -411,6 +413,17 @@ def test_resource_metrics_text(fake_node):
         "core-seconds\n# TYPE container_cpu_usage_seconds_total counter\n"
     ) in text
     assert 'container_memory_working_set_bytes{container="main",namespace="default",pod="real"} 8.388608e+07 ' in text
+
+
+def test_resource_metrics_escape_label_values(fake_node):
+    snapshot = fake_node.collector.build(fake_node.collector.targets())
+    snapshot.pods[0].namespace = 'we"ird\\ns'
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(resource_metrics.render(snapshot))
+        if f.name == "pod_cpu_usage_seconds"
+    ]
+    assert 'we"ird\\ns' in {s.labels["namespace"] for s in family.samples}
 
 
 def test_resource_metrics_when_sampling_failed():
@@ -563,6 +576,8 @@ async def test_concurrent_requests_share_one_sampling(fake_node):
     bodies = await asyncio.gather(*(c.rendered("summary", lambda s: json.dumps(summary_json(s)).encode())
                                     for _ in range(20)))  # fmt: skip
     assert rounds == 1 and len(set(bodies)) == 1
+    c._cost = 2.0  # an expensive sampling (thousands of Pods) is reused for longer
+    assert c.reuse_for == 10.0
 
 
 def test_host_fs_usage_of_a_real_directory(tmp_path):

@@ -2,8 +2,9 @@
 
 The Pods and their cgroup paths are listed on the event loop (that reads the controller's workers);
 the files are read and the snapshot assembled in a worker thread, so a node with many process Pods
-does not stall the loop. One sampling serves every request for `max_age` seconds and concurrent
-requests share it, so 50 requests a second cost one round a second. A background round every 10 s
+does not stall the loop. One sampling serves every request for `max_age` seconds (longer on a
+node with thousands of Pods: 5x what the sampling cost) and concurrent requests share it, so 50
+requests a second cost one round a second. A background round every 10 s
 (cadvisor's housekeeping interval) reads only the cgroups, keeping a recent base for each CPU rate:
 the first request after a quiet spell already has usageNanoCores.
 """
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_AGE = 1.0  # seconds one sampling serves requests
 HOUSEKEEPING_INTERVAL = 10.0
+COST_FACTOR = 5.0  # a sampling is reused for at least 5x what it cost
 NO_CGROUP_BACKENDS = frozenset({"emulated"})  # nothing runs: no cgroup, no logs (annotations may play usage)
 
 
@@ -98,6 +100,7 @@ class StatsCollector:
         self._boot_time: float | None = None
         self._snapshot: Snapshot | None = None
         self._taken = 0.0  # monotonic time of the snapshot
+        self._cost = 0.0  # seconds spent sampling and rendering the current snapshot
         self._building: asyncio.Task[Snapshot] | None = None
         self._rendered: dict[str, tuple[Snapshot, bytes]] = {}
         self._rendering: dict[str, asyncio.Task[bytes]] = {}
@@ -118,7 +121,7 @@ class StatsCollector:
             pod = worker.pod
             meta = pod["metadata"]
             annotations = meta.get("annotations") if backend.name == "emulated" else None
-            pod_dir = self.pods_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+            pod_dir = f"{self.pods_dir}/{meta['namespace']}_{meta['name']}_{meta['uid']}/" if measured else ""
             containers = []
             for name, handle in list(worker.handles.items()):
                 started = _timestamp(handle.started_at)
@@ -129,7 +132,7 @@ class StatsCollector:
                         name=name,
                         start_time=started,
                         cgroup=cgroups.container_path(pod, name) if measured else None,
-                        log_dir=str(pod_dir / name) if measured else None,
+                        log_dir=pod_dir + name if measured else None,
                         plan=emulated_usage.planned_usage(annotations, name) if annotations else None,
                     )
                 )
@@ -149,8 +152,14 @@ class StatsCollector:
 
     # --- shared, cached sampling ------------------------------------------------------------------
 
+    @property
+    def reuse_for(self) -> float:
+        """How long one sampling serves: `max_age`, or longer when sampling and rendering cost much
+        (thousands of Pods), so that stats never take more than a fifth of a core."""
+        return max(self.max_age, COST_FACTOR * self._cost)
+
     async def snapshot(self) -> Snapshot:
-        if self._snapshot is not None and time.monotonic() - self._taken < self.max_age:
+        if self._snapshot is not None and time.monotonic() - self._taken < self.reuse_for:
             return self._snapshot
         if self._building is None:
             self._building = asyncio.create_task(self._refresh(), name="stats-sampling")
@@ -159,12 +168,14 @@ class StatsCollector:
 
     async def _refresh(self) -> Snapshot:
         try:
+            start = time.monotonic()
             targets = self.targets()
             async with self._io:
                 snapshot = await asyncio.to_thread(self.build, targets)
         finally:
             self._building = None
         self._snapshot, self._taken = snapshot, time.monotonic()
+        self._cost = self._taken - start
         return snapshot
 
     async def rendered(self, kind: str, render: Callable[[Snapshot], bytes]) -> bytes:
@@ -181,7 +192,9 @@ class StatsCollector:
 
     async def _render(self, kind: str, snapshot: Snapshot, render: Callable[[Snapshot], bytes]) -> bytes:
         try:
+            start = time.monotonic()
             body = await asyncio.to_thread(render, snapshot)
+            self._cost += time.monotonic() - start
         finally:
             self._rendering.pop(kind, None)
         self._rendered[kind] = (snapshot, body)

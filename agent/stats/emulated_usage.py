@@ -12,6 +12,7 @@ Cumulative CPU is the rate times the time since the container started.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from agent.config import cpu_millis, memory_bytes
@@ -32,6 +33,11 @@ def planned_usage(annotations: dict[str, Any] | None, container: str) -> tuple[i
     memory = annotations.get(f"{PREFIX}memory-usage.{container}", annotations.get(PREFIX + "memory-usage"))
     if cpu is None and memory is None:
         return None
+    return _parse_plan(str(cpu) if cpu is not None else None, str(memory) if memory is not None else None)
+
+
+@functools.lru_cache(maxsize=256)  # thousands of Pods made from one template share a few values
+def _parse_plan(cpu: str | None, memory: str | None) -> tuple[int, int] | None:
     try:
         return (cpu_millis(cpu) if cpu is not None else 0, memory_bytes(memory) if memory is not None else 0)
     except (ValueError, ArithmeticError):

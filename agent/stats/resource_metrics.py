@@ -10,8 +10,6 @@ prometheus_client, which names a counter family without its _total suffix.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from decimal import Decimal
 
 from agent.stats.model import Snapshot, Usage
 
@@ -38,74 +36,89 @@ FAMILIES = {
     "scrape_error": ("gauge", "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise"),
 }
 
-Sample = tuple[tuple[tuple[str, str], ...], float, float | None]  # (sorted label pairs, value, time)
-
 
 def go_float(value: float) -> str:
-    """A float as Go's strconv.FormatFloat(v, 'g', -1, 64) writes it (what expfmt uses)."""
-    if math.isnan(value):
+    """A float as Go's strconv.FormatFloat(v, 'g', -1, 64) writes it (what expfmt uses): the shortest
+    digits that round-trip, in %e form when the exponent is below -4 or at least 6."""
+    if value != value:
         return "NaN"
-    if math.isinf(value):
+    if value in (math.inf, -math.inf):
         return "+Inf" if value > 0 else "-Inf"
     if value == 0:
         return "0"
-    sign, digit_tuple, exponent = Decimal(repr(float(value))).normalize().as_tuple()
-    digits = "".join(map(str, digit_tuple))
-    point = len(digits) + int(exponent)  # digits before the decimal point
+    text = repr(float(value))  # Python's repr is the shortest round-trip form too
+    sign = ""
+    if text[0] == "-":
+        sign, text = "-", text[1:]
+    mantissa, _, exp_text = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    all_digits = whole + fraction
+    digits = all_digits.lstrip("0")
+    point = len(whole) + int(exp_text or 0) - (len(all_digits) - len(digits))  # digits before the point
+    digits = digits.rstrip("0")
     exp = point - 1
-    prefix = "-" if sign else ""
-    if exp < -4 or exp >= 6:  # shortest formatting decides with precision 6
-        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{prefix}{mantissa}e{'+' if exp >= 0 else '-'}{abs(exp):02d}"
+    if exp < -4 or exp >= 6:
+        body = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return f"{sign}{body}e{'+' if exp >= 0 else '-'}{abs(exp):02d}"
     if point <= 0:
-        return f"{prefix}0.{'0' * -point}{digits}"
+        return f"{sign}0.{'0' * -point}{digits}"
     if point >= len(digits):
-        return prefix + digits + "0" * (point - len(digits))
-    return f"{prefix}{digits[:point]}.{digits[point:]}"
+        return sign + digits + "0" * (point - len(digits))
+    return f"{sign}{digits[:point]}.{digits[point:]}"
 
 
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
 
 
-def _samples(snapshot: Snapshot | None) -> dict[str, list[Sample]]:
-    out: dict[str, list[Sample]] = {name: [] for name in FAMILIES}
+Line = tuple[tuple[str, ...], str]  # (label values in label-name order, for sorting; the sample line)
+
+
+def _sample(name: str, labels: str, value: float, at: float | None) -> str:
+    stamp = f" {int(at * 1000)}" if at is not None else ""
+    return f"{name}{{{labels}}} {go_float(value)}{stamp}\n" if labels else f"{name} {go_float(value)}{stamp}\n"
+
+
+def _lines(snapshot: Snapshot | None) -> dict[str, list[Line]]:
+    out: dict[str, list[Line]] = {name: [] for name in FAMILIES}
     error = 1.0 if snapshot is None else 0.0
-    out["scrape_error"].append(((), error, None))
-    out["resource_scrape_error"].append(((), error, None))
+    for name in ("scrape_error", "resource_scrape_error"):
+        out[name].append(((), _sample(name, "", error, None)))
     if snapshot is None:
         return out
 
-    def usage(cpu: str, memory: str, labels: tuple[tuple[str, str], ...], u: Usage | None) -> None:
+    def usage(kind: str, key: tuple[str, ...], labels: str, u: Usage | None) -> None:
         if u is None:
             return
-        out[cpu].append((labels, u.counters.cpu_usage_ns / NANOS, u.time))
-        out[memory].append((labels, float(u.counters.working_set_bytes), u.time))
+        cpu, memory = f"{kind}_cpu_usage_seconds_total", f"{kind}_memory_working_set_bytes"
+        out[cpu].append((key, _sample(cpu, labels, u.counters.cpu_usage_ns / NANOS, u.time)))
+        out[memory].append((key, _sample(memory, labels, float(u.counters.working_set_bytes), u.time)))
 
-    usage("node_cpu_usage_seconds_total", "node_memory_working_set_bytes", (), snapshot.node.usage)
+    usage("node", (), "", snapshot.node.usage)
     for pod in snapshot.pods:
+        pod_labels = f'namespace="{_escape(pod.namespace)}",pod="{_escape(pod.name)}"'
         for c in pod.containers:
-            labels = (("container", c.name), ("namespace", pod.namespace), ("pod", pod.name))
+            key = (c.name, pod.namespace, pod.name)
+            labels = f'container="{_escape(c.name)}",{pod_labels}'
             if c.start_time > 0:
-                out["container_start_time_seconds"].append((labels, c.start_time, None))
-            usage("container_cpu_usage_seconds_total", "container_memory_working_set_bytes", labels, c.usage)
-        labels = (("namespace", pod.namespace), ("pod", pod.name))
-        usage("pod_cpu_usage_seconds_total", "pod_memory_working_set_bytes", labels, pod.usage)
+                out["container_start_time_seconds"].append(
+                    (key, _sample("container_start_time_seconds", labels, c.start_time, None))
+                )
+            usage("container", key, labels, c.usage)
+        usage("pod", (pod.namespace, pod.name), pod_labels, pod.usage)
     return out
-
-
-def _lines(snapshot: Snapshot | None) -> Iterator[str]:
-    for name, samples in sorted(_samples(snapshot).items()):
-        if not samples:
-            continue  # as the kubelet: a family without samples is not written at all
-        kind, help_text = FAMILIES[name]
-        yield f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
-        for labels, value, at in sorted(samples, key=lambda s: s[0]):
-            label_text = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}" if labels else ""
-            stamp = f" {int(at * 1000)}" if at is not None else ""
-            yield f"{name}{label_text} {go_float(value)}{stamp}\n"
 
 
 def render(snapshot: Snapshot | None) -> str:
     """The exposition text; `None` stands for a failed sampling (only the scrape error gauges, set to 1)."""
-    return "".join(_lines(snapshot))
+    parts = []
+    for name, lines in sorted(_lines(snapshot).items()):
+        if not lines:
+            continue  # as the kubelet: a family without samples is not written at all
+        kind, help_text = FAMILIES[name]
+        parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        lines.sort(key=lambda line: line[0])
+        parts.extend(line for _, line in lines)
+    return "".join(parts)

@@ -14,8 +14,17 @@ from agent.stats.model import ContainerSnapshot, Fs, Network, NodeSnapshot, PodS
 JSON = dict[str, Any]
 
 
+_formatted: dict[int, str] = {}  # most times of one sampling fall in the same second or two
+
+
 def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    second = int(t)
+    text = _formatted.get(second)
+    if text is None:
+        if len(_formatted) > 1024:
+            _formatted.clear()
+        text = _formatted[second] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+    return text
 
 
 def cpu_json(usage: Usage) -> JSON:
