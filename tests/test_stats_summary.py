@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import ipaddress
 import json
 import os
 import random
+import socket
+import ssl
 import time
 import uuid
 from datetime import UTC, datetime
@@ -19,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -662,16 +667,30 @@ async def process_node(kubectl, start_agent, tmp_path):
 
     name = f"emu-stats-{uuid.uuid4().hex[:6]}"
     state = tmp_path / "state"
-    agent = await start_agent(name, PROCESS_CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    ip = routable_ip()
+    extra = ("--port", "0", *(("--node-ip", ip) if ip else ()))  # a free kubelet port; an IP the API server proxies to
+    agent = await start_agent(name, PROCESS_CONFIG, state_dir=state, extra=extra)
+    obj = await wait_node_ready(kubectl, name)
+    port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
     manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield SimpleNamespace(name=name, agent=agent, state=state, cgroups=manager)
+    yield SimpleNamespace(name=name, agent=agent, state=state, cgroups=manager, port=port, proxied=ip is not None)
     await kubectl.run(
         "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
         "--wait=true", "--timeout=60s", check=False,
     )  # fmt: skip
     with contextlib.suppress(Exception):
         manager.remove(CGROUP_ROOT, kill=True)
+
+
+def routable_ip() -> str | None:
+    """This host's outgoing address: the API server does not proxy to a node whose address is loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 9))  # sends nothing: only picks the outgoing address
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(ip).is_loopback else ip
 
 
 def mirror_controller(pod: dict, manager: CgroupManager, netns: str | None) -> SimpleNamespace:
@@ -690,26 +709,35 @@ def mirror_controller(pod: dict, manager: CgroupManager, netns: str | None) -> S
     return SimpleNamespace(workers={pod["metadata"]["uid"]: worker}, cgroups=manager)
 
 
-@pytest.mark.cluster
-@pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
-async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
+async def start_burner(kubectl: Any, node: SimpleNamespace) -> tuple[str, dict]:
+    """A running burner Pod with its memory resident: (name, Pod object)."""
     from conftest import eventually
 
     name = f"burner-{uuid.uuid4().hex[:6]}"
-    await kubectl.apply(burner_pod(name, process_node.name))
+    await kubectl.apply(burner_pod(name, node.name))
 
     async def running() -> dict | None:
         obj = await kubectl.get("pod", name)
         return obj if obj and obj["status"].get("phase") == "Running" else None
 
     pod = await eventually(running, 30, what=f"{name} Running")
-    manager: CgroupManager = process_node.cgroups
-    pod_rel, ctr_rel = manager.pod_path(pod), manager.container_path(pod, "burn")
+    ctr_rel = node.cgroups.container_path(pod, "burn")
 
     async def allocated() -> bool:
-        return direct_counters(manager.mode, ctr_rel)[2] > 90 * MiB
+        with contextlib.suppress(OSError):
+            return direct_counters(node.cgroups.mode, ctr_rel)[2] > 90 * MiB
+        return False
 
     await eventually(allocated, 20, what="the burner's 96 MiB resident")
+    return name, pod
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
+async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
+    name, pod = await start_burner(kubectl, process_node)
+    manager: CgroupManager = process_node.cgroups
+    pod_rel, ctr_rel = manager.pod_path(pod), manager.container_path(pod, "burn")
     pids = manager.pids(ctr_rel)
     netns = netns_of(pids[0]) if pids else None
 
@@ -760,3 +788,86 @@ async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
     assert ctr_cpu.value == container["cpu"]["usageCoreNanoSeconds"] / 1e9
     (pod_mem,) = [s for s in families["pod_memory_working_set_bytes"].samples if s.labels["pod"] == name]
     assert pod_mem.value == memory["workingSetBytes"]
+
+
+# --- end to end: the agent's own HTTPS server, reached as metrics-server and kubectl do ----------------
+
+HAS_SERVER = importlib.util.find_spec("agent.kubelet_api.server") is not None
+
+
+async def kubelet_get(cluster: Any, kubectl: Any, node: SimpleNamespace, path: str, proxy: bool = True) -> str:
+    """GET a kubelet API path through the API server's node proxy (as `kubectl get --raw` does), or
+    straight to the agent's port with the API server's kubelet client certificate (as metrics-server
+    does with its own)."""
+    if proxy and node.proxied:
+        return await kubectl("get", "--raw", f"/api/v1/nodes/{node.name}/proxy{path}")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the agent's serving certificate is self-signed
+    pki = cluster.dir / "pki"
+    ctx.load_cert_chain(str(pki / "apiserver-kubelet-client.crt"), str(pki / "apiserver-kubelet-client.key"))
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.get(f"https://127.0.0.1:{node.port}{path}") as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.text()
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
+@pytest.mark.skipif(not HAS_SERVER, reason="the kubelet HTTPS server (branch api) is not merged yet")
+async def test_kubelet_api_serves_stats_and_metrics(cluster, kubectl, process_node):
+    name, pod = await start_burner(kubectl, process_node)
+    manager: CgroupManager = process_node.cgroups
+    pod_rel = manager.pod_path(pod)
+
+    before = direct_counters(manager.mode, pod_rel)
+    summary = json.loads(await kubelet_get(cluster, kubectl, process_node, "/stats/summary"))
+    after = direct_counters(manager.mode, pod_rel)
+    stats = by_name(summary)[name]
+    assert summary["node"]["nodeName"] == process_node.name
+    assert before[0] * 0.9 <= stats["cpu"]["usageCoreNanoSeconds"] <= after[0] * 1.1
+    assert abs(stats["memory"]["workingSetBytes"] - after[2]) <= 0.1 * after[2]
+
+    # What metrics-server read from the Summary: node and container cpu rate and working set, with times.
+    await asyncio.sleep(2.0)
+    summary = json.loads(await kubelet_get(cluster, kubectl, process_node, "/stats/summary", proxy=False))
+    node, stats = summary["node"], by_name(summary)[name]
+    for block in (node["cpu"], stats["cpu"], stats["containers"][0]["cpu"]):
+        assert block["usageNanoCores"] >= 0 and block["time"].endswith("Z")
+    assert 0.1e9 < stats["containers"][0]["cpu"]["usageNanoCores"] < 0.6e9  # the 500m limit
+    assert node["memory"]["workingSetBytes"] > stats["memory"]["workingSetBytes"] > 90 * MiB
+
+    # What metrics-server reads now: /metrics/resource, cumulative counters stamped with their time.
+    text = await kubelet_get(cluster, kubectl, process_node, "/metrics/resource")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for family in ("node_cpu_usage_seconds", "node_memory_working_set_bytes", "container_cpu_usage_seconds",
+                   "container_memory_working_set_bytes", "container_start_time_seconds", "pod_cpu_usage_seconds",
+                   "pod_memory_working_set_bytes", "scrape_error", "resource_scrape_error"):  # fmt: skip
+        assert family in families, family
+    (cpu,) = [s for s in families["container_cpu_usage_seconds"].samples if s.labels["pod"] == name]
+    assert cpu.labels == {"container": "burn", "namespace": "default", "pod": name}
+    assert cpu.timestamp is not None and abs(float(cpu.timestamp) - time.time()) < 30
+    assert cpu.value * 1e9 <= direct_counters(manager.mode, pod_rel)[0] * 1.1
+    assert [s.value for s in families["resource_scrape_error"].samples] == [0]
+
+    # The agent's own metrics.
+    text = await kubelet_get(cluster, kubectl, process_node, "/metrics")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("kubelet_emu_pods", phase="Running", handler="procs") >= 1
+    assert value("kubelet_emu_pod_start_duration_seconds_count", handler="procs") >= 1
+    assert value("kubelet_emu_runtime_operations_duration_seconds_count", backend="process",
+                 operation="start_container") >= 1  # fmt: skip
+    assert value("kubelet_emu_api_requests_total", verb="PATCH", resource="pods/status", code="200") >= 1
+    assert value("kubelet_emu_api_requests_total", verb="WATCH", resource="pods", code="200") >= 1
+    assert ("kubelet_emu_lease_renew_failures_total", ()) in samples
+    assert value("kubelet_emu_watch_relists_total", resource="pods") >= 1
