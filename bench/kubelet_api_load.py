@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import ssl
 import sys
 import tempfile
@@ -47,6 +48,16 @@ def kubelet_client_ssl(pki: Path) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(str(pki / "apiserver-kubelet-client.crt"), str(pki / "apiserver-kubelet-client.key"))
     return ctx
+
+
+def routable_ip() -> str | None:
+    """This host's outgoing address: the API server's node proxy refuses loopback node addresses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 9))  # sends nothing: only picks the outgoing address
+            return s.getsockname()[0]
+        except OSError:
+            return None
 
 
 class AgentSampler:
@@ -156,6 +167,7 @@ async def main() -> int:
         agent = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
             "--config", str(config), "--state-dir", str(work / "state"), "--port", str(args.kubelet_port),
+            *(["--node-ip", ip] if (ip := routable_ip()) and args.via == "proxy" else []),
             stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
         )  # fmt: skip
 
