@@ -18,6 +18,7 @@ import socket
 import ssl
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -583,6 +584,42 @@ async def test_concurrent_requests_share_one_sampling(fake_node):
     assert rounds == 1 and len(set(bodies)) == 1
     c._cost = 2.0  # an expensive sampling (thousands of Pods) is reused for longer
     assert c.reuse_for == 10.0
+
+
+async def test_requests_during_a_sampling_get_the_last_answer(fake_node):
+    """Only the request that starts a sampling waits for it; others meanwhile get the last answer,
+    unless that is too old."""
+    c = fake_node.collector
+    c.max_age = 0.0  # every request wants a fresh sampling
+    render = lambda s: str(s.taken).encode()  # noqa: E731
+    first = await c.rendered("k", render)
+    release = asyncio.Event()
+    build = c.build
+
+    def slow(targets):
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        return build(targets)
+
+    loop = asyncio.get_running_loop()
+    c.build = slow  # type: ignore[method-assign]
+    c._cost = c._taken = 0.0  # the last sampling has expired
+    starter = asyncio.create_task(c.rendered("k", render))
+    await asyncio.sleep(0.05)
+    assert c._building is not None
+    assert await asyncio.wait_for(c.rendered("k", render), 1) == first  # no waiting behind the sampling
+    release.set()
+    assert await starter != first
+    c._rendered["k"] = (replace(c._rendered["k"][0], taken=time.time() - 60), b"old")
+    c.build = slow  # type: ignore[method-assign]
+    release.clear()
+    c._cost = c._taken = 0.0
+    waiting = asyncio.create_task(c.rendered("k", render))
+    await asyncio.sleep(0.05)
+    later = asyncio.create_task(c.rendered("k", render))
+    await asyncio.sleep(0.05)
+    assert not later.done()  # a minute-old answer is not served: it waits for the fresh one
+    release.set()
+    assert await later == await waiting != b"old"
 
 
 def test_host_fs_usage_of_a_real_directory(tmp_path):

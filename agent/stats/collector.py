@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_AGE = 1.0  # seconds one sampling serves requests
 HOUSEKEEPING_INTERVAL = 10.0
 COST_FACTOR = 5.0  # a sampling is reused for at least 5x what it cost
+STALE_GRACE = 2.0  # how much older than its reuse time an answer may be while a newer one is made
 NO_CGROUP_BACKENDS = frozenset({"emulated"})  # nothing runs: no cgroup, no logs (annotations may play usage)
 
 
@@ -179,7 +180,14 @@ class StatsCollector:
         return snapshot
 
     async def rendered(self, kind: str, render: Callable[[Snapshot], bytes]) -> bytes:
-        """The snapshot rendered as `kind` (summary JSON, metrics text...), once per snapshot."""
+        """The snapshot rendered as `kind` (summary JSON, metrics text...), once per snapshot.
+
+        While a newer sampling or rendering is under way, the last answer serves if it is recent:
+        requests that arrive meanwhile do not queue behind it (only the one that started it waits)."""
+        cached = self._rendered.get(kind)
+        busy = self._building is not None or kind in self._rendering
+        if busy and cached is not None and time.time() - cached[0].taken < self.reuse_for + STALE_GRACE:
+            return cached[1]
         snapshot = await self.snapshot()
         cached = self._rendered.get(kind)
         if cached is not None and cached[0] is snapshot:
