@@ -15,6 +15,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent.logs import kv
+from images.auth import credentials_from_dockerconfigjson
+from images.errors import PullError
+from images.reference import InvalidReferenceError, parse_reference
 
 if TYPE_CHECKING:
     from agent.pod_status import ContainerRecord
@@ -27,6 +30,7 @@ PULL_BACKOFF_INITIAL = 10.0
 PULL_BACKOFF_MAX = 300.0
 ERR_TO_BACKOFF = 1.0  # how long ErrImagePull shows before the status turns to ImagePullBackOff
 NEVER_PULL_RECHECK = 10.0  # an image side-loaded later is noticed this soon
+IMAGE_GC_PERIOD = 300.0  # the kubelet's ImageGCPeriod
 
 
 def default_pull_policy(image: str) -> str:
@@ -75,9 +79,6 @@ class ImageGate:
     async def ensure(self, worker: PodWorker, spec: JSON, rec: ContainerRecord) -> Any:
         """Return the Image once present; until then the status shows why not. Never returns for
         an invalid name (the Pod stays Pending, as with the kubelet); cancelled on deletion."""
-        from images.reference import InvalidReferenceError, parse_reference
-        from images.service import PullError
-
         images = worker.c.images
         pod, name = worker.pod, spec["name"]
         image = spec.get("image") or ""
@@ -150,8 +151,6 @@ class ImageGate:
     @staticmethod
     async def _credentials(worker: PodWorker) -> list[Any]:
         """Credentials from the Pod's imagePullSecrets; a missing Secret is skipped, as the kubelet does."""
-        from images.service import credentials_from_dockerconfigjson
-
         found: list[Any] = []
         namespace = worker.pod["metadata"]["namespace"]
         for entry in worker.pod["spec"].get("imagePullSecrets") or []:
@@ -162,3 +161,30 @@ class ImageGate:
                 continue
             found.extend(credentials_from_dockerconfigjson(config))
         return found
+
+
+def images_in_use(workers: Any) -> set[str]:
+    """Image names and IDs of every Pod this node still runs: never garbage-collected."""
+    in_use: set[str] = set()
+    for worker in workers:
+        for spec in (worker.pod["spec"].get("initContainers") or []) + worker.pod["spec"]["containers"]:
+            if spec.get("image"):
+                in_use.add(spec["image"])
+        for rec in worker.rec.containers + worker.rec.init_containers:
+            if rec.image_id:
+                in_use.add(rec.image_id)
+    return in_use
+
+
+async def image_gc_loop(controller: Any, period: float = IMAGE_GC_PERIOD) -> None:
+    """Every period: when the image filesystem is fuller than gc_high_percent, remove unused
+    images, least recently used first, down to gc_low_percent."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            removed = await controller.images.garbage_collect(images_in_use(list(controller.workers.values())))
+        except OSError as exc:
+            log.warning("image garbage collection failed", extra=kv(error=str(exc)))
+            continue
+        if removed:
+            log.info("images removed by garbage collection", extra=kv(count=len(removed), images=",".join(removed)))

@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
+from agent.image_pull import image_gc_loop
 from agent.kube import Kube
 from agent.logs import kv
 from agent.node import NodeAgent
@@ -43,6 +44,8 @@ async def agent_main(node: NodeAgent, pods: PodController) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(node.run(), name="node")
         tg.create_task(pods.run(), name="pods")
+        if pods.images is not None:
+            tg.create_task(image_gc_loop(pods), name="image-gc")
         if pods.network is not None:
             tg.create_task(pods.network.run(), name="pod-network")
             tg.create_task(_remove_orphan_networks(pods), name="pod-network-orphans")
@@ -136,6 +139,8 @@ async def run(opts: RunOptions) -> int:
     finally:
         stopper.cancel()
         await pods.close()
+        if pods.images is not None:
+            await pods.images.close()
         if pods.network is not None:
             await pods.network.stop()
         write_stats(stats_path, kube, pods)

@@ -209,7 +209,13 @@ async def _ready(cluster: Cluster) -> bool:
         return False
 
 
-async def up(directory: Path, port: int = 6443, node_monitor_grace_period: str = "50s", quiet: bool = False) -> Cluster:
+async def up(
+    directory: Path,
+    port: int = 6443,
+    node_monitor_grace_period: str = "50s",
+    quiet: bool = False,
+    cluster_cidr: str = "10.244.0.0/16",
+) -> Cluster:
     directory = directory.resolve()
     running = read_cluster(directory)
     if running:
@@ -221,7 +227,7 @@ async def up(directory: Path, port: int = 6443, node_monitor_grace_period: str =
     with open(log_path, "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             str(binary), "up", "--dir", str(directory), "--port", str(port),
-            "--node-monitor-grace-period", node_monitor_grace_period,
+            "--node-monitor-grace-period", node_monitor_grace_period, "--cluster-cidr", cluster_cidr,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True,  # outlives this command; `down` stops it
         )  # fmt: skip

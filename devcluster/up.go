@@ -32,10 +32,11 @@ type clusterState struct {
 	Pid             int    `json:"pid"`
 }
 
-const (
-	serviceCIDR = "10.96.0.0/16"
-	clusterCIDR = "10.244.0.0/16"
-)
+const serviceCIDR = "10.96.0.0/16"
+
+// clusterCIDR is split into one /24 per node by the controller-manager; test sessions pick their
+// own so that two dev clusters on one host never hand the same pod CIDR to their nodes.
+var clusterCIDR = "10.244.0.0/16"
 
 func readState(dir string) (*clusterState, error) {
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
@@ -72,6 +73,7 @@ func up(args []string) error {
 	dir := fs.String("dir", "", "cluster directory (certificates, etcd data, kubeconfigs)")
 	port := fs.Int("port", 6443, "kube-apiserver secure port on 127.0.0.1")
 	grace := fs.Duration("node-monitor-grace-period", 50*time.Second, "how long the node lifecycle controller waits before marking a silent node Unknown")
+	fs.StringVar(&clusterCIDR, "cluster-cidr", clusterCIDR, "range the controller-manager splits into one /24 pod CIDR per node")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -25,6 +25,7 @@ from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import container_resource_config, pod_resource_config
+from network.netns import enter_netns_preexec
 from runtimes.base import (
     JSON,
     Backend,
@@ -321,7 +322,11 @@ class ProcessBackend(Backend):
         if not command:
             raise RunContainerError("exec: empty command")
 
+        join_netns = enter_netns_preexec(spec["netns"]) if spec.get("netns") else None
+
         def enter() -> None:
+            if join_netns is not None:  # exec probes see the Pod's network, as the container does
+                join_netns()
             for procs in spec["cgroup_procs"]:
                 with open(procs, "w") as f:
                     f.write("0")

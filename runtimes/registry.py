@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "kubelet_emu.backends"
 _BUILTIN = {
     "emulated": "runtimes.emulated:EmulatedBackend",
     "process": "runtimes.process:ProcessBackend",
+    "oci": "runtimes.oci:OciBackend",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -159,7 +160,9 @@ def agent_env() -> dict[str, str]:
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[manage.Cluster]:
     directory = Path(os.environ.get("KUBELET_EMU_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("devcluster"))
     # A short grace period keeps the node-lifecycle test quick; everything else is the default.
-    c = await manage.up(directory, port=free_port(), node_monitor_grace_period="20s", quiet=True)
+    # Its own pod range, so Pod networks of concurrent sessions (or a running demo) never collide.
+    cidr = f"10.{random.randint(100, 250)}.0.0/16"
+    c = await manage.up(directory, port=free_port(), node_monitor_grace_period="20s", quiet=True, cluster_cidr=cidr)
     yield c
     await manage.down(directory)
 

@@ -373,7 +373,7 @@ async def test_probes_drive_ready_and_restart(kubectl, node):
     web = unique("p-ready")
     probe = f"    readinessProbe: {{httpGet: {{port: {port}, path: /}}, periodSeconds: 1}}"
     gate = Path(f"/tmp/kubelet-emu-ready-{web}")  # the server starts once the test creates it
-    command = f"while [ ! -e {gate} ]; do sleep 0.2; done; exec python3 -m http.server {port} --bind 127.0.0.1"
+    command = f"while [ ! -e {gate} ]; do sleep 0.2; done; exec python3 -m http.server {port} --bind 0.0.0.0"
     await kubectl.apply(pod_yaml(web, name, command, container_extra=probe))
 
     async def ready():

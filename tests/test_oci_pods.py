@@ -1,0 +1,237 @@
+"""Issue 5 acceptance: Pods run through an OCI runtime (real runc) from images pulled from a real
+registry on 127.0.0.1, with pod IPs; image errors the kubelet's way; the same Pod cgroup values
+as the process backend.
+
+Real control plane, real registry (Debian's docker-registry), real runc, real cgroups; what is
+checked is what a user would check: kubectl, the CRI log file, /proc and the cgroup files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Kubectl, eventually, wait_node_ready
+
+from cgroups.manager import CgroupManager, detect_mode
+
+pytest_plugins = ["registry_fixture"]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="runc, pod cgroups and pod networks need root"),
+    pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (Debian package runc)"),
+]
+
+CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
+SUFFIX = uuid.uuid4().hex[:6]
+ISOLATED = f"isolated-{SUFFIX}"  # RuntimeClass names are cluster-wide: one set per test session
+PROCS = f"procs-{SUFFIX}"
+OVERHEAD = {"cpu": "250m", "memory": "120Mi"}
+
+
+def config(runc_root: Path) -> str:
+    return f"""
+[node]
+cgroup_root = "{CGROUP_ROOT}"
+[runtimes.isolated]
+backend = "oci"
+runtime_path = "{shutil.which("runc")}"
+runtime_root = "{runc_root}"
+[runtimes.procs]
+backend = "process"
+"""
+
+
+def pod(name: str, node: str, runtime_class: str, container: dict, **spec: object) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": node,
+                "runtimeClassName": runtime_class,
+                "terminationGracePeriodSeconds": 2,
+                "containers": [{"name": "c", **container}],
+                **spec,
+            },
+        }
+    )
+
+
+async def running(kubectl: Kubectl, name: str) -> dict | None:
+    obj = await kubectl.get("pod", name)
+    return obj if obj and obj["status"].get("phase") == "Running" and obj["status"].get("podIP") else None
+
+
+async def waiting_reason(kubectl: Kubectl, name: str, reason: str) -> dict | None:
+    obj = await kubectl.get("pod", name)
+    for status in (obj or {}).get("status", {}).get("containerStatuses") or []:
+        if (status.get("state", {}).get("waiting") or {}).get("reason") == reason:
+            return status
+    return None
+
+
+async def event_reasons(kubectl: Kubectl, name: str) -> dict[str, list[str]]:
+    items = (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}"))["items"]
+    found: dict[str, list[str]] = {}
+    for e in items:
+        found.setdefault(e["reason"], []).append(e["message"])
+    return found
+
+
+@pytest.fixture(scope="module")
+async def runtime_classes(cluster):
+    kubectl = Kubectl(cluster)
+    for name, handler in ((ISOLATED, "isolated"), (PROCS, "procs")):
+        await kubectl.apply(json.dumps({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": name},
+            "handler": handler, "overhead": {"podFixed": OVERHEAD},
+        }))  # fmt: skip
+    yield
+    await kubectl.run("delete", "runtimeclass", ISOLATED, PROCS, check=False)
+
+
+@pytest.fixture(scope="module")
+def cgroups():
+    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
+    yield manager
+    manager.remove(CGROUP_ROOT, kill=True)
+
+
+@pytest.fixture
+async def node(kubectl, start_agent, tmp_path, runtime_classes, cgroups):
+    name = f"emu-oci-{uuid.uuid4().hex[:6]}"
+    state = tmp_path / "state"
+    agent = await start_agent(name, config(tmp_path / "runc"), state_dir=state)
+    await wait_node_ready(kubectl, name)
+    yield name, agent, state
+    await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=90s", check=False)
+
+
+async def test_isolated_pod_runs_an_image_from_the_local_registry(kubectl, node, busybox_ref, cgroups):
+    name, _, state = node
+    script = "echo hello from $(hostname); echo pid1=$(cat /proc/1/comm); sleep 3600"
+    container = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", script],
+        "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}},
+    }
+    await kubectl.apply(pod("boxed", name, ISOLATED, container))
+    obj = await eventually(lambda: running(kubectl, "boxed"), 60, what="boxed Running with an IP")
+    status = obj["status"]["containerStatuses"][0]
+    assert status["containerID"].startswith("oci://")
+    assert "@sha256:" in status["imageID"]
+
+    events = await event_reasons(kubectl, "boxed")
+    assert any(m.startswith(f'Pulling image "{busybox_ref}"') for m in events.get("Pulling", []))
+    assert any("Successfully pulled image" in m and "Image size:" in m for m in events.get("Pulled", []))
+
+    # The CRI log file the kubelet API will serve.
+    uid = obj["metadata"]["uid"]
+    log_file = state / "pods" / f"default_boxed_{uid}" / "c" / "0.log"
+    text = await eventually(lambda: asyncio.sleep(0, log_file.exists() and log_file.read_text()), 10, what="log")
+    assert " stdout F hello from boxed" in text
+    # Its own pid namespace: the shell that runs the script is pid 1 there (or the runtime's init).
+    pid1 = next(line for line in text.splitlines() if "pid1=" in line).split("pid1=")[1]
+    assert pid1 in ("sh", "sleep")
+
+    # In the Pod's cgroup, whose limits include the RuntimeClass overhead.
+    pod_cgroup = cgroups.pod_path(obj)
+    values = cgroups.read_values(pod_cgroup)
+    assert values["memory.limit_in_bytes"] == str((64 + 120) * 1024 * 1024)
+    assert values["cpu.cfs_quota_us"] == "75000"  # (500m + 250m) of a 100000 us period
+    pids = cgroups.pids(pod_cgroup)
+    assert pids, "no process in the Pod's cgroup"
+    comms = {Path(f"/proc/{p}/comm").read_text().strip() for p in pids if Path(f"/proc/{p}").exists()}
+    assert "sleep" in comms
+    # A different pid namespace than the host's.
+    sleeper = next(p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "sleep")
+    assert os.readlink(f"/proc/{sleeper}/ns/pid") != os.readlink("/proc/self/ns/pid")
+
+
+async def test_image_errors_and_other_pods_keep_running(kubectl, node, busybox_ref, registry):
+    name, agent, _ = node
+    await kubectl.apply(pod("nosuchtag", name, ISOLATED, {"image": f"{registry.host}/busybox:nope"}))
+    await kubectl.apply(pod("never", name, ISOLATED, {"image": f"{registry.host}/never:1", "imagePullPolicy": "Never"}))
+    await kubectl.apply(pod("badname", name, ISOLATED, {"image": "Bad Name!"}))
+    await kubectl.apply(pod("fine", name, ISOLATED, {"image": busybox_ref, "command": ["sleep", "3600"]}))
+
+    assert await eventually(lambda: waiting_reason(kubectl, "nosuchtag", "ErrImagePull"), 30, what="ErrImagePull")
+    backoff = await eventually(
+        lambda: waiting_reason(kubectl, "nosuchtag", "ImagePullBackOff"), 30, what="ImagePullBackOff"
+    )
+    assert backoff["state"]["waiting"]["message"].startswith(f'Back-off pulling image "{registry.host}/busybox:nope"')
+    events = await event_reasons(kubectl, "nosuchtag")
+    assert "BackOff" in events and any(m.startswith("Failed to pull image") for m in events["Failed"])
+    assert "Error: ImagePullBackOff" in events["Failed"]
+
+    never = await eventually(lambda: waiting_reason(kubectl, "never", "ErrImageNeverPull"), 30, what="NeverPull")
+    assert "is not present with pull policy of Never" in never["state"]["waiting"]["message"]
+    bad = await eventually(lambda: waiting_reason(kubectl, "badname", "InvalidImageName"), 30, what="InvalidName")
+    assert "Bad Name!" in bad["state"]["waiting"]["message"]
+
+    assert await eventually(lambda: running(kubectl, "fine"), 60, what="a good Pod Running meanwhile")
+    assert agent.alive
+
+
+async def test_oci_and_process_pods_reach_each_other_by_ip(kubectl, node, busybox_ref):
+    name, _, _ = node
+    server = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", "mkdir -p /www && echo 'served by busybox httpd' > /www/index.html && "
+                    "exec httpd -f -p 8080 -h /www"],
+    }  # fmt: skip
+    await kubectl.apply(pod("oci-web", name, ISOLATED, server))
+    web = await eventually(lambda: running(kubectl, "oci-web"), 60, what="oci-web Running")
+    ip = web["status"]["podIP"]
+    fetch = f"import urllib.request as u; assert b'busybox' in u.urlopen('http://{ip}:8080/', timeout=5).read()"
+    await kubectl.apply(pod("proc-client", name, PROCS, {"image": "host", "command": [sys.executable, "-c", fetch]},
+                            restartPolicy="Never"))  # fmt: skip
+
+    async def finished():
+        obj = await kubectl.get("pod", "proc-client")
+        return obj if obj and obj["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    done = await eventually(finished, 60, what="proc-client finished")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    # And the other way: a process Pod serves, an OCI Pod fetches with busybox wget.
+    serve = [sys.executable, "-m", "http.server", "8081", "--bind", "0.0.0.0"]
+    await kubectl.apply(pod("proc-web", name, PROCS, {"image": "host", "command": serve}))
+    proc_ip = (await eventually(lambda: running(kubectl, "proc-web"), 60, what="proc-web Running"))["status"]["podIP"]
+    get = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", f"timeout 10 wget -q -O - http://{proc_ip}:8081/ | grep -q Directory"],
+    }
+    await kubectl.apply(pod("oci-client", name, ISOLATED, get, restartPolicy="Never"))
+
+    async def oci_finished():
+        obj = await kubectl.get("pod", "oci-client")
+        return obj if obj and obj["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    done = await eventually(oci_finished, 60, what="oci-client finished")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+
+
+async def test_same_pod_same_cgroup_values_on_both_backends(kubectl, node, busybox_ref, cgroups):
+    name, _, _ = node
+    container = {
+        "image": busybox_ref,
+        "command": ["sleep", "3600"],
+        "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"cpu": "300m", "memory": "96Mi"}},
+    }
+    await kubectl.apply(pod("same-oci", name, ISOLATED, container))
+    await kubectl.apply(pod("same-proc", name, PROCS, container))
+    values = {}
+    for pod_name in ("same-oci", "same-proc"):
+        obj = await eventually(lambda n=pod_name: running(kubectl, n), 60, what=f"{pod_name} Running")
+        values[pod_name] = cgroups.read_values(cgroups.pod_path(obj))
+    assert values["same-oci"] == values["same-proc"]
+    assert values["same-oci"]["memory.limit_in_bytes"] == str((96 + 120) * 1024 * 1024)
+    assert values["same-oci"]["cpu.shares"] == str(350 * 1024 // 1000)  # request 100m + overhead 250m
