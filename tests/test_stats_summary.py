@@ -793,7 +793,8 @@ async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
         f"\nstats vs cgroup: cpu {cpu['usageCoreNanoSeconds']} in [{mid[0]}, {after[0]}]; "
         f"working set {memory['workingSetBytes']} vs {after[2]} ({memory['workingSetBytes'] / after[2] - 1:+.2%}); "
         f"usage {memory['usageBytes']} vs {after[1]} ({memory['usageBytes'] / after[1] - 1:+.2%}); "
-        f"nanocores {cpu.get('usageNanoCores')} vs {(after[0] - before[0]) / (snapshot.taken - first.taken):.0f}"
+        f"nanocores {cpu.get('usageNanoCores')} vs {(after[0] - before[0]) / (snapshot.taken - first.taken):.0f}; "
+        f"netns {netns}: {summary.get('network')}"
     )
     # Cumulative CPU lies between the reads just before and after the sampling (10 % slack).
     assert mid[0] * 0.9 <= cpu["usageCoreNanoSeconds"] <= after[0] * 1.1
