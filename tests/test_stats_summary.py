@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import socket
 import ssl
 import time
@@ -40,6 +41,8 @@ from agent.stats.summary import summary_json
 from cgroups.detect import CgroupMode, detect_mode
 from cgroups.manager import CgroupManager
 from cgroups.stats import CgroupUsageReader, parse_meminfo, read_v1, read_v2
+
+pytest_plugins = ["registry_fixture"]  # a local registry with busybox, for the OCI Pod
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -706,7 +709,12 @@ async def process_node(kubectl, start_agent, tmp_path):
     state = tmp_path / "state"
     ip = routable_ip()
     extra = ("--port", "0", *(("--node-ip", ip) if ip else ()))  # a free kubelet port; an IP the API server proxies to
-    agent = await start_agent(name, PROCESS_CONFIG, state_dir=state, extra=extra)
+    config = PROCESS_CONFIG
+    if RUNC:  # an OCI handler too, for the OCI Pod's stats
+        config += (
+            f'[runtimes.isolated]\nbackend = "oci"\nruntime_path = "{RUNC}"\nruntime_root = "{tmp_path / "runc"}"\n'
+        )
+    agent = await start_agent(name, config, state_dir=state, extra=extra)
     obj = await wait_node_ready(kubectl, name)
     port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
     manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
@@ -730,17 +738,19 @@ def routable_ip() -> str | None:
     return None if ipaddress.ip_address(ip).is_loopback else ip
 
 
-def mirror_controller(pod: dict, manager: CgroupManager, netns: str | None) -> SimpleNamespace:
+def mirror_controller(
+    pod: dict, manager: CgroupManager, netns: str | None, backend: str = "process", container: str = "burn"
+) -> SimpleNamespace:
     """What the collector reads of the agent's controller, for the Pod the real agent runs."""
     status = pod["status"]["containerStatuses"][0]
     started = datetime.fromisoformat(status["state"]["running"]["startedAt"].replace("Z", "+00:00"))
     pod_start = datetime.fromisoformat(pod["status"]["startTime"].replace("Z", "+00:00"))
     worker = SimpleNamespace(
         pod=pod,
-        backend=SimpleNamespace(name="process"),
+        backend=SimpleNamespace(name=backend),
         sandbox=SimpleNamespace(netns=netns),
         gone=False,
-        handles={"burn": SimpleNamespace(started_at=started)},
+        handles={container: SimpleNamespace(started_at=started)},
         rec=SimpleNamespace(start_time=pod_start),
     )
     return SimpleNamespace(workers={pod["metadata"]["uid"]: worker}, cgroups=manager)
@@ -826,6 +836,72 @@ async def test_summary_matches_a_real_pods_cgroup(kubectl, process_node):
     assert ctr_cpu.value == container["cpu"]["usageCoreNanoSeconds"] / 1e9
     (pod_mem,) = [s for s in families["pod_memory_working_set_bytes"].samples if s.labels["pod"] == name]
     assert pod_mem.value == memory["workingSetBytes"]
+
+
+RUNC = shutil.which("runc")
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.geteuid() != 0, reason="runc, pod cgroups and pod networks need root")
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed (Debian package runc)")
+async def test_summary_of_an_oci_pod(kubectl, process_node, busybox_ref):
+    """The OCI backend's layout (a pause process and the containers in the Pod cgroup, the Pod's own
+    namespace) read by the same collector, against the cgroup files."""
+    from conftest import eventually
+
+    runtime_class = f"stats-isolated-{uuid.uuid4().hex[:6]}"
+    await kubectl.apply(json.dumps({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                                    "metadata": {"name": runtime_class}, "handler": "isolated"}))  # fmt: skip
+    name = f"oci-burner-{uuid.uuid4().hex[:6]}"
+    container = {
+        "name": "spin",
+        "image": busybox_ref,
+        "command": ["sh", "-c", "echo spinning; while :; do :; done"],
+        # Burstable: a Guaranteed Pod's oom_score_adj (-997) needs CAP_SYS_RESOURCE, which this sandbox may lack.
+        "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"cpu": "300m", "memory": "64Mi"}},
+    }
+    spec = {"nodeName": process_node.name, "runtimeClassName": runtime_class, "terminationGracePeriodSeconds": 1,
+            "containers": [container]}  # fmt: skip
+    await kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}))
+    try:
+
+        async def running() -> dict | None:
+            obj = await kubectl.get("pod", name)
+            return obj if obj and obj["status"].get("phase") == "Running" else None
+
+        try:
+            pod = await eventually(running, 90, what=f"{name} Running")
+        except BaseException:
+            print((await kubectl.get("pod", name) or {}).get("status"))
+            print(await kubectl("get", "events", "--field-selector", f"involvedObject.name={name}"))
+            raise
+        assert pod["status"]["containerStatuses"][0]["containerID"].startswith("oci://")
+        manager: CgroupManager = process_node.cgroups
+        pod_rel, ctr_rel = manager.pod_path(pod), manager.container_path(pod, "spin")
+        pids = await eventually(lambda: asyncio.sleep(0, manager.pids(ctr_rel)), 10, what="the container's pid")
+        netns = netns_of(pids[0])
+        collector = StatsCollector(
+            process_node.name, mirror_controller(pod, manager, netns, "oci", "spin"), process_node.state
+        )
+        collector.build(collector.targets())
+        await asyncio.sleep(1.5)
+        mid = direct_counters(manager.mode, pod_rel)
+        snapshot = collector.build(collector.targets())
+        after = direct_counters(manager.mode, pod_rel)
+        ctr_after = direct_counters(manager.mode, ctr_rel)
+        summary = by_name(summary_json(snapshot))[name]
+        print(f"\noci: pod cpu {summary['cpu']} vs [{mid[0]}, {after[0]}], memory {summary['memory']} vs {after}")
+        assert mid[0] * 0.9 <= summary["cpu"]["usageCoreNanoSeconds"] <= after[0] * 1.1
+        assert abs(summary["memory"]["workingSetBytes"] - after[2]) <= 0.1 * after[2] + 1 * MiB
+        assert 0.05e9 < summary["cpu"]["usageNanoCores"] < 0.4e9  # the 300m limit
+        (ctr,) = summary["containers"]
+        assert ctr["cpu"]["usageCoreNanoSeconds"] <= ctr_after[0] * 1.1
+        assert ctr["cpu"]["usageCoreNanoSeconds"] >= 0.9 * (mid[0] - (after[0] - ctr_after[0]))  # minus the pause's
+        assert ctr["logs"]["usedBytes"] > 0
+        assert netns is not None and "eth0" in [i["name"] for i in summary["network"]["interfaces"]]
+    finally:
+        await kubectl.run("delete", "pod", name, "--wait=true", "--timeout=60s", check=False)
+        await kubectl.run("delete", "runtimeclass", runtime_class, check=False)
 
 
 # --- end to end: the agent's own HTTPS server, reached as metrics-server and kubectl do ----------------
