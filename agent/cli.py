@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="agent configuration (TOML): handlers, node labels and taints")
     run.add_argument("--state-dir", default=_default_state_dir(), help="where the agent keeps its state")
     run.add_argument("--node-ip", help="InternalIP to advertise (default: the address that routes to the API server)")
-    run.add_argument("--port", type=int, default=10250, help="kubelet API port advertised in the Node status")
+    run.add_argument(
+        "--port", type=int, default=None, help="kubelet API port (overrides [kubelet_api] port; default 10250)"
+    )
     run.add_argument("-v", "--verbose", action="count", default=0, help="more log output (debug)")
 
     handlers = sub.add_parser("handlers", help="print and validate the runtime handler table")

@@ -29,7 +29,17 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
-_TOP_KEYS = {"default_runtime", "missing_handler", "events", "import", "node", "runtimes", "network", "images"}
+_TOP_KEYS = {
+    "default_runtime",
+    "missing_handler",
+    "events",
+    "import",
+    "node",
+    "runtimes",
+    "network",
+    "images",
+    "kubelet_api",
+}
 _NETWORK_KEYS = {"enabled", "pod_cidr", "bridge", "masquerade"}
 _IMAGES_KEYS = {"mirrors", "insecure_registries", "gc_high_percent", "gc_low_percent"}
 EVENT_POLICIES = ("all", "warnings", "none")
@@ -57,6 +67,19 @@ _HANDLER_KEYS = {
     "options",
 }
 _FEATURE_KEYS = {"user_namespaces", "recursive_read_only_mounts"}
+_KUBELET_API_KEYS = {
+    "enabled",
+    "address",
+    "port",
+    "tls_cert_file",
+    "tls_key_file",
+    "client_ca_file",
+    "anonymous",
+    "authorization_mode",
+    "serving_cert",
+}
+AUTHORIZATION_MODES = ("Webhook", "AlwaysAllow")
+SERVING_CERT_SOURCES = ("self-signed", "csr")
 
 # containerd's CRI plugin id per config version (1.x writes version 2, 2.x writes version 3).
 _CONTAINERD_CRI_PLUGIN = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
@@ -121,6 +144,21 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class KubeletAPISettings:
+    """[kubelet_api]: the HTTPS server on the kubelet port (logs, pods, health)."""
+
+    enabled: bool = True
+    address: str = "0.0.0.0"
+    port: int | None = None  # None: 10250, or a free port when 10250 is taken; 0: always a free port
+    tls_cert_file: str | None = None  # None: a self-signed certificate kept in the state dir
+    tls_key_file: str | None = None
+    client_ca_file: str | None = None  # None: the cluster CA from the node kubeconfig
+    anonymous: bool = False
+    authorization_mode: str = "Webhook"  # "Webhook" (SubjectAccessReview) | "AlwaysAllow"
+    serving_cert: str = "self-signed"  # without tls_cert_file: "self-signed" | "csr" (signed by the cluster)
+
+
+@dataclass(frozen=True)
 class NetworkSettings:
     """Pod networking: a bridge on the node, a namespace, veth and IP per Pod."""
 
@@ -153,6 +191,7 @@ class AgentConfig:
     events: str = "all"  # "all" | "warnings" (failures only: cheap at scale) | "none"
     network: NetworkSettings = field(default_factory=NetworkSettings)
     images: ImageSettings = field(default_factory=ImageSettings)
+    kubelet_api: KubeletAPISettings = field(default_factory=KubeletAPISettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
@@ -555,6 +594,45 @@ def _reserved(t: _Table, key: str, convert: Any, example: str) -> int:
     return amount
 
 
+def _parse_kubelet_api(t: _Table, base: Path, warnings: list[str]) -> KubeletAPISettings:
+    t.warn_unknown(_KUBELET_API_KEYS, warnings)
+    port = t.data.get("port")
+    if port is not None:
+        port = t.int_("port", 0)
+        if not 0 <= port <= 65535:
+            raise t.error(f"port must be between 0 (any free port) and 65535, not {port}")
+    mode = t.str_("authorization_mode", "Webhook")
+    if mode not in AUTHORIZATION_MODES:
+        raise t.error(f'authorization_mode must be "Webhook" or "AlwaysAllow", not {_q(str(mode))}')
+
+    def path(key: str) -> str | None:
+        value = t.str_(key)
+        if not value:
+            return None
+        full = base / value  # relative to the config file, like import
+        if not full.is_file():
+            raise t.error(f"{key} {_q(value)} does not exist or is not a file; fix the path or remove the key")
+        return str(full)
+
+    serving_cert = t.str_("serving_cert", "self-signed")
+    if serving_cert not in SERVING_CERT_SOURCES:
+        raise t.error(f'serving_cert must be "self-signed" or "csr", not {_q(str(serving_cert))}')
+    cert, key = path("tls_cert_file"), path("tls_key_file")
+    if bool(cert) != bool(key):
+        raise t.error("tls_cert_file and tls_key_file go together; set both, or neither for a self-signed certificate")
+    return KubeletAPISettings(
+        enabled=t.bool_("enabled", True),
+        address=t.str_("address", "0.0.0.0") or "0.0.0.0",
+        port=port,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        client_ca_file=path("client_ca_file"),
+        anonymous=t.bool_("anonymous", False),
+        authorization_mode=mode or "Webhook",
+        serving_cert=serving_cert or "self-signed",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -590,6 +668,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
     node = _parse_node(root.table("node"), warnings)
     network = _parse_network(root.table("network"), warnings)
     images = _parse_images(root.table("images"), warnings)
+    kubelet_api = _parse_kubelet_api(root.table("kubelet_api"), Path(file).parent, warnings)
 
     candidates: dict[str, _Candidate] = {}
     import_defaults: list[tuple[str, _Table]] = []
@@ -653,6 +732,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
         events=events,
         network=network,
         images=images,
+        kubelet_api=kubelet_api,
     )
 
 

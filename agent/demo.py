@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from devcluster import manage
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NODE = "emu-demo"
+REGISTRY_PORT = 5055  # examples/demo/agent.toml mirrors registry.demo.local to it
 
 
 def _say(text: str) -> None:
@@ -33,8 +36,12 @@ async def _kubectl(cluster: manage.Cluster, *args: str, stdin: bytes | None = No
 
 
 def _agent_pid(directory: Path) -> int | None:
+    return _pid(directory / "agent.pid")
+
+
+def _pid(path: Path) -> int | None:
     try:
-        pid = int((directory / "agent.pid").read_text())
+        pid = int(path.read_text())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
@@ -58,11 +65,39 @@ async def _start_agent(cluster: manage.Cluster, directory: Path, config: Path | 
     return proc.pid
 
 
+async def _start_registry(directory: Path) -> bool:
+    """The demo's image registry (Debian's docker-registry with a busybox image pushed by
+    images.local_registry), detached like the agent; False when it cannot run here."""
+    if _pid(directory / "registry.pid"):
+        return True
+    if not shutil.which("docker-registry"):
+        _say("   no docker-registry binary (Debian package docker-registry): the isolated Pod will not pull")
+        return False
+    log = open(directory / "registry.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "images.local_registry", str(directory / "registry"), "--port", str(REGISTRY_PORT),
+        stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    (directory / "registry.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if "registry on" in (directory / "registry.log").read_text(errors="replace"):
+            return True
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.3)
+    _say(f"   the registry did not start; see {directory / 'registry.log'}")
+    return False
+
+
 async def demo(directory: Path, port: int) -> int:
     _say(f"1. dev control plane in {directory} (the first run builds it with Go: several minutes)")
     cluster = await manage.up(directory, port=port)
     _say(f"   ready at {cluster.server}; admin kubeconfig {cluster.admin_kubeconfig}")
 
+    _say(f"   image registry on 127.0.0.1:{REGISTRY_PORT} (serves registry.demo.local/busybox:latest)")
+    await _start_registry(directory)
     config = EXAMPLES / "demo" / "agent.toml"
     config_arg = config if config.exists() else None
     _say(f"2. kubelet-emu joins as node {NODE} (config: {config_arg or 'built-in default'})")
@@ -84,11 +119,12 @@ async def demo(directory: Path, port: int) -> int:
         for path in manifests:
             code, out = await _kubectl(cluster, "apply", "-f", str(path))
             _say("   " + out.strip().replace("\n", "\n   "))
-        await asyncio.sleep(5)
+        await asyncio.sleep(8)
         _say((await _kubectl(cluster, "get", "runtimeclass"))[1])
         columns = (
             "custom-columns=POD:.metadata.name,CLASS:.spec.runtimeClassName,NODE:.spec.nodeName,"
-            "PHASE:.status.phase,REASON:.status.reason,CONTAINER-ID:.status.containerStatuses[0].containerID"
+            "PHASE:.status.phase,REASON:.status.reason,IP:.status.podIP,"
+            "CONTAINER-ID:.status.containerStatuses[0].containerID"
         )
         _say((await _kubectl(cluster, "get", "pods", "-o", columns))[1])
         if os.geteuid() == 0 and config_arg:
@@ -100,10 +136,34 @@ async def demo(directory: Path, port: int) -> int:
             )  # fmt: skip
             out, _ = await proc.communicate()
             _say(out.decode())
+    await _show_boxed_web(cluster)
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"
     _say(f"Try:   {kubectl} get nodes,pods -o wide\n      {kubectl} describe pod <name>")
     _say(f"Stop:  kubelet-emu demo --down --dir {directory}")
     return 0
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.read().decode()
+
+
+async def _show_boxed_web(cluster: manage.Cluster) -> None:
+    """The runc Pod answers HTTP on its pod IP, from the host (through the node's bridge)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        code, ip = await _kubectl(cluster, "get", "pod", "boxed-web", "-o", "jsonpath={.status.podIP}")
+        if code == 0 and ip.strip():
+            url = f"http://{ip.strip()}:8080/"
+            try:
+                body = await asyncio.to_thread(_fetch, url)
+            except OSError:
+                await asyncio.sleep(1)
+                continue
+            _say(f"5. boxed-web (runc, image from the local registry) answers on its pod IP:\n   curl {url}\n   {body}")
+            return
+        await asyncio.sleep(1)
+    _say("5. boxed-web did not answer on a pod IP; see `kubectl describe pod boxed-web`")
 
 
 async def down(directory: Path) -> int:
@@ -116,6 +176,10 @@ async def down(directory: Path) -> int:
     if pid:
         os.killpg(pid, signal.SIGTERM)
         (directory / "agent.pid").unlink(missing_ok=True)
+    registry = _pid(directory / "registry.pid")
+    if registry:
+        os.killpg(registry, signal.SIGTERM)
+        (directory / "registry.pid").unlink(missing_ok=True)
     await manage.down(directory)
     _say("demo stopped")
     return 0

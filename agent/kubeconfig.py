@@ -129,3 +129,29 @@ def load(path: str) -> ClientConfig:
         token_file=_resolve(base, token_file) if token_file else None,
         basic_auth=basic,
     )
+
+
+def cluster_ca(path: str) -> bytes | None:
+    """The PEM of the current cluster's certificate-authority (file or inline data), or None.
+
+    The kubelet API trusts it for client certificates by default: it is the CA that signs the
+    API server's kubelet client certificate in a kubeadm-style cluster (and in the dev cluster).
+    """
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        context = _named(doc.get("contexts"), doc.get("current-context", ""), "context", path)
+        cluster = _named(doc.get("clusters"), context.get("cluster", ""), "cluster", path)
+    except (OSError, yaml.YAMLError, AttributeError, KubeconfigError):
+        return None
+    if cluster.get("certificate-authority-data"):
+        try:
+            return base64.b64decode(cluster["certificate-authority-data"])
+        except ValueError:
+            return None
+    if cluster.get("certificate-authority"):
+        try:
+            return Path(_resolve(Path(path).resolve().parent, cluster["certificate-authority"])).read_bytes()
+        except OSError:
+            return None
+    return None

@@ -96,6 +96,10 @@ class PodWorker:
         self.gone = True
         self.deletion_requested.set()
 
+    def current_status(self) -> JSON:
+        """The status as the agent sees it now (what the next write would say)."""
+        return self._override or build_status(self.pod, self.rec, now())
+
     # --- status writing --------------------------------------------------------------------------
 
     def mark_dirty(self) -> None:

@@ -16,6 +16,9 @@ from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
 from agent.image_pull import image_gc_loop
 from agent.kube import Kube
+from agent.kubelet_api.context import KubeletAPIContext
+from agent.kubelet_api.server import DEFAULT_PORT, KubeletAPIError, KubeletAPIServer, bind
+from agent.kubelet_api.tls import ServingNames
 from agent.logs import kv
 from agent.node import NodeAgent
 from agent.node_status import NodeFacts
@@ -35,7 +38,7 @@ class RunOptions:
     config: AgentConfig
     state_dir: Path
     node_ip: str | None = None
-    kubelet_port: int = 10250
+    kubelet_port: int | None = None  # --port: overrides [kubelet_api] port
     config_path: str | None = None  # re-read on SIGHUP
 
 
@@ -94,12 +97,21 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> Non
 async def run(opts: RunOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     kube = await Kube.from_kubeconfig(opts.kubeconfig)
+    api_settings = opts.config.kubelet_api
+    api: KubeletAPIServer | None = None
+    if api_settings.enabled:
+        try:
+            api = KubeletAPIServer(bind(api_settings, opts.kubelet_port))  # bound first: the Node advertises its port
+        except KubeletAPIError as exc:
+            log.error(str(exc))
+            await kube.close()
+            return 2
     facts = NodeFacts(
         name=opts.node_name,
         host=read_host_info(str(opts.state_dir)),
         config=opts.config,
         internal_ip=opts.node_ip or address_toward(kube.host),
-        kubelet_port=opts.kubelet_port,
+        kubelet_port=api.port if api else (opts.kubelet_port or DEFAULT_PORT),
     )
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
@@ -115,7 +127,7 @@ async def run(opts: RunOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods)
     stats_path = opts.state_dir / "agent-stats.json"
-    loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods)
+    loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods, api)
 
     log.info(
         "kubelet-emu starting",
@@ -123,6 +135,16 @@ async def run(opts: RunOptions) -> int:
     )
     for warning in opts.config.warnings:
         log.warning(warning)
+    if api is not None:
+        ctx = KubeletAPIContext(opts.node_name, pods, kube, opts.config, opts.state_dir)
+        names = ServingNames.of(opts.node_name, facts.host.hostname, facts.internal_ip)
+        try:
+            await api.start(ctx, api_settings, kube, opts.kubeconfig, names)
+        except KubeletAPIError as exc:
+            log.error(str(exc))
+            await api.close()
+            await kube.close()
+            return 2
 
     main = asyncio.create_task(agent_main(node, pods), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -138,16 +160,18 @@ async def run(opts: RunOptions) -> int:
         return 0
     finally:
         stopper.cancel()
+        if api is not None:
+            await api.close()
         await pods.close()
         if pods.images is not None:
             await pods.images.close()
         if pods.network is not None:
             await pods.network.stop()
-        write_stats(stats_path, kube, pods)
+        write_stats(stats_path, kube, pods, api)
         await kube.close()
 
 
-def write_stats(path: Path, kube: Kube, pods: PodController) -> None:
+def write_stats(path: Path, kube: Kube, pods: PodController, api: KubeletAPIServer | None = None) -> None:
     """API requests made over the agent's life, for benchmarks (the /metrics endpoint comes later)."""
     stats = {
         "requests_by_verb": kube.requests_by_verb,
@@ -156,4 +180,8 @@ def write_stats(path: Path, kube: Kube, pods: PodController) -> None:
         "pod_watch_relists": pods.pods.relists,
         "pod_watch_restarts": pods.pods.watch_restarts,
     }
+    if api is not None and api.authenticator is not None and api.authorizer is not None:
+        # What the kubelet API's caches save: reviews sent, not requests served.
+        stats["kubelet_api_token_reviews"] = api.authenticator.token_reviews
+        stats["kubelet_api_access_reviews"] = api.authorizer.reviews
     path.write_text(json.dumps(stats, indent=2))

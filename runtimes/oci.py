@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -119,6 +120,28 @@ def _node_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+CAP_SYS_RESOURCE = 24
+
+
+@functools.cache
+def oom_score_adj_floor() -> int:
+    """-1000 where this process may lower oom_score_adj (CAP_SYS_RESOURCE), else its own value: the
+    same restriction containerd applies with restrict_oom_score_adj in user namespaces."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        caps = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+        if caps & (1 << CAP_SYS_RESOURCE):
+            return -1000
+        own = int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError, StopIteration):
+        return -1000
+    log.warning(
+        "no CAP_SYS_RESOURCE: containers' oom_score_adj is kept at or above the agent's own",
+        extra=kv(floor=own),
+    )
+    return own
 
 
 def _read_text(path: Path) -> str | None:
@@ -487,6 +510,7 @@ class OciBackend(Backend):
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
             termination_log=str(termination_log),
             node_memory=_node_memory(),
+            oom_score_adj_floor=oom_score_adj_floor(),
             localhost_seccomp=await asyncio.to_thread(self._localhost_seccomp, pod, container, where),
             shm_path="/dev/shm" if pod.get("spec", {}).get("hostIPC") else record.get("shm"),
             passwd=_read_text(rootfs / "etc" / "passwd"),

@@ -90,6 +90,9 @@ class SpecInput:
     etc_files: Mapping[str, str]  # "/etc/hosts", "/etc/hostname", "/etc/resolv.conf" -> host file
     shm_path: str | None = None  # the Pod's shared /dev/shm (a host tmpfs); None: a tmpfs per container
     node_memory: int | None = None  # the node's memory capacity in bytes, for Burstable oom_score_adj
+    # The lowest oom_score_adj this host lets the runtime set: without CAP_SYS_RESOURCE (user
+    # namespaces, some VMs) a process cannot go below its own, so asking more fails `runc create`.
+    oom_score_adj_floor: int = -1000
     localhost_seccomp: Mapping[str, Any] | None = None  # the Localhost profile, read by the backend
     termination_log: str | None = None  # host file bound at terminationMessagePath (/dev/termination-log)
     passwd: str | None = None  # the rootfs's /etc/passwd text, for user names in the image's User
@@ -424,7 +427,7 @@ def build_spec(inp: SpecInput) -> JSON:
         "cwd": container.get("workingDir") or inp.image_config.get("WorkingDir") or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
         "noNewPrivileges": sc.get("allowPrivilegeEscalation") is False,
-        "oomScoreAdj": oom_score_adj(inp.pod, container, inp.node_memory),
+        "oomScoreAdj": max(oom_score_adj(inp.pod, container, inp.node_memory), inp.oom_score_adj_floor),
     }
     mounts = _standard_mounts(inp, privileged) + _volume_mounts(inp)
     if inp.termination_log:

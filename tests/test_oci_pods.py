@@ -139,6 +139,8 @@ async def test_isolated_pod_runs_an_image_from_the_local_registry(kubectl, node,
     text = await eventually(lambda: asyncio.sleep(0, log_file.exists() and log_file.read_text()), 10, what="log")
     assert " stdout F hello from boxed" in text
     # Its own pid namespace: the shell that runs the script is pid 1 there (or the runtime's init).
+    # kubectl logs, through the API server and the agent's kubelet API.
+    assert "hello from boxed" in await kubectl("logs", "boxed")
     pid1 = next(line for line in text.splitlines() if "pid1=" in line).split("pid1=")[1]
     assert pid1 in ("sh", "sleep")
 

@@ -447,3 +447,18 @@ def test_resolv_conf_from_host_with_dns_config_merged() -> None:
 def test_resolv_conf_dns_policy_none_uses_only_dns_config() -> None:
     text = resolv_conf(pod({"dnsPolicy": "None", "dnsConfig": {"nameservers": ["9.9.9.9"]}}), HOST_RESOLV)
     assert text == "nameserver 9.9.9.9\n"
+
+
+def test_oom_score_adj_kept_at_the_hosts_floor() -> None:
+    """Without CAP_SYS_RESOURCE runc cannot lower oom_score_adj below its own: a Guaranteed
+    container gets the floor instead of -997 (and `runc create` does not fail)."""
+    guaranteed = {"resources": {"limits": {"cpu": "1", "memory": "64Mi"}}}
+    inp = make(guaranteed)
+    inp.pod["spec"]["containers"] = [inp.container]
+    assert build_spec(inp)["process"]["oomScoreAdj"] == -997
+    floored = make(guaranteed, oom_score_adj_floor=0)
+    floored.pod["spec"]["containers"] = [floored.container]
+    assert build_spec(floored)["process"]["oomScoreAdj"] == 0
+    best_effort = make(oom_score_adj_floor=0)
+    best_effort.pod["spec"]["containers"] = [best_effort.container]
+    assert build_spec(best_effort)["process"]["oomScoreAdj"] == 1000
