@@ -13,7 +13,6 @@ import importlib.util
 import ipaddress
 import json
 import os
-import random
 import shutil
 import socket
 import ssl
@@ -638,8 +637,6 @@ PROCESS_CONFIG = f"""
 default_runtime = "procs"
 [node]
 cgroup_root = "{CGROUP_ROOT}"
-[network]
-pod_cidr = "10.{random.randrange(100, 250)}.{random.randrange(0, 255)}.0/24"  # not the one parallel test nodes use
 [runtimes.procs]
 backend = "process"
 """
