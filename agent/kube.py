@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from agent import __version__, kubeconfig
+from agent import __version__, kubeconfig, metrics
 from agent.kubeconfig import KubeconfigError
 
 __all__ = ["ApiError", "Kube", "KubeconfigError"]
@@ -148,6 +148,7 @@ class Kube:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
         self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
+        status = 0  # none: no answer came
         try:
             async with self.session.request(
                 method,
@@ -157,6 +158,7 @@ class Kube:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
+                status = resp.status
                 raw = await resp.read()
                 if resp.status >= 300:
                     raise _error_from(resp.status, resp.reason or "", raw, method, path)
@@ -165,6 +167,8 @@ class Kube:
             raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, method, path) from exc
         except TimeoutError as exc:
             raise ApiError(0, "Timeout", f"no answer within {timeout:g}s", method, path) from exc
+        finally:
+            metrics.api_request(method, path, status)
 
     async def get(self, path: str, **query: Any) -> JSON:
         return await self.request("GET", path, query=query)
@@ -198,6 +202,7 @@ class Kube:
         )
         headers = await self._headers()
         self.requests_by_verb["WATCH"] = self.requests_by_verb.get("WATCH", 0) + 1
+        status = 0
         try:
             async with self.session.get(
                 self.host + path,
@@ -205,6 +210,8 @@ class Kube:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30),
             ) as resp:
+                status = resp.status
+                metrics.api_request("WATCH", path, status)  # counted when the answer starts, like a list
                 if resp.status >= 300:
                     raise _error_from(resp.status, resp.reason or "", await resp.read(), "WATCH", path)
                 async for line in _lines(resp.content):
@@ -223,6 +230,9 @@ class Kube:
             raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, "WATCH", path) from exc
         except TimeoutError as exc:
             raise ApiError(0, "Timeout", "watch stalled", "WATCH", path) from exc
+        finally:
+            if not status:
+                metrics.api_request("WATCH", path, 0)
 
 
 class _PluginAuth:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from agent import metrics
 from agent.image_pull import ImageGate
 from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
@@ -314,6 +315,8 @@ class PodWorker:
                     startup_probe=self._probes_run(spec, "startup"),
                 )
                 self.c.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
+                if rec.restart_count == 0:
+                    metrics.pod_container_started(self.handler_name, self.pod, self.rec)
                 self.mark_dirty()
             probes = self._start_probes(spec, rec, handle)
             try:

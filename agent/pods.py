@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import metrics
 from agent.admission import NodeUsage, Rejection
 from agent.config import AgentConfig
 from agent.events import EventRecorder
@@ -189,7 +190,7 @@ class PodController:
                 images=self.images,
                 network=self.network,
             )
-            backend = backend_class(handler.backend)(handler, context)
+            backend = metrics.instrument_backend(backend_class(handler.backend)(handler, context))
             self.backends[handler_name] = backend
         return backend
 

@@ -1,0 +1,42 @@
+"""GET /metrics (the agent's own metrics) and /metrics/resource (the kubelet's resource metrics,
+what metrics-server scrapes for `kubectl top`)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from agent import metrics
+from agent.kubelet_api.context import KubeletAPIContext
+from agent.kubelet_api.stats import collector_for
+from agent.stats import resource_metrics
+from agent.stats.model import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+def _resource_bytes(snapshot: Snapshot) -> bytes:
+    return resource_metrics.render(snapshot).encode()
+
+
+def add_routes(app: web.Application, ctx: KubeletAPIContext) -> None:
+    collector = collector_for(app, ctx)
+    metrics.bind_controller(ctx.controller)
+
+    async def agent_metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept"))
+        return web.Response(body=encoder(metrics.REGISTRY), headers={"Content-Type": content_type})
+
+    async def resource(request: web.Request) -> web.Response:
+        try:
+            body = await collector.rendered("metrics-resource", _resource_bytes)
+        except Exception:
+            # The kubelet answers with its scrape error gauges set to 1, not with an error status.
+            log.exception("resource metrics: sampling failed")
+            body = resource_metrics.render(None).encode()
+        return web.Response(body=body, headers={"Content-Type": resource_metrics.CONTENT_TYPE})
+
+    app.router.add_get("/metrics", agent_metrics)
+    app.router.add_get("/metrics/resource", resource)

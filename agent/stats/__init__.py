@@ -1,0 +1,1 @@
+"""Node and Pod usage for the kubelet API: /stats/summary and /metrics/resource."""
