@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -137,6 +138,7 @@ async def demo(directory: Path, port: int) -> int:
             out, _ = await proc.communicate()
             _say(out.decode())
     await _show_boxed_web(cluster)
+    await _show_kubelet_api(cluster)
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"
     _say(f"Try:   {kubectl} get nodes,pods -o wide\n      {kubectl} describe pod <name>")
     _say(f"Stop:  kubelet-emu demo --down --dir {directory}")
@@ -164,6 +166,33 @@ async def _show_boxed_web(cluster: manage.Cluster) -> None:
             return
         await asyncio.sleep(1)
     _say("5. boxed-web did not answer on a pod IP; see `kubectl describe pod boxed-web`")
+
+
+async def _show_kubelet_api(cluster: manage.Cluster) -> None:
+    """kubectl logs, exec and the Summary API, all through the API server to the agent's port 10250."""
+    await asyncio.sleep(3)  # a few ticks of the counter, and a second stats sample for the CPU rates
+    _say("6. The kubelet API through the API server")
+    for args in (
+        ("logs", "counter", "-c", "counter", "--tail", "3"),
+        ("exec", "boxed-web", "--", "ps", "-o", "pid,comm"),
+    ):
+        code, out = await _kubectl(cluster, *args)
+        _say(f"   $ kubectl {' '.join(args)}\n   " + out.strip().replace("\n", "\n   "))
+    path = f"/api/v1/nodes/{NODE}/proxy/stats/summary"
+    code, out = await _kubectl(cluster, "get", "--raw", path)
+    _say(f"   $ kubectl get --raw {path}   (what metrics-server and kubectl top read)")
+    if code != 0:
+        _say("   " + out.strip())
+        return
+    summary = json.loads(out)
+    _say(f"   {'POD':<12} {'CPU':>8} {'MEMORY':>10}")
+    for pod in sorted(summary.get("pods", []), key=lambda p: p["podRef"]["name"]):
+        cpu, memory = pod.get("cpu") or {}, pod.get("memory") or {}
+        if "usageNanoCores" not in cpu:
+            continue  # emulated Pods have no usage to report
+        millicores = cpu["usageNanoCores"] / 1e6
+        mib = memory.get("workingSetBytes", 0) / 2**20
+        _say(f"   {pod['podRef']['name']:<12} {millicores:>7.0f}m {mib:>8.1f}Mi")
 
 
 async def down(directory: Path) -> int:

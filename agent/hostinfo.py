@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
 import shutil
@@ -77,14 +78,25 @@ def read_host_info(state_dir: str) -> HostInfo:
 
 
 def address_toward(server_url: str) -> str:
-    """The local IP the API server can reach us at: the source address of a route to it."""
+    """The local IP the API server can reach us at: the source address of a route to it. With the
+    API server on this host that is loopback, which it refuses to proxy to (`kubectl get --raw
+    .../nodes/N/proxy/...`, metrics-server), so the host's outgoing address is preferred then."""
     parts = urlsplit(server_url)
-    host = parts.hostname or "127.0.0.1"
+    address = _route_source(parts.hostname or "127.0.0.1", parts.port or 443) or "127.0.0.1"
+    if ipaddress.ip_address(address).is_loopback:
+        # A documentation address: only the route is looked up, nothing is sent.
+        outgoing = _route_source("192.0.2.123", 9)
+        if outgoing and not ipaddress.ip_address(outgoing).is_loopback:
+            return outgoing
+    return address
+
+
+def _route_source(host: str, port: int) -> str | None:
     try:
-        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect(addr)  # UDP connect sends nothing; it only picks a route
             return s.getsockname()[0]
     except OSError:
-        return "127.0.0.1"
+        return None

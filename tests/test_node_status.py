@@ -137,3 +137,18 @@ def test_go_arch_names():
     assert go_arch("x86_64") == "amd64"
     assert go_arch("aarch64") == "arm64"
     assert go_arch("riscv64") == "riscv64"
+
+
+def test_node_address_prefers_a_proxyable_address_for_a_local_api_server() -> None:
+    """The API server refuses to proxy to a loopback node address (nodes/proxy, metrics-server):
+    with the API server on this host, the host's outgoing address is advertised when there is one."""
+    import ipaddress
+
+    from agent.hostinfo import _route_source, address_toward
+
+    outgoing = _route_source("192.0.2.123", 9)
+    got = address_toward("https://127.0.0.1:6443")
+    if outgoing and not ipaddress.ip_address(outgoing).is_loopback:
+        assert got == outgoing
+    else:
+        assert got == "127.0.0.1"

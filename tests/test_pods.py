@@ -14,6 +14,8 @@ import uuid
 import pytest
 from conftest import Kubectl, condition, eventually, wait_node_ready
 
+from agent.hostinfo import address_toward
+
 pytestmark = pytest.mark.cluster
 
 HANDLERS = """
@@ -96,7 +98,7 @@ async def test_three_runtime_classes_each_pod_runs_on_its_handler(kubectl, node)
         assert status["ready"] is True and status["state"]["running"]["startedAt"]
         assert condition(obj, "Ready")["status"] == "True"
         assert condition(obj, "PodScheduled")["status"] == "True"
-        assert obj["status"]["podIP"] == obj["status"]["hostIP"] == "127.0.0.1"
+        assert obj["status"]["podIP"] == obj["status"]["hostIP"] == address_toward(kubectl.cluster.server)
         assert obj["status"]["startTime"] and obj["status"]["qosClass"] == "BestEffort"
     reasons = {e["reason"] for e in await events_for(kubectl, pods["alpha"])}
     assert {"Created", "Started"} <= reasons
