@@ -425,8 +425,9 @@ async def test_follow_stops_reading_when_the_client_goes_away(cluster, node, cha
     assert closed
 
 
-async def served_certificate(port: int, ca: Path | None = None) -> Any:
-    """The certificate the agent serves; with `ca`, the TLS handshake must verify against it for 127.0.0.1."""
+async def served_certificate(port: int, ca: Path | None = None, name: str = "127.0.0.1") -> Any:
+    """The certificate the agent serves; with `ca`, the TLS handshake must verify against it for `name`
+    (an address the node advertises)."""
     from cryptography import x509
 
     if ca is None:
@@ -434,7 +435,7 @@ async def served_certificate(port: int, ca: Path | None = None) -> Any:
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     else:
         ctx = ssl.create_default_context(cafile=str(ca))
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=name)
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     writer.close()
     return x509.load_der_x509_certificate(der)
@@ -449,6 +450,8 @@ async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, s
     agent = await start_agent(name, config, state_dir=state)
     obj = await wait_node_ready(kubectl, name, timeout=30)
     port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+    # The address the API server reaches the node at: the issued certificate must be valid for it.
+    internal = next(a["address"] for a in obj["status"]["addresses"] if a["type"] == "InternalIP")
 
     async def pending_csrs() -> list[dict[str, Any]]:
         items = (await kubectl.json("get", "csr"))["items"]
@@ -474,7 +477,7 @@ async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, s
         cert = await eventually(cluster_signed, 20, what="the issued certificate in use")
         assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"system:node:{name}"
         assert cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "kubelet-emu-devcluster-ca"
-        await served_certificate(port, ca=cluster.ca_cert)  # verifies for 127.0.0.1 against the cluster CA
+        await served_certificate(port, ca=cluster.ca_cert, name=internal)  # verifies against the cluster CA
 
         # A restart reuses the issued certificate: served at once, no new request.
         await agent.stop()
@@ -486,7 +489,7 @@ async def test_serving_certificate_from_a_csr_after_approval(cluster, kubectl, s
             return int(m[1]) if m else None
 
         port = await eventually(serving_port, 20, what="the restarted agent's port")
-        assert (await served_certificate(port, ca=cluster.ca_cert)).serial_number == cert.serial_number
+        assert (await served_certificate(port, ca=cluster.ca_cert, name=internal)).serial_number == cert.serial_number
         assert len(await pending_csrs()) == 1
     finally:
         for c in await pending_csrs():
