@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Kubectl, eventually, free_port, wait_node_ready
 
+from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
 
@@ -33,6 +35,7 @@ CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
 SUFFIX = uuid.uuid4().hex[:6]
 ISOLATED = f"isolated-{SUFFIX}"  # RuntimeClass names are cluster-wide: one set per test session
 PROCS = f"procs-{SUFFIX}"
+LIGHT = f"light-{SUFFIX}"  # the isolated handler without overhead: 50 Pods fit on 2 cores
 OVERHEAD = {"cpu": "250m", "memory": "120Mi"}
 
 
@@ -87,6 +90,10 @@ async def event_reasons(kubectl: Kubectl, name: str) -> dict[str, list[str]]:
     return found
 
 
+def bridge_ports(bridge: str) -> str:
+    return subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 async def runtime_classes(cluster):
     kubectl = Kubectl(cluster)
@@ -95,8 +102,11 @@ async def runtime_classes(cluster):
             "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": name},
             "handler": handler, "overhead": {"podFixed": OVERHEAD},
         }))  # fmt: skip
+    await kubectl.apply(json.dumps({
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": LIGHT}, "handler": "isolated",
+    }))  # fmt: skip
     yield
-    await kubectl.run("delete", "runtimeclass", ISOLATED, PROCS, check=False)
+    await kubectl.run("delete", "runtimeclass", ISOLATED, PROCS, LIGHT, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +291,30 @@ async def test_exec_and_port_forward_into_a_runc_pod(kubectl, node, busybox_ref)
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_fifty_runc_pods_leave_no_namespace_veth_address_or_mount(kubectl, node, busybox_ref):
+    name, _, state = node
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    names = [f"fifty-{i}" for i in range(50)]
+    container = {"image": busybox_ref, "command": ["sleep", "3600"]}
+    await kubectl.apply("\n---\n".join(pod(n, name, LIGHT, container) for n in names))
+
+    async def all_running():
+        items = (await kubectl.json("get", "pods"))["items"]
+        ours = [p for p in items if p["metadata"]["name"].startswith("fifty-")]
+        ok = [p for p in ours if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
+        return ok if len(ok) == 50 else None
+
+    running_pods = await eventually(all_running, 180, interval=1, what="50 runc Pods Running")
+    assert len({p["status"]["podIP"] for p in running_pods}) == 50
+    assert any(str(state) in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=120s")
+
+    async def clean():
+        mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(state) in line]
+        netns = {n for n in os.listdir("/run/netns") if n.startswith("emu-")} - netns_before
+        ipam = json.loads((state / "network" / "ipam.json").read_text())["allocations"]
+        return (not mounts and not netns and not ipam and not bridge_ports(default_bridge(name))) or None
+
+    await eventually(clean, 60, interval=1, what="no mount, namespace, address or veth left")
