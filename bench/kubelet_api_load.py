@@ -9,7 +9,8 @@ Pods) and sends `--rate` requests a second to /stats/summary, straight to the ag
 with the API server's kubelet client certificate (`--via direct`) or through the API server's node
 proxy (`--via proxy`). It measures Pod start latency (creation to Running through a watch) for
 `--start-pods` Pods created without load and again during the load, the Summary latencies and
-errors, log bytes received, and the agent's RSS and CPU. Prints a table; --json writes it too.
+errors, log bytes received, and the agent's RSS and CPU. The load runs in a process of its own, so
+its CPU use does not stall the watch that timestamps Pod starts. Prints a table; --json writes it too.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -139,7 +140,44 @@ def summarize(values: list[float], scale: float = 1000.0) -> dict[str, float | N
     }
 
 
+async def load_worker(spec_path: Path) -> int:
+    """The load, in its own process: follow streams and Summary requests; prints JSON results."""
+    spec = json.loads(spec_path.read_text())
+    pki = Path(spec["pki"])
+    if spec["via"] == "proxy":
+        api_ssl = admin_ssl(Path(spec["ca"]), pki / "admin.crt", pki / "admin.key")
+    else:
+        api_ssl = kubelet_client_ssl(pki)
+    base, namespace = spec["base"], spec["namespace"]
+    limit = len(spec["pods"]) + 2 * int(spec["rate"]) + 50
+    counters = {"streams_open": 0, "stream_errors": 0, "log_bytes": 0, "summary_errors": 0, "summary_bytes": 0}
+    summary_latencies: list[float] = []
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=api_ssl, limit=limit)) as api:
+        streams = [
+            asyncio.create_task(
+                follow_stream(api, f"{base}/containerLogs/{namespace}/{name}/main?follow=true", stop, counters)
+            )
+            for name in spec["pods"]
+        ]
+        load = asyncio.create_task(
+            summary_load(api, f"{base}/stats/summary", spec["rate"], stop, summary_latencies, counters)
+        )
+        t0 = time.monotonic()
+        await asyncio.sleep(spec["seconds"])
+        elapsed = time.monotonic() - t0
+        stop.set()
+        await load
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    print(json.dumps({"counters": counters, "summary_latencies": summary_latencies, "elapsed": elapsed}))
+    return 0
+
+
 async def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--load-worker":
+        return await load_worker(Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=50, help="process Pods running during the load")
     ap.add_argument("--streams", type=int, default=200, help="concurrent follow log streams")
@@ -177,14 +215,9 @@ async def main() -> int:
     results: dict[str, Any] = {"pods": args.pods, "streams": args.streams, "rate": args.rate, "via": args.via}
     sampler = AgentSampler(agent.pid)
     sampler_task = asyncio.create_task(sampler.run())
-    api_ssl = admin if args.via == "proxy" else kubelet_client_ssl(pki)
     base = f"{server}/api/v1/nodes/{NODE}/proxy" if args.via == "proxy" else f"https://127.0.0.1:{args.kubelet_port}"
-    limit = args.streams + 2 * int(args.rate) + 50
     try:
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=admin, limit=64)) as s,
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=api_ssl, limit=limit)) as api,
-        ):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=admin, limit=64)) as s:
             async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
                 assert r.status < 300, await r.text()
             for _ in range(300):
@@ -207,34 +240,29 @@ async def main() -> int:
 
             quiet = await start_latencies(s, server, namespace, watcher, args.pods, args.start_pods, 120)
             cpu0, _ = proc_stats(agent.pid)
-            stop = asyncio.Event()
-            counters = {"streams_open": 0, "stream_errors": 0, "log_bytes": 0, "summary_errors": 0, "summary_bytes": 0}
-            summary_latencies: list[float] = []
-            streams = [
-                asyncio.create_task(
-                    follow_stream(
-                        api,
-                        f"{base}/containerLogs/{namespace}/{b['metadata']['name']}/main?follow=true",
-                        stop,
-                        counters,
-                    )
-                )
-                for b in (bodies[i % args.pods] for i in range(args.streams))
-            ]
-            load = asyncio.create_task(summary_load(api, f"{base}/stats/summary", args.rate, stop, summary_latencies,
-                                                    counters))  # fmt: skip
+            # The load comes from a process of its own, so that its CPU use does not delay this
+            # process's watch (which timestamps the Pod starts) more than the machine's load does.
+            names = [bodies[i % args.pods]["metadata"]["name"] for i in range(args.streams)]
+            spec = {"base": base, "namespace": namespace, "pods": names, "rate": args.rate,
+                    "seconds": args.seconds, "via": args.via, "pki": str(pki), "ca": str(cluster.ca_cert)}  # fmt: skip
+            (work / "load.json").write_text(json.dumps(spec))
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--load-worker",
+                str(work / "load.json"),
+                stdout=asyncio.subprocess.PIPE,
+            )
             t0 = time.monotonic()
             await asyncio.sleep(min(5.0, args.seconds / 4))  # the load settles before Pods are created
             loaded = await start_latencies(s, server, namespace, watcher, args.pods + args.start_pods,
                                            args.start_pods, 120)  # fmt: skip
-            await asyncio.sleep(max(0.0, args.seconds - (time.monotonic() - t0)))
+            out, _ = await worker.communicate()
             elapsed = time.monotonic() - t0
             cpu1, peak = proc_stats(agent.pid)
-            stop.set()
-            await load
-            for task in streams:
-                task.cancel()
-            await asyncio.gather(*streams, return_exceptions=True)
+            load = json.loads(out)
+            counters, summary_latencies = load["counters"], load["summary_latencies"]
+            elapsed = load["elapsed"]
             watch_task.cancel()
             async with s.delete(f"{server}/api/v1/namespaces/{namespace}") as r:
                 await r.read()
