@@ -17,7 +17,6 @@ import pty
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import termios
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
+from helpers import read_pty_until, set_winsize
 
 from agent.kubelet_api import remotecommand, spdy
 from agent.kubelet_api.remotecommand import StreamOptions
@@ -177,43 +177,13 @@ async def test_exec_command_stops_when_the_client_goes_away(kubectl: Kubectl, no
     await eventually(stopped, 15, interval=0.2, what="the exec'd sleep to be stopped")
 
 
-def _set_winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-async def _read_until(fd: int, pattern: str, timeout: float) -> str:
-    """Read the pty until `pattern` (a regex) shows up in the output."""
-    loop = asyncio.get_running_loop()
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = asyncio.Event()
-        loop.add_reader(fd, ready.set)
-        try:
-            await asyncio.wait_for(ready.wait(), max(0.01, deadline - time.monotonic()))
-        except TimeoutError:
-            break
-        finally:
-            loop.remove_reader(fd)
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-        if re.search(pattern, seen.decode(errors="replace")):
-            return seen.decode(errors="replace")
-    pytest.fail(f"no {pattern!r} on the terminal within {timeout}s; it showed: {seen.decode(errors='replace')!r}")
-
-
 @pytest.mark.cluster
 async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
     """kubectl exec -it on a real terminal: a shell with a TTY, its size, and a resize."""
     pod = await run_pod(kubectl, node, "sleep 3600")
     argv, env = manage.kubectl_argv(kubectl.cluster, ["exec", "-it", pod, "--", "sh"])
     master, slave = pty.openpty()
-    _set_winsize(slave, 33, 111)
+    set_winsize(slave, 33, 111)
     proc = await asyncio.create_subprocess_exec(
         *argv, env={**env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
@@ -221,14 +191,14 @@ async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
     os.close(slave)
     try:
         os.write(master, b"tty; stty size; echo $((6*7))\n")
-        out = await _read_until(master, r"\n42\r?\n", 20)
+        out = await read_pty_until(master, r"\n42\r?\n", 20)
         assert "/dev/pts/" in out and "33 111" in out, out
 
-        _set_winsize(master, 40, 132)  # the terminal is resized: kubectl sees SIGWINCH and sends it on
+        set_winsize(master, 40, 132)  # the terminal is resized: kubectl sees SIGWINCH and sends it on
         os.kill(proc.pid, signal.SIGWINCH)
         await asyncio.sleep(0.5)
         os.write(master, b"stty size\n")
-        await _read_until(master, r"40 132", 10)
+        await read_pty_until(master, r"40 132", 10)
 
         os.write(master, b"exit 4\n")
         code = await asyncio.wait_for(proc.wait(), 15)
