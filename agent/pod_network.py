@@ -103,7 +103,10 @@ class NodePodNetwork:
         return await self.networks.setup(pod_uid, namespace, name)
 
     async def teardown(self, pod_uid: str) -> None:
-        # Teardown needs no bridge: it removes what setup made, even before the CIDR is known.
+        if not self.ready.is_set():
+            # Not started yet, so this run set up nothing for the Pod; what an earlier run left is
+            # removed by the orphan cleanup once the network starts.
+            return
         await self.networks.teardown(pod_uid)
 
     async def stop(self) -> None:

@@ -423,7 +423,10 @@ class PodWorker:
     async def _release_sandbox(self) -> None:
         if self.backend and self.sandbox:
             sandbox, self.sandbox = self.sandbox, None
-            await self.backend.remove_sandbox(sandbox, self.pod)
+            try:
+                await self.backend.remove_sandbox(sandbox, self.pod)
+            except Exception:  # a leftover must never keep a deleted Pod from going away
+                log.exception("removing the pod sandbox failed; leftovers are cleaned up later", extra=kv(pod=self.key))
             self.rec.sandbox_ready = False
 
     async def _terminate(self) -> None:

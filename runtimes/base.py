@@ -171,7 +171,7 @@ class Backend(abc.ABC):
         return (net.ip,), net.netns_path
 
     async def teardown_pod_network(self, pod: JSON) -> None:
-        if self.context.network is not None:
+        if self.wants_pod_network(pod):
             await self.context.network.teardown(pod["metadata"]["uid"])
 
     @abc.abstractmethod
