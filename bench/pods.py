@@ -53,6 +53,7 @@ async def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=30, help="idle time with all Pods Running (0: skip)")
     ap.add_argument("--port", type=int, default=16543, help="the bench cluster's API server port")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-pod-network", action="store_true", help="process Pods share the host's network")
     args = ap.parse_args()
 
     cluster = await manage.up(args.dir, port=args.port, quiet=False)
@@ -61,6 +62,7 @@ async def main() -> int:
     config.write_text(
         f'default_runtime = "bench"\nevents = "{args.events}"\n[node]\nmax_pods = {args.pods + 10}\n'
         f'cgroup_root = "kubelet-emu-bench"\n[runtimes.bench]\nbackend = "{args.backend}"\n'
+        f"[network]\nenabled = {str(not args.no_pod_network).lower()}\n"
     )
     kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
     with open(work / "agent.log", "wb") as log:
@@ -73,6 +75,7 @@ async def main() -> int:
     ctx = admin_ssl(cluster.ca_cert, cluster.dir / "pki" / "admin.crt", cluster.dir / "pki" / "admin.key")
     namespace = f"bench-{int(time.time())}"
     results: dict = {"pods": args.pods, "backend": args.backend, "events": args.events}
+    results["pod_network"] = not args.no_pod_network
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=args.concurrency)) as s:
         server = cluster.server
         async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
