@@ -9,6 +9,7 @@ checked is what a user would check: kubectl, the CRI log file, /proc and the cgr
 from __future__ import annotations
 
 import asyncio
+import base64
 import fcntl
 import json
 import os
@@ -28,6 +29,8 @@ from helpers import read_pty_until, set_winsize
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
+from images.build import busybox_files, push_image
+from images.local_registry import start_registry
 
 pytest_plugins = ["registry_fixture"]
 pytestmark = [
@@ -42,6 +45,7 @@ ISOLATED = f"isolated-{SUFFIX}"  # RuntimeClass names are cluster-wide: one set 
 PROCS = f"procs-{SUFFIX}"
 LIGHT = f"light-{SUFFIX}"  # the isolated handler without overhead: 50 Pods fit on 2 cores
 OVERHEAD = {"cpu": "250m", "memory": "120Mi"}
+IMAGE_CONFIG = {"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"]}
 
 
 def config(runc_root: Path) -> str:
@@ -354,3 +358,36 @@ async def test_exec_with_a_tty_into_a_runc_pod(kubectl, node, busybox_ref):
             proc.kill()
             await proc.wait()
         os.close(master)
+
+
+@pytest.fixture(scope="module")
+async def private_registry(tmp_path_factory):
+    """A registry that wants a password (token auth, as Docker Hub and most registries do)."""
+    reg = await start_registry(tmp_path_factory.mktemp("private-registry"), users={"puller": "s3cret"}, auth="token")
+    await push_image(reg.url, "team/box", "1", busybox_files(), config=IMAGE_CONFIG, auth=("puller", "s3cret"))
+    yield reg
+    await reg.stop()
+
+
+async def test_image_pull_secret_for_a_private_registry(kubectl, node, private_registry):
+    """imagePullSecrets: the agent reads the Pod's kubernetes.io/dockerconfigjson Secret (the node
+    authorizer lets it read only its Pods' Secrets) and pulls with it; without one the pull is refused."""
+    name, _, _ = node
+    image = f"{private_registry.host}/team/box:1"
+    auth = base64.b64encode(b"puller:s3cret").decode()
+    config = json.dumps({"auths": {private_registry.host: {"auth": auth}}})
+    secret = {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(config.encode()).decode()},
+    }  # fmt: skip
+    await kubectl.apply(json.dumps(secret))
+    try:
+        container = {"image": image, "command": ["sleep", "3600"]}
+        await kubectl.apply(pod("with-secret", name, ISOLATED, container, imagePullSecrets=[{"name": "regcred"}]))
+        await kubectl.apply(pod("no-secret", name, ISOLATED, container))
+        assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
+        refused = await eventually(lambda: waiting_reason(kubectl, "no-secret", "ErrImagePull"), 30, what="refused")
+        assert "unauthorized" in refused["state"]["waiting"]["message"].lower()
+    finally:
+        await kubectl.run("delete", "secret", "regcred", check=False)
