@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -112,3 +113,27 @@ class NodePodNetwork:
     async def stop(self) -> None:
         if self.ready.is_set():
             await self.networks.stop()
+
+
+async def remove_node_network(state_dir: Path, node_name: str, bridge: str | None = None) -> None:
+    """Remove what a decommissioned node left: its Pods' namespaces, veths and addresses, the
+    bridge and its FORWARD rules (they outlive the agent by design, like its containers). Tests
+    and benchmarks call it for the nodes they made."""
+    if not (state_dir / "network").exists():
+        return
+    from network import iptables
+    from network.pods import PodNetworks
+
+    bridge = bridge or default_bridge(node_name)
+    state_file = state_dir / "network" / "ipam.json"
+    if state_file.exists():  # Pods had addresses: tear down whatever of theirs is left
+        networks = PodNetworks(state_dir / "network", bridge=bridge)
+        await networks.start(json.loads(state_file.read_text())["cidr"])
+        await networks.cleanup_orphans(set())
+        await networks.stop(remove_bridge=True)
+        return
+    proc = await asyncio.create_subprocess_exec("ip", "link", "del", bridge, stderr=asyncio.subprocess.DEVNULL)
+    await proc.wait()
+    if iptables.iptables_binary() is not None:
+        for rule in iptables.forward_rules(bridge):
+            await iptables.remove_rule(rule)

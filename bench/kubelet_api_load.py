@@ -33,6 +33,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.pod_network import remove_node_network
 from bench.common import Watcher, admin_ssl, create_pods, pct, pod_body, proc_stats, rss, wait_for
 from devcluster import manage
 
@@ -290,6 +291,7 @@ async def main() -> int:
         sampler_task.cancel()
         agent.terminate()
         await agent.wait()
+        await remove_node_network(work / "state", NODE)
         with contextlib.suppress(Exception):
             from cgroups.manager import CgroupManager
 

@@ -28,6 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.pod_network import remove_node_network
 from bench.common import Watcher, admin_ssl, create_pods, delete_pods, pct, pod_body, rss, wait_for
 from devcluster import manage
 from images.build import busybox_files, push_image, random_files
@@ -144,6 +145,7 @@ async def main() -> int:
                 await r.read()
         agent.terminate()
         await agent.wait()
+        await remove_node_network(work / "state", NODE)
         results.update(
             all_running=ok,
             all_gone=gone,

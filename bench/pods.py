@@ -26,6 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
     admin_ssl,
@@ -131,6 +132,7 @@ async def main() -> int:
 
     agent.terminate()
     await agent.wait()
+    await remove_node_network(work / "state", NODE)
     if args.backend == "process":  # the bench's own cgroup root, now empty
         from cgroups.manager import CgroupManager
 

@@ -35,6 +35,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
     admin_ssl,
@@ -140,6 +141,8 @@ class Bench:
             except TimeoutError:
                 agent.kill()
                 await agent.wait()
+        if run.agent == "kubelet-emu":  # its Pod networks outlive the agent by design
+            await remove_node_network(self.work / node / "state", node)
         if run.agent == "kwok":
             await self.kwok.delete_node(self.cluster.admin_kubeconfig, node)
         else:

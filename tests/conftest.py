@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from agent.pod_network import remove_node_network
 from devcluster import manage
 
 
@@ -126,30 +127,6 @@ REPO = Path(__file__).resolve().parent.parent
 def agent_argv() -> list[str]:
     """The agent of the tree these tests live in (not whatever an editable install points at)."""
     return [sys.executable, "-m", "agent.cli"]
-
-
-async def remove_node_network(state_dir: Path, node: str) -> None:
-    """Pod networks outlive the agent by design (like its containers); a test node's bridge,
-    leftover Pod namespaces and FORWARD rules go when the test is over."""
-    if not (state_dir / "network").exists():
-        return
-    from agent.pod_network import default_bridge
-    from network import iptables
-    from network.pods import PodNetworks
-
-    bridge = default_bridge(node)
-    state_file = state_dir / "network" / "ipam.json"
-    if state_file.exists():  # Pods had addresses: tear down whatever of theirs is left
-        networks = PodNetworks(state_dir / "network", bridge=bridge)
-        await networks.start(json.loads(state_file.read_text())["cidr"])
-        await networks.cleanup_orphans(set())
-        await networks.stop(remove_bridge=True)
-        return
-    proc = await asyncio.create_subprocess_exec("ip", "link", "del", bridge, stderr=asyncio.subprocess.DEVNULL)
-    await proc.wait()
-    if iptables.iptables_binary() is not None:
-        for rule in iptables.forward_rules(bridge):
-            await iptables.remove_rule(rule)
 
 
 def agent_env() -> dict[str, str]:
