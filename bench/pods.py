@@ -55,6 +55,9 @@ async def main() -> int:
     ap.add_argument("--port", type=int, default=16543, help="the bench cluster's API server port")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--no-pod-network", action="store_true", help="process Pods share the host's network")
+    ap.add_argument(
+        "--extra-config", default="", help='TOML appended to the agent config, e.g. "[kubelet_api]\\nenabled = false"'
+    )
     args = ap.parse_args()
 
     cluster = await manage.up(args.dir, port=args.port, quiet=False)
@@ -63,7 +66,7 @@ async def main() -> int:
     config.write_text(
         f'default_runtime = "bench"\nevents = "{args.events}"\n[node]\nmax_pods = {args.pods + 10}\n'
         f'cgroup_root = "kubelet-emu-bench"\n[runtimes.bench]\nbackend = "{args.backend}"\n'
-        f"[network]\nenabled = {str(not args.no_pod_network).lower()}\n"
+        f"[network]\nenabled = {str(not args.no_pod_network).lower()}\n" + args.extra_config.replace("\\n", "\n") + "\n"
     )
     kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
     with open(work / "agent.log", "wb") as log:
