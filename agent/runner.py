@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import EventRecorder
@@ -29,6 +31,7 @@ from runtimes.registry import backend_class, known_backends
 log = logging.getLogger("agent")
 
 STOP_TIMEOUT = 4.0  # the whole shutdown must fit in 5 s
+Service = Coroutine[Any, Any, None]  # a long-running part of the agent, run in its task group
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,13 @@ class RunOptions:
     config_path: str | None = None  # re-read on SIGHUP
 
 
-async def agent_main(node: NodeAgent, pods: PodController) -> None:
+async def agent_main(node: NodeAgent, pods: PodController, services: list[Service]) -> None:
     await node.register()
     async with asyncio.TaskGroup() as tg:
         tg.create_task(node.run(), name="node")
         tg.create_task(pods.run(), name="pods")
-        if pods.images is not None:
-            tg.create_task(image_gc_loop(pods), name="image-gc")
-        if pods.network is not None:
-            tg.create_task(pods.network.run(), name="pod-network")
-            tg.create_task(_remove_orphan_networks(pods), name="pod-network-orphans")
+        for service in services:
+            tg.create_task(service)
 
 
 async def _remove_orphan_networks(pods: PodController) -> None:
@@ -63,15 +63,32 @@ async def _remove_orphan_networks(pods: PodController) -> None:
         log.info("removed networks of deleted pods", extra=kv(count=len(removed)))
 
 
-def _image_service(opts: RunOptions) -> object | None:
-    """The image store, created only when some handler's backend runs images (it costs memory)."""
-    if not any(backend_class(h.backend).uses_images for h in opts.config.handlers.values()):
-        return None
+def _needs(config: AgentConfig, feature: str) -> bool:
+    return any(getattr(backend_class(h.backend), feature) for h in config.handlers.values())
+
+
+def attach_services(config: AgentConfig, opts: RunOptions, kube: Kube, pods: PodController) -> list[Service]:
+    """The image store and the Pod network, made only once a handler's backend needs them (pyroute2
+    alone costs ~10 MiB, which an emulated-only node should not pay). Returns what to run for the
+    services made now (also after a SIGHUP that adds the first such handler)."""
+    started: list[Service] = []
+    if pods.images is None and _needs(config, "uses_images"):
+        pods.images = _image_service(config, opts.state_dir)
+        started.append(image_gc_loop(pods))
+    if pods.network is None and _needs(config, "uses_pod_network"):
+        networks = pod_networks(config.network, opts.node_name, opts.state_dir)
+        if networks is not None:
+            pods.network = NodePodNetwork(networks, kube, opts.node_name, config.network.pod_cidr)
+            started += [pods.network.run(), _remove_orphan_networks(pods)]
+    return started
+
+
+def _image_service(config: AgentConfig, state_dir: Path) -> object:
     from images.service import ImageService
 
-    settings = opts.config.images
+    settings = config.images
     return ImageService(
-        opts.state_dir / "images",
+        state_dir / "images",
         mirrors={host: list(urls) for host, urls in settings.mirrors.items()},
         insecure_registries=set(settings.insecure_registries),
         gc_high_percent=settings.gc_high_percent,
@@ -79,7 +96,7 @@ def _image_service(opts: RunOptions) -> object | None:
     )
 
 
-def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> None:
+def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController, kube: Kube) -> None:
     """SIGHUP: re-read --config; a broken file is reported and the running config kept."""
     try:
         config = load_config(opts.config_path, known_backends())
@@ -88,6 +105,8 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController) -> Non
         return
     for warning in config.warnings:
         log.warning(warning)
+    for service in attach_services(config, opts, kube, pods):  # before the new handlers get backends
+        pods.spawn(service)
     node.set_config(config)
     pods.set_config(config)
     pods.events.policy = config.events
@@ -116,16 +135,13 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
-    pods.images = _image_service(opts)
-    networks = pod_networks(opts.config.network, opts.node_name, opts.state_dir)
-    if networks is not None:
-        pods.network = NodePodNetwork(networks, kube, opts.node_name, opts.config.network.pod_cidr)
+    services = attach_services(opts.config, opts, kube, pods)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, opts, node, pods, kube)
     stats_path = opts.state_dir / "agent-stats.json"
     loop.add_signal_handler(signal.SIGUSR1, write_stats, stats_path, kube, pods, api)
 
@@ -146,7 +162,7 @@ async def run(opts: RunOptions) -> int:
             await kube.close()
             return 2
 
-    main = asyncio.create_task(agent_main(node, pods), name="agent")
+    main = asyncio.create_task(agent_main(node, pods, services), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -139,6 +139,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     runs_probes: ClassVar[bool] = True  # the emulated backend has nothing to probe
     uses_images: ClassVar[bool] = False  # True: the agent pulls each container's image before creating it
+    uses_pod_network: ClassVar[bool] = False  # True: its Pods may get network namespaces (setup_pod_network)
 
     def __init__(self, handler: Handler, context: BackendContext):
         self.handler = handler

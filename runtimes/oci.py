@@ -161,6 +161,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 class OciBackend(Backend):
     name = "oci"
+    uses_pod_network = True
     uses_images = True  # the agent pulls each container's image before create_container (image_for finds it)
 
     def __init__(self, handler: Any, context: Any):

@@ -83,6 +83,7 @@ def _alive(pid: int, start_ticks: int) -> bool:
 
 class ProcessBackend(Backend):
     name = "process"
+    uses_pod_network = True
 
     def __init__(self, handler: Any, context: Any):
         super().__init__(handler, context)

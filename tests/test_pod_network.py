@@ -172,3 +172,26 @@ async def test_fifty_pods_leave_nothing_behind(kubectl, node):
         return not leftover and not bridge_ports(bridge) and not state["allocations"]
 
     await eventually(clean, 30, what="no namespace, veth or address left")
+
+
+async def test_first_process_handler_added_by_sighup_brings_pod_networks(kubectl, start_agent, tmp_path):
+    """An emulated-only node never loads the network code; a SIGHUP that adds a process handler
+    starts the node's Pod network, and that handler's Pods get their own IPs."""
+    name = unique("emu-net-hup")
+    agent = await start_agent(name, '[runtimes.fast]\nbackend = "emulated"\n', state_dir=tmp_path / "state")
+    await wait_node_ready(kubectl, name)
+    assert not (tmp_path / "state" / "network").exists()
+    agent.reload(CONFIG)
+    try:
+
+        async def has_handler():
+            node = await kubectl.get("node", name)
+            return "procs" in {h.get("name") for h in node["status"].get("runtimeHandlers") or []}
+
+        await eventually(has_handler, 20, what="procs handler advertised after SIGHUP")
+        await kubectl.apply(pod("late", name, ["sleep", "3600"]))
+        ip = await eventually(lambda: pod_ip(kubectl, "late"), 40, what="late Running with an IP")
+        obj = await kubectl.get("pod", "late")
+        assert ip != obj["status"]["hostIP"]
+    finally:
+        await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=60s")
