@@ -720,6 +720,9 @@ async def process_node(kubectl, start_agent, tmp_path):
         "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
         "--wait=true", "--timeout=60s", check=False,
     )  # fmt: skip
+    # Stop the agent before killing what is left in the cgroups: a running agent would restart a
+    # killed container (restartPolicy Always) and that process would outlive the test.
+    await agent.stop()
     with contextlib.suppress(Exception):
         manager.remove(CGROUP_ROOT, kill=True)
 
