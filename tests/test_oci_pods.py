@@ -384,10 +384,11 @@ async def test_image_pull_secret_for_a_private_registry(kubectl, node, private_r
     await kubectl.apply(json.dumps(secret))
     try:
         container = {"image": image, "command": ["sleep", "3600"]}
-        await kubectl.apply(pod("with-secret", name, ISOLATED, container, imagePullSecrets=[{"name": "regcred"}]))
+        # Without the secret first: once an image is on the node, IfNotPresent does not pull again.
         await kubectl.apply(pod("no-secret", name, ISOLATED, container))
-        assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
         refused = await eventually(lambda: waiting_reason(kubectl, "no-secret", "ErrImagePull"), 30, what="refused")
         assert "unauthorized" in refused["state"]["waiting"]["message"].lower()
+        await kubectl.apply(pod("with-secret", name, ISOLATED, container, imagePullSecrets=[{"name": "regcred"}]))
+        assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
     finally:
         await kubectl.run("delete", "secret", "regcred", check=False)
