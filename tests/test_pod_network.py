@@ -21,6 +21,7 @@ import pytest
 from conftest import Kubectl, eventually, wait_node_ready
 
 from agent.pod_network import default_bridge
+from cgroups.manager import CgroupManager, detect_mode
 
 pytestmark = [
     pytest.mark.cluster,
@@ -78,6 +79,12 @@ async def pod_ip(kubectl: Kubectl, name: str) -> str | None:
     obj = await kubectl.get("pod", name)
     status = (obj or {}).get("status") or {}
     return status.get("podIP") if status.get("phase") == "Running" else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cgroup_root():
+    yield
+    CgroupManager(detect_mode(), root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)  # empty by now
 
 
 @pytest.fixture
