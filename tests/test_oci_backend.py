@@ -601,21 +601,13 @@ def _no_leftover_containers(base_dir: Path) -> Iterator[None]:
         assert listed.stdout.split() == [], "a test left runc containers behind"
 
 
-# --- with the real image service and Pod networks (skipped until those packages are merged) ------------
-
-
-def _have(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
+# --- with the real image service and Pod networks ----------------------------------------------------
 
 
 @pytest.mark.skipif(
-    not (_have("images.service") and _have("network.pods")), reason="needs the images and network packages"
+    not os.access("/usr/bin/docker-registry", os.X_OK),
+    reason="docker-registry is not installed (Debian package docker-registry)",
 )
-@pytest.mark.skipif(not os.access("/usr/bin/docker-registry", os.X_OK), reason="needs docker-registry for a real pull")
 async def test_real_image_pull_overlay_rootfs_and_pod_network(base_dir: Path, cgroups: CgroupManager) -> None:
     from images.build import busybox_files, push_image
     from images.local_registry import start_registry

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import ipaddress
 import json
 import os
@@ -906,8 +905,6 @@ async def test_summary_of_an_oci_pod(kubectl, process_node, busybox_ref):
 
 # --- end to end: the agent's own HTTPS server, reached as metrics-server and kubectl do ----------------
 
-HAS_SERVER = importlib.util.find_spec("agent.kubelet_api.server") is not None
-
 
 async def kubelet_get(cluster: Any, kubectl: Any, node: SimpleNamespace, path: str, proxy: bool = True) -> str:
     """GET a kubelet API path through the API server's node proxy (as `kubectl get --raw` does), or
@@ -930,7 +927,6 @@ async def kubelet_get(cluster: Any, kubectl: Any, node: SimpleNamespace, path: s
 
 @pytest.mark.cluster
 @pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
-@pytest.mark.skipif(not HAS_SERVER, reason="the kubelet HTTPS server (branch api) is not merged yet")
 async def test_kubelet_api_serves_stats_and_metrics(cluster, kubectl, process_node):
     name, pod = await start_burner(kubectl, process_node)
     manager: CgroupManager = process_node.cgroups

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import pty
@@ -70,10 +69,6 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 async def node(kubectl: Kubectl, start_agent) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
-    if importlib.util.find_spec("agent.kubelet_api.server") is None:
-        pytest.skip(
-            "the kubelet API server (agent/kubelet_api/server.py) is not in this tree: nothing serves the routes"
-        )
     name = unique("emu-stream")
     await start_agent(name, config())
     await wait_node_ready(kubectl, name)
