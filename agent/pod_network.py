@@ -24,6 +24,7 @@ log = logging.getLogger("kubelet_emu.network")
 
 CIDR_POLL = 1.0
 START_RETRY = 10.0
+SETUP_CONCURRENCY = 16
 CIDR_NOTICE_AFTER = 30.0  # say once that no CIDR has come yet (a cluster without --allocate-node-cidrs)
 
 
@@ -42,15 +43,16 @@ def pod_networks(settings: NetworkSettings, node_name: str, state_dir: Path) -> 
     if importlib.util.find_spec("network") is None:  # an install without the network package
         log.warning("pod networking unavailable (no network package); Pods use the host's network")
         return None
-    from network.pods import PodNetworks
+    from network.helper_client import NetworkHelper
 
-    return PodNetworks(
+    return NetworkHelper(
         state_dir / "network", bridge=settings.bridge or default_bridge(node_name), masquerade=settings.masquerade
     )
 
 
 class NodePodNetwork:
-    """PodNetworks behind a gate: setup() waits until the bridge exists with the node's pod CIDR."""
+    """The Pod network helper (PodNetworks in a child process) behind a gate: setup() waits until
+    the bridge exists with the node's pod CIDR."""
 
     def __init__(self, networks: Any, kube: Kube, node_name: str, configured_cidr: str | None):
         self.networks = networks
@@ -59,6 +61,9 @@ class NodePodNetwork:
         self.configured_cidr = configured_cidr
         self.cidr: str | None = None
         self.ready = asyncio.Event()
+        # Pods get their networks in arrival order, a few at a time: all at once, each would wait
+        # for all the others (the kernel serialises netlink work) and none could start early.
+        self._setup_slots = asyncio.Semaphore(SETUP_CONCURRENCY)
 
     async def run(self) -> None:
         """Find the CIDR and start the bridge. A failure (an address conflict, say) is logged once and
@@ -101,7 +106,8 @@ class NodePodNetwork:
 
     async def setup(self, pod_uid: str, namespace: str, name: str) -> Any:
         await self.ready.wait()
-        return await self.networks.setup(pod_uid, namespace, name)
+        async with self._setup_slots:
+            return await self.networks.setup(pod_uid, namespace, name)
 
     async def teardown(self, pod_uid: str) -> None:
         if not self.ready.is_set():
@@ -110,9 +116,12 @@ class NodePodNetwork:
             return
         await self.networks.teardown(pod_uid)
 
+    async def cleanup_orphans(self, keep: set[str]) -> list[str]:
+        """Tear down the networks of Pods not in `keep` (see PodNetworks.cleanup_orphans)."""
+        return await self.networks.cleanup_orphans(keep)
+
     async def stop(self) -> None:
-        if self.ready.is_set():
-            await self.networks.stop()
+        await self.networks.stop()
 
 
 async def remove_node_network(state_dir: Path, node_name: str, bridge: str | None = None) -> None:

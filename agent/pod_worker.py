@@ -37,6 +37,7 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off afresh
 RETRY_MISSING_HANDLER = 10.0
 DEFAULT_GRACE = 30
+PASSING_STATUS_SETTLE = 1.0  # seconds a "sandbox ready, containers creating" status waits for the next
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,13 @@ class PodWorker:
 
     # --- status writing --------------------------------------------------------------------------
 
-    def mark_dirty(self) -> None:
+    def mark_dirty(self, settle: float = 0.0) -> None:
+        """Write the status soon. With `settle`, wait that long first: a passing state (the
+        sandbox made, the containers about to start) is left out when the next one comes sooner,
+        which halves the writes of Pods that start quickly; the kubelet API shows it meanwhile."""
+        if settle:
+            asyncio.get_running_loop().call_later(settle, self.mark_dirty)
+            return
         if not self._flush_pending and not self.gone:
             self._flush_pending = True
             # Scheduled, not immediate: every change made before the loop comes round again
@@ -188,7 +195,7 @@ class PodWorker:
         self.rec.pod_ips = self.sandbox.ips
         for c in self.rec.containers:
             c.waiting("PodInitializing" if self.rec.init_containers else "ContainerCreating")
-        self.mark_dirty()
+        self.mark_dirty(settle=PASSING_STATUS_SETTLE)
         await self._adopt_running()
 
         background: list[asyncio.Task[Any]] = []

@@ -35,6 +35,11 @@ FINISHED_MEMORY = 120.0  # seconds to ignore late events about a Pod whose worke
 SA_TOKEN_VOLUME_PREFIX = "kube-api-access-"
 
 
+# Status writes in flight at once. Each needs a connection of its own (HTTP/1.1), and each new
+# connection a TLS handshake on both sides.
+WRITE_CONCURRENCY = 64
+
+
 def slim_pod(pod: JSON) -> JSON:
     """Drop what the agent never reads, to keep thousands of Pods small in memory:
     managedFields (often a third of a Pod), kubectl's last-applied copy, the tolerations
@@ -84,7 +89,7 @@ class PodController:
         self.usage = NodeUsage()
         self._allocatable = allocatable(node.facts)
         self.backends: dict[str, Backend] = {}
-        self.write_slots = asyncio.Semaphore(64)
+        self.write_slots = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.status_writes = 0
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

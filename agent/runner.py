@@ -58,7 +58,7 @@ async def _remove_orphan_networks(pods: PodController) -> None:
     """After a restart: free the namespaces and addresses of Pods deleted while the agent was away."""
     await pods.pods.synced.wait()
     await pods.network.ready.wait()
-    removed = await pods.network.networks.cleanup_orphans(set(pods.workers))
+    removed = await pods.network.cleanup_orphans(set(pods.workers))
     if removed:
         log.info("removed networks of deleted pods", extra=kv(count=len(removed)))
 

@@ -5,4 +5,8 @@
   subprocesses inside one (port-forward, the process backend).
 - network.iptables: the bridge's FORWARD rules and the optional MASQUERADE rule.
 - network.pods: PodNetworks, the bridge and per-Pod setup/teardown/orphan cleanup.
+- network.helper, network.helper_client: PodNetworks in a child process of the agent, so that
+  netlink work runs on another core and never blocks the agent's event loop.
+- network.link_delete: deleting an interface from a worker thread (the kernel waits for RCU).
+- network.podnet: PodNet and PodNetworkError, without the netlink imports.
 """

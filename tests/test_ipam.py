@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,6 +120,29 @@ async def test_concurrent_tasks_in_one_process(state: Path) -> None:
     ips = await asyncio.gather(*(i.allocate(f"pod-{n}") for n in range(60) for i in [(ipam, other)[n % 2]]))
     assert len(set(ips)) == 60
     assert len(await ipam.owners()) == 60
+
+
+async def test_concurrent_requests_share_writes_and_fail_alone(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ipam = IPAM(state, "10.244.5.0/28")  # 13 Pod addresses
+    writes = 0
+    real_write = ipam._write
+
+    def counting_write(st: Any) -> None:
+        nonlocal writes
+        writes += 1
+        real_write(st)
+
+    monkeypatch.setattr(ipam, "_write", counting_write)
+    results = await asyncio.gather(*(ipam.allocate(f"pod-{n}") for n in range(15)), return_exceptions=True)
+    ips = [r for r in results if isinstance(r, str)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(set(ips)) == 13  # every address once
+    assert len(errors) == 2 and all(isinstance(e, IPAMExhaustedError) for e in errors)  # only the two too many
+    assert writes < 15  # requests that arrived together went out in shared writes
+    assert sorted(json.loads(state.read_text())["allocations"]) == sorted(ips)  # nothing lost
+    released = await asyncio.gather(*(ipam.release(f"pod-{n}") for n in range(15)))
+    assert sorted(r for r in released if r) == sorted(ips)
+    assert await ipam.owners() == {}
 
 
 def test_concurrent_processes_do_not_double_allocate(state: Path) -> None:
