@@ -20,7 +20,7 @@ from agent import metrics
 from agent.image_pull import ImageGate
 from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
-from agent.pod_status import ContainerRecord, PodRecord, build_status, rejected_status
+from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
 from cgroups.resources import qos_class
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
@@ -71,7 +71,8 @@ class PodWorker:
         self.sandbox: Sandbox | None = None
         self.handles: dict[str, ContainerHandle] = {}
         self.admitted = False
-        self.deletion_requested = asyncio.Event()
+        # A future, not an asyncio.Event: an Event carries a deque (~0.7 kB), times thousands of Pods.
+        self.deletion_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gone = False  # the Pod object no longer exists
         self.gates: dict[str, ImageGate] | None = None  # per container, only for backends that use images
         self.wake: asyncio.Event | None = None  # set while waiting for a missing handler to appear
@@ -87,15 +88,20 @@ class PodWorker:
         status = pod.get("status")
         if status and self.rec.start_time is not None:
             # Once running, the status in the API is our own echo: only the conditions others
-            # own are still read from it, so the rest need not be kept for every Pod.
-            pod["status"] = {k: v for k, v in status.items() if k in ("phase", "conditions")}
+            # own are still read from it, so the rest (most of it) is not kept for every Pod.
+            foreign = [c for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
+            pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
-            self.deletion_requested.set()
+            self._request_deletion()
 
     def object_deleted(self) -> None:
         self.gone = True
-        self.deletion_requested.set()
+        self._request_deletion()
+
+    def _request_deletion(self) -> None:
+        if not self.deletion_requested.done():
+            self.deletion_requested.set_result(None)
 
     def current_status(self) -> JSON:
         """The status as the agent sees it now (what the next write would say)."""
@@ -155,7 +161,7 @@ class PodWorker:
         life = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.key}")
         life.add_done_callback(self._report_crash)
         try:
-            await self.deletion_requested.wait()  # a finished Pod stays until it is deleted
+            await asyncio.shield(self.deletion_requested)  # a finished Pod stays until it is deleted
             life.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await life

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
+from sys import intern
 from typing import TYPE_CHECKING, Any
 
 from agent import metrics
@@ -38,6 +39,7 @@ SA_TOKEN_VOLUME_PREFIX = "kube-api-access-"
 # Status writes in flight at once. Each needs a connection of its own (HTTP/1.1), and each new
 # connection a TLS handshake on both sides.
 WRITE_CONCURRENCY = 64
+SHARED_STRING_MAX = 64
 
 
 def slim_pod(pod: JSON) -> JSON:
@@ -63,7 +65,20 @@ def slim_pod(pod: JSON) -> JSON:
             container["volumeMounts"] = [m for m in mounts if not m.get("name", "").startswith(SA_TOKEN_VOLUME_PREFIX)]
             if not container["volumeMounts"]:
                 del container["volumeMounts"]
-    return pod
+    return _shared(pod)
+
+
+def _shared(value: Any) -> Any:
+    """The same JSON with its keys and short strings interned. Each decoded Pod brings its own
+    copies of "terminationMessagePath", "IfNotPresent" and the like; shared, they cost one
+    copy per node instead of one per Pod (about a third of a slimmed Pod's memory)."""
+    if isinstance(value, dict):
+        return {intern(k): _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    if isinstance(value, str) and len(value) <= SHARED_STRING_MAX:
+        return intern(value)
+    return value
 
 
 def _cgroup_manager(config: AgentConfig) -> CgroupManager | None:

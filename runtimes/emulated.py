@@ -15,7 +15,6 @@ Init containers exit at once with code 0 unless annotated the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import re
 from datetime import UTC, datetime
@@ -82,30 +81,31 @@ class EmulatedBackend(Backend):
             name=container["name"],
             image=container.get("image", ""),
         )
-        handle.extra.update(exit_after=seconds, exit_code=code, stopped=asyncio.Event(), stop_code=None)
+        # A future, not an asyncio.Event (which carries a deque): one per container, thousands of them.
+        stopped = asyncio.get_running_loop().create_future()
+        handle.extra.update(exit_after=seconds, exit_code=code, stopped=stopped, stop_code=None)
         return handle
 
     async def start_container(self, handle: ContainerHandle) -> None:
         handle.started_at = datetime.now(UTC)
 
     async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
-        stopped: asyncio.Event = handle.extra["stopped"]
+        stopped: asyncio.Future[None] = handle.extra["stopped"]
         seconds = handle.extra["exit_after"]
         if seconds is None:
-            await stopped.wait()
+            await asyncio.shield(stopped)
         elif seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopped.wait(), seconds)
-        if stopped.is_set():
+            await asyncio.wait([stopped], timeout=seconds)
+        if stopped.done():
             # Stopped by the agent: a well-behaved process exits on SIGTERM.
             return ContainerExit(exit_code=handle.extra["stop_code"], finished_at=handle.extra["stopped_at"])
         return ContainerExit(exit_code=handle.extra["exit_code"], finished_at=datetime.now(UTC))
 
     async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:
-        stopped: asyncio.Event = handle.extra["stopped"]
-        if not stopped.is_set():
+        stopped: asyncio.Future[None] = handle.extra["stopped"]
+        if not stopped.done():
             handle.extra.update(stop_code=143, stopped_at=datetime.now(UTC))  # 128 + SIGTERM
-            stopped.set()
+            stopped.set_result(None)
 
     async def remove_container(self, handle: ContainerHandle) -> None:
         return None
