@@ -40,19 +40,38 @@ def rss(pid: int) -> int:
     return 0
 
 
-def shim_rss() -> int:
-    """Total RSS of the process backend's shims (one per running container)."""
+def pss(pid: int) -> int:
+    """Proportional set size: pages shared with other processes count by their share, so the
+    sum over many forked shims is what they really cost (their RSS counts shared pages again each)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_of(marker: bytes) -> int:
+    """Total PSS of the processes whose command line contains `marker`."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"runtimes.shim" in cmd:
-                total += rss(int(entry))
+            if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                total += pss(int(entry))
         except OSError:
             continue
     return total
+
+
+def shim_rss() -> int:
+    """Total PSS of the process backend's shims (one per running container) and their launcher."""
+    return pss_of(b"runtimes.shim")
+
+
+def network_helper_rss() -> int:
+    """PSS of the Pod network helper process(es)."""
+    return pss_of(b"network.helper")
 
 
 def pct(values: list[float], q: float) -> float:

@@ -32,6 +32,7 @@ from bench.common import (
     admin_ssl,
     create_pods,
     delete_pods,
+    network_helper_rss,
     pct,
     pod_body,
     proc_stats,
@@ -110,6 +111,7 @@ async def main() -> int:
         cpu1, _ = proc_stats(agent.pid)
         loaded_rss = rss(agent.pid)
         shims = shim_rss()
+        helper = network_helper_rss()
 
         # Ask the agent for its request counters now, to split creation from deletion.
         agent.send_signal(signal.SIGUSR1)
@@ -160,7 +162,8 @@ async def main() -> int:
         agent_idle_rss_mib=round(idle_rss / 2**20, 1),
         agent_rss_with_pods_mib=round(loaded_rss / 2**20, 1),
         agent_peak_rss_mib=round(peak / 2**20, 1),
-        shims_rss_with_pods_mib=round(shims / 2**20, 1),
+        shims_pss_with_pods_mib=round(shims / 2**20, 1),
+        network_helper_pss_mib=round(helper / 2**20, 1),
         agent_cpu_s_create_to_running=round(cpu1 - cpu0, 2),
         agent_cpu_s_total_run=round(cpu2 - cpu0, 2),
         agent_requests_by_verb=requests,

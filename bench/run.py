@@ -41,6 +41,7 @@ from bench.common import (
     admin_ssl,
     create_pods,
     delete_pods,
+    network_helper_rss,
     pct,
     pod_body,
     pod_requests,
@@ -212,6 +213,7 @@ class Bench:
         cpu1, _ = proc_stats(pid) if alive() else (float("nan"), 0)
         loaded_rss = rss(pid) if alive() else 0
         shims = shim_rss() if run.mode == "process" else 0
+        helper = network_helper_rss() if run.mode == "process" else 0
 
         t1 = time.monotonic()
         await delete_pods(self.s, self.server, ns, n, self.concurrency)
@@ -251,7 +253,8 @@ class Bench:
             "agent_idle_rss_mib": round(idle_rss / MiB, 1),
             "agent_rss_with_pods_mib": round(loaded_rss / MiB, 1),
             "agent_peak_rss_mib": round(peak / MiB, 1),
-            "shims_rss_with_pods_mib": round(shims / MiB, 1),
+            "shims_pss_with_pods_mib": round(shims / MiB, 1),
+            "network_helper_pss_mib": round(helper / MiB, 1),
             "agent_cpu_s_create_to_running": round(cpu1 - cpu0, 2),
             "agent_cpu_s_total": round(cpu2 - cpu0, 2),
             "api_requests_per_pod": per_verb,
@@ -291,7 +294,8 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     for r in extra:
         print(f"\nprocess backend, {r['pods']} Pods: p50 {r['latency_p50_s']} s, p99 {r['latency_p99_s']} s, "
               f"agent RSS with the Pods running {r['agent_rss_with_pods_mib']} MiB "
-              f"(+ shims {r['shims_rss_with_pods_mib']} MiB)")  # fmt: skip
+              f"(+ shims {r['shims_pss_with_pods_mib']} MiB PSS, "
+              f"network helper {r['network_helper_pss_mib']} MiB PSS)")  # fmt: skip
     print("\ntime to all Running, ratios:")
     for (mode, n), by_agent in sorted(group(rows).items()):
         emu = by_agent.get("kubelet-emu")
