@@ -7,6 +7,8 @@
 - network.pods: PodNetworks, the bridge and per-Pod setup/teardown/orphan cleanup.
 - network.helper, network.helper_client: PodNetworks in a child process of the agent, so that
   netlink work runs on another core and never blocks the agent's event loop.
+- network.fresh_pod: a new Pod's namespace, veth and address in one thread with hand-built
+  rtnetlink requests (the hot path of a mass start; pyroute2 does the rest).
 - network.link_delete: deleting an interface from a worker thread (the kernel waits for RCU).
 - network.podnet: PodNet and PodNetworkError, without the netlink imports.
 """

@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ async def _answer(networks: PodNetworks, request: dict[str, Any]) -> dict[str, A
 
 async def serve(networks: PodNetworks) -> None:
     loop = asyncio.get_running_loop()
+    # Netlink and file work runs on threads that mostly wait in the kernel; a few more than the
+    # default (cores + 4) keep the agent's 16 concurrent setups from queueing for one.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=16, thread_name_prefix="net"))
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout.buffer

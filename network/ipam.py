@@ -110,6 +110,11 @@ class IPAM:
     async def address_of(self, owner: str) -> str | None:
         return await self._submit("get", owner)
 
+    async def claim(self, owner: str) -> tuple[str, bool]:
+        """As allocate(), and whether `owner` held the address already (one request, not two)."""
+        ip, held = await self._submit("claim", owner)
+        return ip, held
+
     async def _submit(self, op: str, owner: str) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((op, owner, future))
@@ -151,7 +156,7 @@ class IPAM:
         return value
 
     def apply_sync(self, ops: list[tuple[str, str]]) -> list[tuple[bool, Any]]:
-        """Apply (op, owner) requests in order, op one of get/allocate/release, under one lock
+        """Apply (op, owner) requests in order, op one of get/allocate/claim/release, under one lock
         and with one write; per request (True, result) or (False, IPAMError)."""
         results: list[tuple[bool, Any]] = []
         with self._locked_state() as state:
@@ -166,13 +171,14 @@ class IPAM:
                     held = by_owner.get(owner, [])
                     if op == "get":
                         results.append((True, held[0] if held else None))
-                    elif op == "allocate":
+                    elif op in ("allocate", "claim"):
+                        had = bool(held)
                         if not held:
                             held = by_owner[owner] = [self._next_free(state)]
                             state.allocations[held[0]] = owner
                             state.last = held[0]
                             changed = True
-                        results.append((True, held[0]))
+                        results.append((True, held[0] if op == "allocate" else (held[0], had)))
                     elif op == "release":
                         for ip in by_owner.pop(owner, []):
                             del state.allocations[ip]
@@ -254,10 +260,7 @@ class IPAM:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # Not followed by a directory fsync: a power loss that undid the rename would leave the
+        # previous (whole) file, and the namespaces and veths it describes do not survive a power
+        # loss either. The file's own fsync stays: a torn file would stop every Pod's network.
         os.rename(tmp, self.state_file)
-        # The rename itself is durable only once the directory is synced.
-        dfd = os.open(self.state_file.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)

@@ -28,10 +28,10 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from network import iptables
+from network import fresh_pod, iptables
 from network.ipam import IPAM
 from network.link_delete import delete_link_blocking
-from network.netns import create_netns, is_netns, list_netns, netlink_socket_in, netns_path, remove_netns
+from network.netns import is_netns, list_netns, netlink_socket_in, netns_path, remove_netns
 from network.podnet import PodNet, PodNetworkError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 IFNAMSIZ = 15  # longest interface name Linux accepts
 IFALIAS_MAX = 255
 POD_IFNAME = "eth0"
-LOOPBACK_IFINDEX = 1  # lo is the first interface of every network namespace
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
@@ -130,7 +129,6 @@ class PodNetworks:
         self._locks: dict[str, _PodLock] = {}
         self._host: AsyncIPRoute | None = None
         self._host_loop: asyncio.AbstractEventLoop | None = None
-        self._bridge_idx: int | None = None
 
     # --- node level -------------------------------------------------------------------------
 
@@ -158,7 +156,6 @@ class PodNetworks:
         as configured."""
         ipam = IPAM(self.state_dir / "ipam.json", pod_cidr)
         await ipam.owners()  # fails now, not at the first Pod, when the state file disagrees
-        self._bridge_idx = None
         await self._ensure_bridge(ipam.gateway, ipam.prefix_len, ipam.cidr)
         await asyncio.to_thread(self._enable_forwarding)
         await self._ensure_iptables(ipam.cidr)
@@ -196,7 +193,6 @@ class PodNetworks:
         if self._host is not None:
             self._host.close()
             self._host = self._host_loop = None
-        self._bridge_idx = None
 
     async def _ensure_bridge(self, gateway: str, prefix_len: int, cidr: str) -> None:
         async with _host_netlink() as ipr:
@@ -270,17 +266,17 @@ class PodNetworks:
         ipam = self.ipam
         path = self.netns_path(pod_uid)
         async with self._pod_lock(pod_uid):
-            existed = is_netns(path) or await ipam.address_of(pod_uid) is not None
+            existed = is_netns(path)
             try:
-                ip = await ipam.allocate(pod_uid)
-                fresh = not is_netns(path)
-                if fresh:
-                    await create_netns(self.netns_name(pod_uid))
+                ip, held = await ipam.claim(pod_uid)
+                existed = existed or held
                 veth = self.host_veth(pod_uid)
-                async with _pod_netlink(path) as pod:
-                    # A namespace made just now holds only lo: nothing to look up or repair in it.
-                    await self._ensure_veth(pod, pod_uid, namespace, name, path, veth, fresh)
-                    await self._configure_pod_side(pod, path, ip, ipam.gateway, ipam.prefix_len, fresh)
+                alias = f"kubelet-emu pod uid {pod_uid} {namespace}/{name}"[:IFALIAS_MAX]  # whose it is, in `ip link`
+                repair = is_netns(path) or await self._setup_fresh(path, veth, alias, ip)
+                if repair:  # an existing namespace (a restart, a retry): check and repair each piece
+                    async with _pod_netlink(path) as pod:
+                        await self._ensure_veth(pod, veth, path, alias)
+                        await self._configure_pod_side(pod, path, ip, ipam.gateway, ipam.prefix_len)
             except BaseException as e:
                 if not existed:  # roll back what this call made; an existing Pod is left for teardown()
                     await self._roll_back(pod_uid, namespace, name)
@@ -295,6 +291,20 @@ class PodNetworks:
         except Exception:  # the setup error matters more; teardown() can finish the job later
             log.exception("rolling back the network of pod %s/%s (%s) failed", namespace, name, pod_uid)
 
+    async def _setup_fresh(self, path: str, veth: str, alias: str, ip: str) -> bool:
+        """A new namespace with everything in it, on the fast path (network/fresh_pod.py). True when
+        a stale host end of the veth was in the way: the caller repairs the namespace then."""
+        ipam, bridge_index = self.ipam, await self._bridge_index()
+        try:
+            await asyncio.to_thread(
+                fresh_pod.setup_fresh_pod_sync, path, veth, bridge_index, alias, ip, ipam.prefix_len, ipam.gateway
+            )
+        except fresh_pod.FreshPodError as e:
+            if e.errno == errno.EEXIST and is_netns(path):
+                return True  # a host end left by a namespace deleted by hand; the namespace is made
+            raise
+        return False
+
     def _host_socket(self) -> AsyncIPRoute:
         """One netlink socket to the host namespace, kept: opening one costs more than a request."""
         loop = asyncio.get_running_loop()
@@ -302,30 +312,26 @@ class PodNetworks:
             self._host, self._host_loop = AsyncIPRoute(), loop
         return self._host
 
-    async def _bridge_index(self, host: AsyncIPRoute) -> int:
-        """The bridge's index (cached; made again if someone deleted the bridge)."""
-        if self._bridge_idx is not None:
-            return self._bridge_idx
-        index = await _link_index(host, self.bridge)
-        if index is None:  # deleted under us: make it again (other Pods re-attach on their next setup)
-            log.warning("bridge %s is gone; recreating it", self.bridge)
-            await self._ensure_bridge(self.ipam.gateway, self.ipam.prefix_len, self.ipam.cidr)
-            index = await _link_index(host, self.bridge)
-        if index is None:
-            raise PodNetworkError(f"bridge {self.bridge} is gone and could not be recreated")
-        self._bridge_idx = index
-        return index
+    async def _bridge_index(self) -> int:
+        """The bridge's index, from sysfs (a file read, no netlink); the bridge is made again if
+        someone deleted it."""
+        index_file = Path(f"/sys/class/net/{self.bridge}/ifindex")
+        try:
+            return int(index_file.read_text())
+        except FileNotFoundError:
+            pass
+        log.warning("bridge %s is gone; recreating it", self.bridge)  # other Pods re-attach on their next setup
+        await self._ensure_bridge(self.ipam.gateway, self.ipam.prefix_len, self.ipam.cidr)
+        try:
+            return int(index_file.read_text())
+        except FileNotFoundError:
+            raise PodNetworkError(f"bridge {self.bridge} is gone and could not be recreated") from None
 
-    async def _ensure_veth(
-        self, pod: AsyncIPRoute, pod_uid: str, namespace: str, name: str, path: str, veth: str, fresh: bool
-    ) -> None:
+    async def _ensure_veth(self, pod: AsyncIPRoute, veth: str, path: str, alias: str) -> None:
         host = self._host_socket()
-        bridge_index = await self._bridge_index(host)
-        if fresh:  # the namespace was made just now: no pod end yet, and most likely no host end
-            host_index = pod_index = None
-        else:
-            host_index = await _link_index(host, veth)
-            pod_index = await _link_index(pod, POD_IFNAME)
+        bridge_index = await self._bridge_index()
+        host_index = await _link_index(host, veth)
+        pod_index = await _link_index(pod, POD_IFNAME)
         if host_index is None or pod_index is None:
             # Half a pair (or none): start over with a fresh pair.
             if host_index is not None:
@@ -333,31 +339,15 @@ class PodNetworks:
             if pod_index is not None:
                 await _delete_link(pod, POD_IFNAME)
             await self._add_veth(host, veth, path, bridge_index)
-        # The alias tells a person running `ip link` whose interface this is.
-        alias = f"kubelet-emu pod uid {pod_uid} {namespace}/{name}"[:IFALIAS_MAX]
-        await self._attach(host, veth, bridge_index, alias)
+        await host.link("set", ifname=veth, master=bridge_index, state="up", ifalias=alias)
 
     async def _add_veth(self, host: AsyncIPRoute, veth: str, path: str, bridge_index: int) -> None:
-        """The pair, with the host end already on the bridge (up once its IPv6 is off)."""
+        """The pair, with the host end on the bridge (up once its IPv6 is off)."""
         ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for attempt in range(3):
-                try:
-                    await host.link(
-                        "add", ifname=veth, kind="veth", master=bridge_index,
-                        peer={"ifname": POD_IFNAME, "net_ns_fd": ns_fd},
-                    )  # fmt: skip
-                    break
-                except NetlinkError as e:
-                    if e.code == errno.EEXIST and attempt == 0:
-                        await _delete_link(host, veth)  # a host end left by a namespace deleted by hand
-                    elif e.code in (errno.ENODEV, errno.EINVAL) and self._bridge_idx is not None:
-                        self._bridge_idx = None  # the bridge was deleted (and made again?): look it up afresh
-                        bridge_index = await self._bridge_index(host)
-                    else:
-                        raise
-            else:
-                raise PodNetworkError(f"cannot create veth {veth} for namespace {path}")
+            await host.link(
+                "add", ifname=veth, kind="veth", master=bridge_index, peer={"ifname": POD_IFNAME, "net_ns_fd": ns_fd}
+            )
         finally:
             os.close(ns_fd)
         # A bridge port needs no IPv6 of its own; off before it is up, so the kernel never starts
@@ -365,30 +355,17 @@ class PodNetworks:
         with contextlib.suppress(FileNotFoundError):
             Path(f"/proc/sys/net/ipv6/conf/{veth}/disable_ipv6").write_text("1")
 
-    async def _attach(self, host: AsyncIPRoute, veth: str, bridge_index: int, alias: str) -> None:
-        """The host end: on the bridge, up, with its alias."""
-        try:
-            await host.link("set", ifname=veth, master=bridge_index, state="up", ifalias=alias)
-        except NetlinkError as e:
-            if e.code not in (errno.ENODEV, errno.EINVAL) or self._bridge_idx is None:
-                raise
-            self._bridge_idx = None
-            await host.link("set", ifname=veth, master=await self._bridge_index(host), state="up", ifalias=alias)
-
     @staticmethod
-    async def _configure_pod_side(
-        pod: AsyncIPRoute, path: str, ip: str, gateway: str, prefix_len: int, fresh: bool
-    ) -> None:
-        lo = LOOPBACK_IFINDEX if fresh else await _link_index(pod, "lo")
+    async def _configure_pod_side(pod: AsyncIPRoute, path: str, ip: str, gateway: str, prefix_len: int) -> None:
+        lo = await _link_index(pod, "lo")
         eth0 = await _link_index(pod, POD_IFNAME)
         if lo is None or eth0 is None:
             raise PodNetworkError(f"namespace {path} lacks lo or {POD_IFNAME}")
         await pod.link("set", index=lo, state="up")
-        if not fresh:
-            # Any other IPv4 address (a stale one from a lost state file, or added by hand) goes.
-            for addr in await _listed(await pod.addr("dump", index=eth0, family=socket.AF_INET)):
-                if (addr.get("address"), addr["prefixlen"]) != (ip, prefix_len):
-                    await pod.addr("del", index=eth0, address=addr.get("address"), prefixlen=addr["prefixlen"])
+        # Any other IPv4 address (a stale one from a lost state file, or added by hand) goes.
+        for addr in await _listed(await pod.addr("dump", index=eth0, family=socket.AF_INET)):
+            if (addr.get("address"), addr["prefixlen"]) != (ip, prefix_len):
+                await pod.addr("del", index=eth0, address=addr.get("address"), prefixlen=addr["prefixlen"])
         await _ensure_address(pod, eth0, ip, prefix_len)
         await pod.link("set", index=eth0, state="up")
         await pod.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=eth0)

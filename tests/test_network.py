@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from network import iptables
+from network import fresh_pod, iptables
 from network.netns import connect_in_netns, enter_netns_preexec, list_netns, remove_netns_sync
 from network.pods import PodNetworkError, PodNetworks
 
@@ -341,11 +341,11 @@ async def test_teardown_is_idempotent(net: PodNetworks) -> None:
 async def test_failed_setup_rolls_back(net: PodNetworks, monkeypatch: pytest.MonkeyPatch) -> None:
     uid = pod_uid()
 
-    async def fail_after_the_veth(*args: object) -> None:  # an injected fault once the veth pair exists
+    def fail_after_the_veth(*args: object) -> None:  # an injected fault once the veth pair exists
         assert net.host_veth(uid) in our_links()
         raise OSError("injected failure")
 
-    monkeypatch.setattr(PodNetworks, "_configure_pod_side", staticmethod(fail_after_the_veth))
+    monkeypatch.setattr(fresh_pod, "configure_pod_side", fail_after_the_veth)
     with pytest.raises(PodNetworkError, match=rf"pod default/doomed \({uid}\) failed: injected failure"):
         await net.setup(uid, "default", "doomed")
     assert f"{PREFIX}{uid}" not in netns_list()
