@@ -353,6 +353,30 @@ async def test_failed_setup_rolls_back(net: PodNetworks, monkeypatch: pytest.Mon
     assert await net.pods() == {}
 
 
+async def test_fresh_path_error_names_the_step_and_the_thread_comes_home(net: PodNetworks) -> None:
+    """A request the kernel refuses (a gateway outside the Pod's subnet) fails with the step named;
+    the thread that made the namespace is back in the host's; setup rolls back what it made."""
+    uid = pod_uid()
+    path = net.netns_path(uid)
+    bridge_index = int(Path(f"/sys/class/net/{BRIDGE}/ifindex").read_text())
+    host_ns = os.stat("/proc/self/ns/net").st_ino
+
+    thread_ns_after: list[int] = []
+
+    def attempt() -> None:
+        try:
+            fresh_pod.setup_fresh_pod_sync(path, net.host_veth(uid), bridge_index, "t", "10.9.9.9", 24, "192.0.2.1")
+        finally:
+            thread_ns_after.append(os.stat("/proc/thread-self/ns/net").st_ino)
+
+    with pytest.raises(fresh_pod.FreshPodError, match=r"default route via 192\.0\.2\.1: Network is unreachable"):
+        await asyncio.to_thread(attempt)
+    assert thread_ns_after == [host_ns]  # the pooled thread can serve other work
+    await net.teardown(uid)  # what the caller does after a failure
+    assert f"{PREFIX}{uid}" not in netns_list()
+    assert net.host_veth(uid) not in our_links()
+
+
 async def test_fifty_pods_in_parallel_leave_nothing_behind(net: PodNetworks) -> None:
     uids = [pod_uid() for _ in range(50)]
     started = time.monotonic()
