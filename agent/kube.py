@@ -146,7 +146,7 @@ class Kube:
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
-            data = json.dumps(body)
+            data = body if isinstance(body, bytes) else json.dumps(body)  # bytes: encoded already
         self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
         status = 0  # none: no answer came
         try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import metrics
 from agent.image_pull import ImageGate
+from agent.interning import shared
 from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
@@ -89,7 +90,7 @@ class PodWorker:
         if status and self.rec.start_time is not None:
             # Once running, the status in the API is our own echo: only the conditions others
             # own are still read from it, so the rest (most of it) is not kept for every Pod.
-            foreign = [c for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
+            foreign = [shared(c) for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
             pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
@@ -131,11 +132,13 @@ class PodWorker:
             if self.gone:
                 return
             status = self._override or build_status(self.pod, self.rec, now())
-            fingerprint = hash(json.dumps(status, sort_keys=True))  # a hash, not a copy: memory per Pod
+            encoded = json.dumps(status, sort_keys=True)
+            fingerprint = hash(encoded)  # a hash, not a copy: memory per Pod
             if fingerprint == self._last_written:
                 return
             ns, name = self.key.split("/", 1)
-            body = {"metadata": {"uid": self.uid}, "status": status}  # uid: never patch a namesake
+            # Encoded once: the fingerprint's text is the body's (uid: never patch a namesake).
+            body = f'{{"metadata":{{"uid":{json.dumps(self.uid)}}},"status":{encoded}}}'.encode()
             try:
                 async with self.c.write_slots:
                     # The answer is not kept: the watch delivers the same object, and one
