@@ -192,7 +192,7 @@ async def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    cluster = await manage.up(args.dir, port=args.port, quiet=False)
+    cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True)
     pki = cluster.dir / "pki"
     work = Path(tempfile.mkdtemp(prefix="bench-api-agent-"))
     config = work / "agent.toml"

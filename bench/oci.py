@@ -77,7 +77,7 @@ async def main() -> int:
             cold_pull_5mb_s=[round(p, 3) for p in pulls], cold_pull_5mb_median_s=round(statistics.median(pulls), 3)
         )
 
-        cluster = await manage.up(args.dir, port=args.port, quiet=False)
+        cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True)
         config = work / "agent.toml"
         config.write_text(
             f'default_runtime = "runc"\nevents = "warnings"\n[node]\nmax_pods = {args.pods * 2 + 10}\n'

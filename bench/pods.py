@@ -61,7 +61,7 @@ async def main() -> int:
     )
     args = ap.parse_args()
 
-    cluster = await manage.up(args.dir, port=args.port, quiet=False)
+    cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True)
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     config = work / "agent.toml"
     config.write_text(

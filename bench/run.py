@@ -367,7 +367,7 @@ async def main() -> int:
         await kwok.build()
 
     started_here = manage.read_cluster(args.dir) is None
-    cluster = await manage.up(args.dir, port=args.port, quiet=False)
+    cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True)
     pki = cluster.dir / "pki"
     ctx = admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))

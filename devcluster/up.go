@@ -169,6 +169,9 @@ func startEtcd(dataDir, clientURL, peerURL string) (*embed.Etcd, error) {
 	cfg.LogLevel = "error"
 	// A throwaway cluster: skip fsync so Pod churn is not disk bound.
 	cfg.UnsafeNoFsync = true
+	// Benchmarks churn tens of thousands of Pods; etcd's 2 GiB default quota fills up (it counts
+	// space freed by compaction until a defragmentation) and then refuses every write.
+	cfg.QuotaBackendBytes = 8 << 30
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return nil, err
