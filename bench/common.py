@@ -32,22 +32,23 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def _kib_field(path: str, key: str) -> int:
+    """A "Key:  N kB" line of a /proc file, in bytes (0 when absent)."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss(pid: int) -> int:
+    return _kib_field(f"/proc/{pid}/status", "VmRSS:")
 
 
 def pss(pid: int) -> int:
     """Proportional set size: pages shared with other processes count by their share, so the
     sum over many forked shims is what they really cost (their RSS counts shared pages again each)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def pss_of(marker: bytes) -> int:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pty
 import re
+import signal
 import struct
+import subprocess
 import termios
 import time
 from typing import Any
@@ -62,3 +65,41 @@ async def read_pty_until(fd: int, pattern: str, timeout: float) -> str:
         if re.search(pattern, seen.decode(errors="replace")):
             return seen.decode(errors="replace")
     pytest.fail(f"no {pattern!r} on the terminal within {timeout}s; it showed: {seen.decode(errors='replace')!r}")
+
+
+async def check_exec_tty_and_resize(argv: list[str], env: dict[str, str]) -> None:
+    """Run `kubectl exec -it ... -- sh` (argv, env) on a real terminal and check what a user would:
+    a TTY of the terminal's size, a resize that reaches the shell, and the shell's exit code."""
+    master, slave = pty.openpty()
+    set_winsize(slave, 33, 111)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env={**env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        os.write(master, b"tty; stty size; echo $((6*7))\n")
+        out = await read_pty_until(master, r"\n42\r?\n", 20)
+        assert "/dev/pts/" in out and "33 111" in out, out
+        set_winsize(master, 40, 132)  # the terminal is resized: kubectl sees SIGWINCH and sends it on
+        os.kill(proc.pid, signal.SIGWINCH)
+        await asyncio.sleep(0.5)
+        os.write(master, b"stty size\n")
+        await read_pty_until(master, r"40 132", 10)
+        os.write(master, b"exit 4\n")
+        assert await asyncio.wait_for(proc.wait(), 15) == 4
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+
+
+def free_test_cidr(prefix: str, seed: int) -> str:
+    """A `prefix`.X.0/24 (prefix like "10.250") that nothing on this host routes yet; the search
+    starts at X = seed % 200 so concurrent test modules pick different ones."""
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    for x in range(seed % 200, 256):
+        if f"{prefix}.{x}." not in routes:
+            return f"{prefix}.{x}.0/24"
+    raise RuntimeError(f"no free {prefix}.X.0/24 on this host")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_test_cidr
 
 from network import fresh_pod, iptables
 from network.netns import connect_in_netns, enter_netns_preexec, list_netns, remove_netns_sync
@@ -37,16 +38,7 @@ PREFIX = f"emut{TAG}-"
 BUSYBOX = "/bin/busybox" if os.path.exists("/bin/busybox") else None
 
 
-def _free_test_cidr() -> str:
-    """A 10.250.X.0/24 that nothing on this host routes yet."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-    for x in range(int(TAG, 16) % 200, 256):
-        if f"10.250.{x}." not in routes:
-            return f"10.250.{x}.0/24"
-    raise RuntimeError("no free 10.250.X.0/24 on this host")
-
-
-CIDR = _free_test_cidr()
+CIDR = free_test_cidr("10.250", int(TAG, 16))
 
 
 def _forward_policy() -> str:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import free_test_cidr
 
 from network.helper_client import NetworkHelper
 from network.podnet import PodNetworkError
@@ -28,15 +29,7 @@ BRIDGE = f"emuh{TAG}"
 PREFIX = f"emuh{TAG}-"
 
 
-def _free_cidr() -> str:
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-    for x in range(int(TAG, 16) % 200, 256):
-        if f"10.251.{x}." not in routes:
-            return f"10.251.{x}.0/24"
-    raise RuntimeError("no free 10.251.X.0/24 on this host")
-
-
-CIDR = _free_cidr()
+CIDR = free_test_cidr("10.251", int(TAG, 16))
 
 
 def netns_addr(ns: str) -> list[str]:

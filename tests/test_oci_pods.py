@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fcntl
 import json
 import os
-import pty
 import shutil
-import signal
 import subprocess
 import sys
-import termios
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import Kubectl, eventually, free_port, wait_node_ready
-from helpers import read_pty_until, set_winsize
+from helpers import check_exec_tty_and_resize
 
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
@@ -335,29 +331,7 @@ async def test_exec_with_a_tty_into_a_runc_pod(kubectl, node, busybox_ref):
     await kubectl.apply(pod("tty-me", name, ISOLATED, {"image": busybox_ref, "command": ["sleep", "3600"]}))
     await eventually(lambda: running(kubectl, "tty-me"), 60, what="tty-me Running")
     argv, env = manage.kubectl_argv(kubectl.cluster, ["exec", "-it", "tty-me", "--", "sh"])
-    master, slave = pty.openpty()
-    set_winsize(slave, 33, 111)
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env={**env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-    )  # fmt: skip
-    os.close(slave)
-    try:
-        os.write(master, b"tty; stty size; echo $((6*7))\n")
-        out = await read_pty_until(master, r"\n42\r?\n", 20)
-        assert "/dev/pts/" in out and "33 111" in out, out
-        set_winsize(master, 40, 132)
-        os.kill(proc.pid, signal.SIGWINCH)
-        await asyncio.sleep(0.5)
-        os.write(master, b"stty size\n")
-        await read_pty_until(master, r"40 132", 10)
-        os.write(master, b"exit 4\n")
-        assert await asyncio.wait_for(proc.wait(), 15) == 4
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(master)
+    await check_exec_tty_and_resize(argv, env)
 
 
 @pytest.fixture(scope="module")

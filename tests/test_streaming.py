@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
-import pty
 import random
 import re
-import signal
 import subprocess
 import sys
-import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +23,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
-from helpers import read_pty_until, set_winsize
+from helpers import check_exec_tty_and_resize
 
 from agent.kubelet_api import remotecommand, spdy
 from agent.kubelet_api.remotecommand import StreamOptions
@@ -177,32 +173,7 @@ async def test_exec_with_a_tty_and_resize(kubectl: Kubectl, node: str) -> None:
     """kubectl exec -it on a real terminal: a shell with a TTY, its size, and a resize."""
     pod = await run_pod(kubectl, node, "sleep 3600")
     argv, env = manage.kubectl_argv(kubectl.cluster, ["exec", "-it", pod, "--", "sh"])
-    master, slave = pty.openpty()
-    set_winsize(slave, 33, 111)
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env={**env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-    )  # fmt: skip
-    os.close(slave)
-    try:
-        os.write(master, b"tty; stty size; echo $((6*7))\n")
-        out = await read_pty_until(master, r"\n42\r?\n", 20)
-        assert "/dev/pts/" in out and "33 111" in out, out
-
-        set_winsize(master, 40, 132)  # the terminal is resized: kubectl sees SIGWINCH and sends it on
-        os.kill(proc.pid, signal.SIGWINCH)
-        await asyncio.sleep(0.5)
-        os.write(master, b"stty size\n")
-        await read_pty_until(master, r"40 132", 10)
-
-        os.write(master, b"exit 4\n")
-        code = await asyncio.wait_for(proc.wait(), 15)
-        assert code == 4
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(master)
+    await check_exec_tty_and_resize(argv, env)
 
 
 @pytest.mark.cluster
