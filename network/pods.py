@@ -345,9 +345,9 @@ class PodNetworks:
         """The pair, with the host end on the bridge (up once its IPv6 is off)."""
         ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await host.link(
-                "add", ifname=veth, kind="veth", master=bridge_index, peer={"ifname": POD_IFNAME, "net_ns_fd": ns_fd}
-            )
+            one_queue = {"num_tx_queues": 1, "num_rx_queues": 1}  # as network/fresh_pod.py, which says why
+            peer = {"ifname": POD_IFNAME, "net_ns_fd": ns_fd, **one_queue}
+            await host.link("add", ifname=veth, kind="veth", master=bridge_index, peer=peer, **one_queue)
         finally:
             os.close(ns_fd)
         # A bridge port needs no IPv6 of its own; off before it is up, so the kernel never starts

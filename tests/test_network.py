@@ -219,6 +219,15 @@ async def test_two_pods_get_their_own_namespace_address_and_route(net: PodNetwor
         assert len(pod.host_veth) <= 15
         assert veth["master"] == BRIDGE and "UP" in veth["flags"]
         assert uid in veth.get("ifalias", "")
+        assert_one_queue_each_way(pod.host_veth, name)
+
+
+def assert_one_queue_each_way(host_veth: str, netns: str) -> None:
+    """Both ends of a Pod's veth are made with one queue each way. (The kernel's default is one per
+    CPU, cut to one after creation, which waits for an RCU grace period under the rtnl lock.)"""
+    for where in ([], ["-n", netns]):
+        (link,) = ip_json(*where, "-d", "link", "show", "dev", host_veth if not where else "eth0")
+        assert (link["num_tx_queues"], link["num_rx_queues"]) == (1, 1), link["ifname"]
 
 
 async def test_pod_to_pod_and_host_to_pod(net: PodNetworks, tmp_path: Path) -> None:
@@ -282,6 +291,7 @@ async def test_setup_is_idempotent_and_survives_an_agent_restart(net: PodNetwork
     # A Pod whose veth was lost (deleted by hand) is repaired, keeping its address.
     await run("ip", "link", "del", first.host_veth)
     assert await restarted.setup(a, "default", "a") == first
+    assert_one_queue_each_way(first.host_veth, f"{PREFIX}{a}")
     (eth0,) = ip_json("-n", f"{PREFIX}{a}", "addr", "show", "dev", "eth0")
     assert first.ip in [i["local"] for i in eth0["addr_info"]]
 
