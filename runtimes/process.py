@@ -175,11 +175,10 @@ class ProcessBackend(Backend):
 
         security = {**(pod["spec"].get("securityContext") or {}), **(container.get("securityContext") or {})}
         cgroup_procs: list[str] = []
+        oom_before = 0
         if self.cgroups is not None:
             try:
-                rel = await asyncio.to_thread(
-                    self.cgroups.ensure_container, pod, name, container_resource_config(container)
-                )
+                rel, oom_before = await asyncio.to_thread(self._container_cgroup, pod, name, container)
             except (CgroupError, OSError) as exc:
                 raise CreateContainerError(f"container {name}: cannot create its cgroup: {exc}") from exc
             cgroup_procs = self.cgroups.procs_paths(rel)
@@ -203,12 +202,21 @@ class ProcessBackend(Backend):
             name=name,
             image=container.get("image", ""),
         )
-        handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec)
+        handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec, oom_before=oom_before)
         return handle
+
+    def _container_cgroup(self, pod: JSON, name: str, container: JSON) -> tuple[str, int]:
+        """The container's cgroup, made, and its OOM kill count so far (a restart reuses the
+        cgroup): one thread hop for both, as a mass start makes many at once."""
+        assert self.cgroups is not None
+        rel = self.cgroups.ensure_container(pod, name, container_resource_config(container))
+        try:
+            return rel, self.cgroups.oom_kills(rel)
+        except (CgroupError, OSError):
+            return rel, 0
 
     async def start_container(self, handle: ContainerHandle) -> None:
         run_dir = Path(handle.extra["run_dir"])
-        oom_before = self._oom_kills(handle)
         launcher = await self._launcher()
         assert launcher.stdin is not None
         launcher.stdin.write(f"{run_dir / 'spec.json'}\n".encode())
@@ -221,7 +229,7 @@ class ProcessBackend(Backend):
                 raise RunContainerError(f"container {handle.name}: the shim did not start: {log or 'no output'}")
             await asyncio.sleep(0.01)
         state = json.loads(state_file.read_text())
-        state["oom_before"] = oom_before
+        state["oom_before"] = handle.extra.get("oom_before", 0)
         (run_dir / "agent.json").write_text(json.dumps(state))
         handle.extra["state"] = state
         handle.started_at = _parse_time(state["started_at"])
@@ -255,7 +263,7 @@ class ProcessBackend(Backend):
                     )  # fmt: skip
         result = json.loads(exit_file.read_text())
         reason = None
-        if self._oom_kills(handle) > state.get("oom_before", 0):
+        if await asyncio.to_thread(self._oom_kills, handle) > state.get("oom_before", 0):  # a walk of the cgroup tree
             reason = "OOMKilled"
         return ContainerExit(
             exit_code=result["exit_code"],
