@@ -23,6 +23,9 @@ __all__ = ["ApiError", "Kube", "KubeconfigError"]
 
 USER_AGENT = f"kubelet-emu/{__version__}"
 JSON = dict[str, Any]
+# Connections to the API server at most: the Pod status writes in flight (128, see
+# agent/pods.py), the watches, and room for the rest (lease, node status, events).
+CONNECTIONS = 160
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -117,7 +120,7 @@ class Kube:
             # server closes them after 90 s), so a burst after a quiet minute
             # reuses them instead of paying a TLS handshake each.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=CONNECTIONS, keepalive_timeout=60),
                 headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
                 json_serialize=json.dumps,
             )

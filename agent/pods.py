@@ -36,9 +36,10 @@ FINISHED_MEMORY = 120.0  # seconds to ignore late events about a Pod whose worke
 SA_TOKEN_VOLUME_PREFIX = "kube-api-access-"
 
 
-# Status writes in flight at once. Each needs a connection of its own (HTTP/1.1), and each new
+# Status writes in flight at once. Each needs a connection of its own (HTTP/1.1; agent/kube.py
+# CONNECTIONS holds them), and each new
 # connection a TLS handshake on both sides.
-WRITE_CONCURRENCY = 64
+WRITE_CONCURRENCY = 128
 
 
 def slim_pod(pod: JSON) -> JSON:

@@ -26,6 +26,7 @@ from agent.node import NodeAgent
 from agent.node_status import NodeFacts
 from agent.pod_network import NodePodNetwork, pod_networks
 from agent.pods import PodController
+from agent.tls_memory import shrink_tls_read_buffers
 from runtimes.registry import backend_class, known_backends
 
 log = logging.getLogger("agent")
@@ -115,6 +116,7 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController, kube: 
 
 async def run(opts: RunOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    shrink_tls_read_buffers()
     kube = await Kube.from_kubeconfig(opts.kubeconfig)
     api_settings = opts.config.kubelet_api
     api: KubeletAPIServer | None = None
