@@ -55,11 +55,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("KUBELET_EMU_CACHE") or Path.home() / ".cache" / "kubelet-emu")
 
 
+def kubernetes_version() -> str:
+    """The pinned Kubernetes release (go.mod's k8s.io/kubernetes), e.g. "v1.36.3"."""
+    m = re.search(r"^\s*k8s\.io/kubernetes (v\d+\.\d+\.\d+)\s*$", (SOURCE_DIR / "go.mod").read_text(), re.M)
+    if not m:
+        raise DevClusterError(f"{SOURCE_DIR / 'go.mod'} pins no k8s.io/kubernetes release")
+    return m.group(1)
+
+
+def version_ldflags() -> str:
+    """Stamp the pinned release into the binary, as Kubernetes' own build does, so `kubectl
+    version` and the API server's /version report it instead of v0.0.0-master."""
+    version = kubernetes_version()
+    major, minor = version[1:].split(".")[:2]
+    flags = []
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return " ".join(flags)
+
+
 def source_hash() -> str:
     digest = hashlib.sha256()
     files = [SOURCE_DIR / "go.mod", SOURCE_DIR / "go.sum", *sorted(SOURCE_DIR.glob("*.go"))]
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(version_ldflags().encode())
     return digest.hexdigest()[:16]
 
 
@@ -143,7 +169,7 @@ async def build(quiet: bool = False) -> Path:
     env = dict(os.environ, CGO_ENABLED="0")
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        go, "build", "-trimpath", "-buildvcs=false", "-o", str(tmp), ".",
+        go, "build", "-trimpath", "-buildvcs=false", "-ldflags", version_ldflags(), "-o", str(tmp), ".",
         cwd=SOURCE_DIR, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await proc.communicate()
