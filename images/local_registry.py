@@ -1,8 +1,7 @@
 """A local registry for tests, the demo and benchmarks: Debian's docker-registry (distribution 2.8)
 on 127.0.0.1, with optional htpasswd (Basic) or token (Bearer) authentication.
 
-htpasswd entries must be bcrypt: made with the `bcrypt` package when installed, otherwise with the C
-library's crypt(3) (libxcrypt on Debian 12 makes $2b$ hashes), so no new dependency is needed.
+htpasswd entries must be bcrypt hashes, made with the `bcrypt` package.
 Token auth runs a small token issuer here that signs RS256 JWTs with an openssl-made key."""
 
 from __future__ import annotations
@@ -39,21 +38,9 @@ def free_port() -> int:
 
 
 def bcrypt_hash(password: str) -> str:
-    try:
-        import bcrypt  # type: ignore[import-not-found]
+    import bcrypt  # only the htpasswd registries of the tests need it
 
-        return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
-    except ImportError:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import crypt  # removed in Python 3.13: install bcrypt there
-
-        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 5))
-        if not hashed or not hashed.startswith("$2"):
-            raise RuntimeError("this C library cannot make bcrypt hashes: pip install bcrypt") from None
-        return hashed
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
 
 
 def _b64url(data: bytes) -> str:
