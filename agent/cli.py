@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--state-dir", default=_default_state_dir(), help="the agent's state dir")
     cg.add_argument("--config", help="agent configuration (TOML): cgroup root, driver and pod_pids_limit")
 
+    doctor = sub.add_parser("doctor", help="check this host for what the configuration needs (like kubeadm preflight)")
+    doctor.add_argument("--config", help="agent configuration (TOML); default: the built-in one")
+    doctor.add_argument(
+        "--for", dest="purpose", choices=("run", "demo", "tests"), default="run",
+        help="what to check for: the agent (default), the demo, or the test suite",
+    )  # fmt: skip
+    doctor.add_argument(
+        "--install", action="store_true", help="as root on Debian/Ubuntu, apt-get install the missing packages"
+    )
+
     demo = sub.add_parser("demo", help="start the dev cluster, an agent and the examples, and show them")
     demo.add_argument("--dir", type=Path, default=None, help="cluster directory (default: the dev-cluster default)")
     demo.add_argument("--port", type=int, default=6443)
@@ -73,7 +84,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent import logs
+    from agent import logs, preflight
     from agent.config import ConfigError, load_config
     from agent.kube import KubeconfigError
     from agent.runner import RunOptions, run
@@ -85,6 +96,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, known_backends())
     except ConfigError as exc:
         return _fail(str(exc), 2)
+    # The same checks as `kubelet-emu doctor`: a missing piece stops the agent in one line each.
+    checks = preflight.host_checks(config, "run", with_port=False)
+    failed = preflight.failures(checks)
+    for check in failed:
+        _fail(preflight.one_line(check))
+    if failed:
+        return 2
+    for check in checks:
+        if not check.ok:
+            logging.getLogger("agent.preflight").warning(preflight.one_line(check))
     opts = RunOptions(
         config_path=args.config,
         kubeconfig=args.kubeconfig,
@@ -174,6 +195,36 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import preflight
+    from agent.config import ConfigError, load_config
+    from runtimes.registry import known_backends
+
+    config_file = args.config
+    if config_file is None and args.purpose in ("demo", "tests"):
+        config_file = str(Path(__file__).resolve().parent.parent / "examples" / "demo" / "agent.toml")
+    try:
+        config = load_config(config_file, known_backends(), check_paths=False)  # the paths are checked below
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    checks = preflight.host_checks(config, args.purpose)
+    if args.install:
+        try:
+            if preflight.install_missing(checks):
+                checks = preflight.host_checks(config, args.purpose)
+        except RuntimeError as exc:
+            return _fail(str(exc))
+    print(f"kubelet-emu doctor: checks for {args.purpose} (config: {config_file or 'built-in default'})")
+    print(preflight.report(checks))
+    failed = preflight.failures(checks)
+    if failed:
+        command = preflight.how_to_install(checks)
+        hint = f"; install the missing packages with: {command}" if command else ""
+        print(f"{len(failed)} required check(s) failed{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent import demo
     from devcluster import manage
@@ -185,16 +236,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+# Import names that differ from the PyPI names, for the missing-package message.
+_DISTRIBUTIONS = {"yaml": "PyYAML"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "run": cmd_run,
         "handlers": cmd_handlers,
         "cgroups": cmd_cgroups,
+        "doctor": cmd_doctor,
         "dev-cluster": cmd_dev_cluster,
         "demo": cmd_demo,
     }
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except ModuleNotFoundError as exc:  # an install without its dependencies: say which, not a traceback
+        if not exc.name or exc.name.split(".")[0] in {"agent", "runtimes", "cgroups", "images", "network"}:
+            raise
+        package = _DISTRIBUTIONS.get(exc.name.split(".")[0], exc.name.split(".")[0])
+        return _fail(f"the Python package {package} is missing: pip install {package} (or pip install -e .)", 2)
 
 
 if __name__ == "__main__":

@@ -459,15 +459,17 @@ def _import(file: str, agent: _Table) -> _Imported:
     )
 
 
-def _validate(c: _Candidate, known: frozenset[str]) -> None:
+def _validate(c: _Candidate, known: frozenset[str], check_paths: bool = True) -> None:
     h, t = c.handler, c.table
     if not h.backend:
         raise t.error(f"backend is missing; set backend to one of: {', '.join(sorted(known))}")
     if h.backend not in known:
         raise t.error(f"unknown backend {_q(h.backend)}; use one of: {', '.join(sorted(known))}")
     if h.runtime_path is None:
-        if h.backend == "oci":
+        if h.backend == "oci" and check_paths:
             raise t.error(c.no_binary)
+        return
+    if not check_paths:
         return
     path = f"{c.path_key} {_q(h.runtime_path)}"
     if not os.path.isfile(h.runtime_path):
@@ -649,8 +651,11 @@ def _built_in() -> AgentConfig:
     )
 
 
-def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[str] = DEFAULT_BACKENDS) -> AgentConfig:
-    """Read and validate the agent config; None gives the built-in default. Raises ConfigError."""
+def load_config(
+    path: str | os.PathLike[str] | None, known_backends: Iterable[str] = DEFAULT_BACKENDS, check_paths: bool = True
+) -> AgentConfig:
+    """Read and validate the agent config; None gives the built-in default. Raises ConfigError.
+    `check_paths` False leaves the runtime binaries unchecked (`doctor` reports them itself)."""
     if path is None:
         return _built_in()
     file = os.fspath(path)
@@ -703,7 +708,7 @@ def load_config(path: str | os.PathLike[str] | None, known_backends: Iterable[st
         candidates[name] = _parse_native(table, name, warnings)  # native beats imported
 
     for c in candidates.values():
-        _validate(c, known)
+        _validate(c, known, check_paths)
     handlers = {name: c.handler for name, c in candidates.items()}
     if not handlers:
         warnings.append(f"{file}: top level: no runtime handlers configured; every Pod will be refused")

@@ -92,15 +92,36 @@ async def _start_registry(directory: Path) -> bool:
     return False
 
 
+def preflight_demo(config: Path) -> bool:
+    """The demo's host checks (`kubelet-emu doctor --for demo`), before anything is built: as root on
+    Debian or Ubuntu the missing packages are installed, elsewhere the exact command is printed."""
+    from agent import preflight
+    from agent.config import load_config
+
+    loaded = load_config(config, check_paths=False)
+    checks = preflight.host_checks(loaded, "demo")
+    if preflight.failures(checks) and preflight.install_missing(checks, say=lambda line: _say("0. " + line)):
+        checks = preflight.host_checks(loaded, "demo")
+    failed = preflight.failures(checks)
+    for check in failed:
+        _say(f"0. missing: {preflight.one_line(check)}")
+    if failed:
+        command = preflight.how_to_install(failed)
+        _say(f"   the demo needs these first{': ' + command if command else ''}; then run it again")
+    return not failed
+
+
 async def demo(directory: Path, port: int) -> int:
+    config = EXAMPLES / "demo" / "agent.toml"
+    if not preflight_demo(config):
+        return 1
     _say(f"1. dev control plane in {directory} (the first run builds it with Go: several minutes)")
     cluster = await manage.up(directory, port=port)
     _say(f"   ready at {cluster.server}; admin kubeconfig {cluster.admin_kubeconfig}")
 
     _say(f"   image registry on 127.0.0.1:{REGISTRY_PORT} (serves registry.demo.local/busybox:latest)")
     await _start_registry(directory)
-    config = EXAMPLES / "demo" / "agent.toml"
-    config_arg = config if config.exists() else None
+    config_arg = config
     _say(f"2. kubelet-emu joins as node {NODE} (config: {config_arg or 'built-in default'})")
     await _start_agent(cluster, directory, config_arg)
     deadline = time.monotonic() + 30
