@@ -137,7 +137,6 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
-    services = attach_services(opts.config, opts, kube, pods)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -164,6 +163,9 @@ async def run(opts: RunOptions) -> int:
             await kube.close()
             return 2
 
+    # Made only now that nothing can fail before they run: a coroutine made and dropped on an
+    # early return would be reported as never awaited.
+    services = attach_services(opts.config, opts, kube, pods)
     main = asyncio.create_task(agent_main(node, pods, services), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:

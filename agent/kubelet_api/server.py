@@ -167,6 +167,8 @@ class KubeletAPIServer:
     ) -> None:
         try:
             cert, key, request_cert = await serving_files(settings, ctx.state_dir, names)
+        except tls.TLSConfigError as exc:
+            raise KubeletAPIError(str(exc)) from exc
         except OSError as exc:
             raise KubeletAPIError(
                 f"cannot write the self-signed serving certificate under {ctx.state_dir / 'pki'}: {exc}; "

@@ -84,7 +84,10 @@ async def _generate_in_child(pki_dir: Path, names: ServingNames) -> float:
     )  # fmt: skip
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise OSError(f"making the self-signed certificate failed: {err.decode(errors='replace').strip()[-300:]}")
+        text = err.decode(errors="replace").strip()
+        if "No module named 'cryptography'" in text:
+            raise TLSConfigError("the Python package cryptography is missing: pip install cryptography")
+        raise OSError(f"making the self-signed certificate failed: {text[-300:]}")
     return float(out.decode().strip())
 
 
