@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import json
 import os
 import re
@@ -46,6 +47,7 @@ NODE_RECORD = "node.json"
 # same bridge and cgroups, not the defaults).
 KEEP = ("images", NODE_RECORD)
 AGENT_STOP_TIMEOUT = 10.0
+HELPER_EXIT_WAIT = 3.0  # the network helper of an agent that just stopped exits on its own
 _PID_KEYS = (("shim_pid", "shim_start_ticks", "shim"), ("pause_pid", "pause_start_ticks", "pod holder"),
              ("pid", "start_ticks", "container process"))  # fmt: skip
 _STATE_FILES = ("state.json", "agent.json", "pause.json", "sandbox.json")
@@ -218,6 +220,23 @@ def _ipam_owners(state_dir: Path) -> list[str]:
         return []
 
 
+def bridge_user(bridge: str) -> int | None:
+    """The pid of a live network helper serving `bridge` (`python -m network.helper ... --bridge B`),
+    the sign that some agent still uses it, whatever its state dir."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"network.helper" in argv and any(
+            a == b"--bridge" and b == bridge.encode() for a, b in itertools.pairwise(argv)
+        ):
+            return int(entry)
+    return None
+
+
 # --- mounts ---------------------------------------------------------------------------------------
 
 
@@ -341,6 +360,17 @@ class Reset:
                 self.error(str(exc))
 
     async def network(self) -> None:
+        user = bridge_user(self.targets.bridge)
+        deadline = time.monotonic() + HELPER_EXIT_WAIT
+        while user is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            user = bridge_user(self.targets.bridge)
+        if user is not None:
+            self.error(
+                f"kept the Pod network of bridge {self.targets.bridge}: a running agent's network helper (pid {user}) "
+                "uses it (an agent with the same node name on another state dir?); stop that agent first"
+            )
+            return
         try:
             lines = await remove_node_network(self.state_dir, self.targets.node_name, self.targets.bridge)
         except Exception as exc:  # netlink, iptables, a broken state file: say so, go on with the rest

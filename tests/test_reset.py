@@ -28,6 +28,7 @@ from agent.reset import (
     NodeRecord,
     OciRuntime,
     Reset,
+    bridge_user,
     read_node_record,
     recorded_processes,
     reset,
@@ -304,3 +305,26 @@ async def test_reset_removes_what_a_stopped_agent_left(kubectl, start_agent, tmp
         assert out.startswith(f"nothing to remove for state dir {state} (node {name}, bridge {bridge})"), out
     finally:
         await kubectl.run("delete", "pod", "gone", "left", "--force", "--grace-period=0", check=False)
+
+
+async def test_a_bridge_a_running_network_helper_serves_is_kept(tmp_path, monkeypatch):
+    """Another agent with the same node name (so the same bridge) on another state dir is running."""
+    bridge = f"emu-t{uuid.uuid4().hex[:6]}"
+    helper = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", "network.helper", "--bridge", bridge
+    )
+    try:
+        assert bridge_user(bridge) == helper.pid
+        assert bridge_user(bridge + "x") is None
+        monkeypatch.setattr("agent.reset.HELPER_EXIT_WAIT", 0.2)
+        said: list[str] = []
+        job = Reset(tmp_path, NodeRecord("n", bridge), say=said.append, warn=said.append)
+        await job.network()
+        assert said == [
+            f"kept the Pod network of bridge {bridge}: a running agent's network helper (pid {helper.pid}) uses it "
+            "(an agent with the same node name on another state dir?); stop that agent first"
+        ]
+        assert job.errors == said
+    finally:
+        helper.kill()
+        await helper.wait()
