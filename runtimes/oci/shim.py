@@ -1,7 +1,7 @@
 """The per-container shim of the oci backend (the role conmon or containerd-shim plays).
 
-    python -S -m runtimes.oci_shim [--detach] SPEC.json
-    python -S -m runtimes.oci_shim --launcher     (JSON commands on stdin; forks shims and Pod holders)
+    python -S -m runtimes.oci.shim [--detach] SPEC.json
+    python -S -m runtimes.oci.shim --launcher     (JSON commands on stdin; forks shims and Pod holders)
 
 Started by the backend in its own session, so it and its container outlive an agent restart.
 It makes the container's stdout/stderr pipes, runs `<runtime> create` with them as the
@@ -27,8 +27,8 @@ import sys
 import time
 
 from runtimes.crilog import CriLogWriter
-from runtimes.oci_attach import AttachHub
-from runtimes.shim import _become_subreaper, _load_libc, _now, _write_json, proc_start_ticks
+from runtimes.oci.attach import AttachHub
+from runtimes.process.shim import _become_subreaper, _load_libc, _now, _write_json, proc_start_ticks
 
 DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a daemonized child may hold them)
 
@@ -176,12 +176,12 @@ def _shim_child(spec_path: str) -> None:
 
 
 def _pause_child(state_path: str, hostname: str, flags: str) -> None:
-    """In a forked child: make the Pod's namespaces and their holder (runtimes/oci_pause.py)."""
-    from runtimes import oci_pause
+    """In a forked child: make the Pod's namespaces and their holder (runtimes/oci/pause.py)."""
+    from runtimes.oci import pause
 
     os.setsid()
     try:
-        code = oci_pause.main(state_path, hostname, flags)
+        code = pause.main(state_path, hostname, flags)
     except BaseException as exc:
         _write_json(state_path, {"error": f"{exc}"})
         code = 1
@@ -209,7 +209,7 @@ def launcher() -> int:
 
     signal.signal(signal.SIGCHLD, reap)
     _load_libc()  # once, for every child to become a subreaper cheaply (the launcher itself is not one)
-    from runtimes import oci_pause  # noqa: F401 - imported once here rather than in every child
+    from runtimes.oci import pause  # noqa: F401 - imported once here rather than in every child
 
     for line in sys.stdin:
         try:
@@ -231,6 +231,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--launcher"]:
         sys.exit(launcher())
     if len(sys.argv) != 2:
-        print("usage: python -m runtimes.oci_shim [--detach] SPEC.json | --launcher", file=sys.stderr)
+        print("usage: python -m runtimes.oci.shim [--detach] SPEC.json | --launcher", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(sys.argv[1]))

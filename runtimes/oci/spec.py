@@ -20,7 +20,7 @@ from agent.config import parse_quantity
 from cgroups.resources import BEST_EFFORT, GUARANTEED, ResourceConfig, qos_class
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import expand
-from runtimes.oci_seccomp import profile_type, runtime_default
+from runtimes.oci.seccomp import profile_type, runtime_default
 
 JSON = dict[str, Any]
 

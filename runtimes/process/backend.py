@@ -2,7 +2,7 @@
 
 The image names no filesystem here (it is recorded in the status as given);
 `command` + `args` run on the host with the container's environment, user
-and working directory. Each container gets a shim (runtimes/shim.py) that
+and working directory. Each container gets a shim (runtimes/process/shim.py) that
 owns its pipes and exit status, so containers survive an agent restart and
 are adopted again from their state directory.
 
@@ -39,8 +39,8 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
-from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container
-from runtimes.shim import proc_start_ticks
+from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container
+from runtimes.process.shim import proc_start_ticks
 
 SHIM_START_TIMEOUT = 10.0
 
@@ -93,16 +93,16 @@ class ProcessBackend(Backend):
         self._launcher_lock = asyncio.Lock()
 
     async def _launcher(self) -> asyncio.subprocess.Process:
-        """The shim launcher (runtimes/shim.py --launcher), started once and kept."""
+        """The shim launcher (runtimes/process/shim.py --launcher), started once and kept."""
         async with self._launcher_lock:  # concurrent first starts must share one launcher
             return await self._start_launcher()
 
     async def _start_launcher(self) -> asyncio.subprocess.Process:
         if self._shim_launcher is None or self._shim_launcher.returncode is not None:
-            repo = str(Path(__file__).resolve().parent.parent)
+            repo = str(Path(__file__).resolve().parents[2])  # the checkout: runtimes/process/ is two below
             # -S skips site-packages: the shims need only the standard library and this package.
             self._shim_launcher = await asyncio.create_subprocess_exec(
-                sys.executable, "-S", "-m", "runtimes.shim", "--launcher",
+                sys.executable, "-S", "-m", "runtimes.process.shim", "--launcher",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # not in the agent's process group: its shims survive the agent
                 cwd=repo, env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
@@ -362,7 +362,7 @@ class ProcessBackend(Backend):
             raise
         return proc.returncode or 0, out
 
-    # --- streaming (runtimes/process_exec.py) ----------------------------------------------------
+    # --- streaming (runtimes/process/exec.py) ----------------------------------------------------
 
     async def exec_stream(
         self, sandbox: Sandbox, handle: ContainerHandle, command: list[str], tty: bool, stdin: bool

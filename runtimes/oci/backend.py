@@ -2,13 +2,13 @@
 (runc by default; crun, youki, runsc... take the same `create/start/state/kill/delete/exec`).
 
 Per Pod (create_sandbox): the Pod cgroup with its overhead-including limits (CgroupManager), a
-namespace holder process (runtimes/oci_pause.py, the pause container's role) that owns the Pod's
+namespace holder process (runtimes/oci/pause.py, the pause container's role) that owns the Pod's
 IPC, UTS and, without a network plugin, its loopback-only network namespace, and with
 shareProcessNamespace is pid 1 of the Pod's pid namespace; the Pod's /etc/hosts, /etc/hostname,
 /etc/resolv.conf, a shared /dev/shm tmpfs and its volumes, all under the Pod directory.
 
 Per container (create_container): a rootfs from the image store, config.json from
-runtimes/oci_spec.py, and a shim (runtimes/oci_shim.py) that runs `<runtime> create` with the
+runtimes/oci/spec.py, and a shim (runtimes/oci/shim.py) that runs `<runtime> create` with the
 container's stdio pipes, writes the CRI log and records the exit status. start is
 `<runtime> start`. Containers and shims survive an agent restart; adopt_container finds them
 again through the shim's files and `<runtime> state`.
@@ -54,12 +54,12 @@ from runtimes.base import (
 )
 from runtimes.container_env import EnvError, container_env
 from runtimes.crilog import read_logs
-from runtimes.oci_cgroups import remove_everywhere
-from runtimes.oci_seccomp import profile_type
-from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
-from runtimes.oci_stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
-from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
-from runtimes.process import _alive, _parse_time, _process_exit, pod_dir_name
+from runtimes.oci.cgroups import remove_everywhere
+from runtimes.oci.seccomp import profile_type
+from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
+from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
+from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
+from runtimes.process.backend import _alive, _parse_time, _process_exit, pod_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class OciBackend(Backend):
         self.runtime_path: str = handler.runtime_path or "runc"
         self.runtime_root: str = handler.runtime_root or str(Path(context.state_dir) / "runtime")
         self.runtime: list[str] = [self.runtime_path, "--root", self.runtime_root, *handler.runtime_args]
-        self._repo = str(Path(__file__).resolve().parent.parent)
+        self._repo = str(Path(__file__).resolve().parents[2])  # the checkout: runtimes/oci/ is two below
         self._launcher: asyncio.subprocess.Process | None = None
         self._launcher_lock = asyncio.Lock()
         # Containers of one Pod are created concurrently; its volumes are prepared one at a time.
@@ -205,12 +205,12 @@ class OciBackend(Backend):
             return None
 
     async def _launch(self, command: JSON) -> None:
-        """Have the launcher (runtimes/oci_shim.py --launcher, started once) fork a shim or a Pod
+        """Have the launcher (runtimes/oci/shim.py --launcher, started once) fork a shim or a Pod
         holder: much cheaper than a new interpreter each time."""
         async with self._launcher_lock:
             if self._launcher is None or self._launcher.returncode is not None:
                 self._launcher = await asyncio.create_subprocess_exec(
-                    sys.executable, "-S", "-m", "runtimes.oci_shim", "--launcher", cwd=self._repo,
+                    sys.executable, "-S", "-m", "runtimes.oci.shim", "--launcher", cwd=self._repo,
                     env={"PYTHONPATH": self._repo, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                     start_new_session=True,  # not in the agent's process group: what it starts outlives the agent

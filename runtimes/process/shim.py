@@ -1,7 +1,7 @@
 """The per-container shim of the process backend (the role conmon plays for CRI-O).
 
-    python -m runtimes.shim SPEC.json     (one container)
-    python -m runtimes.shim --launcher    (reads spec paths on stdin; forks a shim for each)
+    python -m runtimes.process.shim SPEC.json     (one container)
+    python -m runtimes.process.shim --launcher    (reads spec paths on stdin; forks a shim for each)
 
 The agent starts one shim per container in its own session, so the shim and
 the container outlive an agent restart. The shim starts the container
@@ -246,6 +246,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--launcher"]:
         sys.exit(launcher())
     if len(sys.argv) != 2:
-        print("usage: python -m runtimes.shim SPEC.json | --launcher", file=sys.stderr)
+        print("usage: python -m runtimes.process.shim SPEC.json | --launcher", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(sys.argv[1]))
