@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 
-from runtimes.process.shim import _write_json, proc_start_ticks
+from runtimes.shimlib import proc_start_ticks, write_json
 
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -80,7 +80,7 @@ def main(state_path: str, hostname: str, flags: str) -> int:
     pid = os.fork()
     if pid == 0:
         _hold(libc)
-    _write_json(state_path, {"pid": pid, "start_ticks": proc_start_ticks(pid), "flags": flags})
+    write_json(state_path, {"pid": pid, "start_ticks": proc_start_ticks(pid), "flags": flags})
     return 0
 
 
