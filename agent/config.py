@@ -16,9 +16,13 @@ import shutil
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
+
+# Handler and the quantity helpers live with their users below the agent; imported from here too.
+from cgroups.quantity import cpu_millis, memory_bytes
+from cgroups.quantity import parse_quantity as parse_quantity
+from runtimes.handler import Handler
 
 DEFAULT_BACKENDS = frozenset({"emulated", "process", "oci"})
 MISSING_HANDLER_POLICIES = ("fail", "retry")
@@ -94,27 +98,6 @@ class ConfigError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message.replace("\n", " "))  # callers log it as one line
-
-
-@dataclass(frozen=True)
-class Handler:
-    name: str
-    backend: str
-    runtime_path: str | None = None
-    runtime_root: str | None = None
-    runtime_args: tuple[str, ...] = ()
-    allow_host_path: bool = False
-    allow_privileged: bool = False
-    user_namespaces: bool = False
-    recursive_read_only_mounts: bool = False
-    # Compared but not hashed (a dict is not hashable). Plain dicts, copied on construction, so
-    # dataclasses.asdict, json and deepcopy work (e.g. for /configz); treat them as read-only.
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    source: str = ""  # file the table came from ("<built-in>" for the built-in default)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "options", dict(self.options))
-        object.__setattr__(self, "runtime_args", tuple(self.runtime_args))
 
 
 @dataclass(frozen=True)
@@ -196,52 +179,6 @@ class AgentConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
         object.__setattr__(self, "warnings", tuple(self.warnings))
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantities (kubernetes_asyncio ships no parse_quantity, so this follows apimachinery's grammar)
-
-_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]))?")
-_DECIMAL_SI = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-_BINARY_SI = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
-
-
-def parse_quantity(value: str | int | float | Decimal) -> Decimal:
-    """Parse a Kubernetes quantity ("100m", "1.5", "256Mi", "1e3", "2G") to a Decimal; ValueError if not one."""
-    if isinstance(value, bool):  # TOML true is an int to Python, not a quantity
-        raise ValueError(f"not a quantity: {value!r}")
-    if isinstance(value, int | Decimal):
-        number = Decimal(value)
-    elif isinstance(value, float):
-        number = Decimal(repr(value))  # repr avoids the binary expansion of e.g. 0.1
-    elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value)):
-        number, exponent, suffix = Decimal(m[1]), m[2], m[3]
-        try:
-            if exponent is not None:
-                number = number.scaleb(int(exponent))
-            elif suffix in _BINARY_SI:
-                number *= 1024 ** _BINARY_SI[suffix]
-            elif suffix:
-                number = number.scaleb(_DECIMAL_SI[suffix])
-        except (ArithmeticError, ValueError):
-            raise ValueError(f"quantity out of range: {value!r}") from None
-    else:
-        raise ValueError(f"not a quantity: {value!r}")
-    if not number.is_finite():
-        raise ValueError(f"not a quantity: {value!r}")
-    return number
-
-
-def _ceil(number: Decimal) -> int:
-    return int(number.to_integral_value(rounding=ROUND_CEILING))
-
-
-def cpu_millis(value: str | int | float | Decimal) -> int:
-    return _ceil(parse_quantity(value) * 1000)
-
-
-def memory_bytes(value: str | int | float | Decimal) -> int:
-    return _ceil(parse_quantity(value))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import parse_quantity
+from cgroups.quantity import parse_quantity
 from cgroups.resources import BEST_EFFORT, GUARANTEED, ResourceConfig, qos_class
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import expand
