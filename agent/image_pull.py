@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.logs import kv
+from common.logfmt import kv
 from images.auth import credentials_from_dockerconfigjson
 from images.errors import PullError
 from images.reference import InvalidReferenceError, parse_reference

@@ -20,10 +20,10 @@ from agent import metrics
 from agent.image_pull import ImageGate
 from agent.interning import shared
 from agent.kube import MERGE_PATCH, ApiError
-from agent.logs import kv
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
 from cgroups.resources import qos_class
+from common.logfmt import kv
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
 
 if TYPE_CHECKING:

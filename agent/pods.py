@@ -17,10 +17,10 @@ from agent.events import EventRecorder
 from agent.informer import Informer
 from agent.interning import shared
 from agent.kube import ApiError, Kube
-from agent.logs import kv
 from agent.node_status import allocatable
 from agent.pod_worker import PodWorker, Unresolved
 from cgroups.manager import CgroupError, CgroupManager
+from common.logfmt import kv
 from runtimes.base import Backend, BackendContext
 from runtimes.registry import backend_class
 

@@ -37,9 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.logs import kv
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
+from common.logfmt import kv
 from runtimes.base import (
     JSON,
     Backend,
