@@ -61,7 +61,7 @@ from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, 
 from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("runtimes.oci")  # the name it logged under as runtimes/oci.py
 
 SHIM_START_TIMEOUT = 30.0  # `runc create` on a loaded 2-core host can take seconds
 PAUSE_CGROUP = "_pause"  # not a valid container name (DNS label), so it cannot clash with one
