@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import cpu_millis, parse_quantity
+from cgroups.quantity import cpu_millis, parse_quantity
 from cgroups.resources import pod_requests
 
 NODE_AFFINITY = "NodeAffinity"

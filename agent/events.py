@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.kube import ApiError, Kube
-from agent.logs import kv
 from agent.node_status import rfc3339
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

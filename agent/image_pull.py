@@ -12,16 +12,16 @@ import binascii
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.logs import kv
+from common.logfmt import kv
 from images.auth import credentials_from_dockerconfigjson
 from images.errors import PullError
 from images.reference import InvalidReferenceError, parse_reference
 
 if TYPE_CHECKING:
+    from agent.events import EventRecorder
     from agent.pod_status import ContainerRecord
-    from agent.pod_worker import PodWorker
 
 log = logging.getLogger("kubelet_emu.images")
 
@@ -68,6 +68,24 @@ def docker_config_from_secret(secret: JSON) -> JSON | None:
     return None
 
 
+class PullSite(Protocol):
+    """What a pull needs from the node (the Pod controller, agent/pods.py, is one)."""
+
+    images: Any  # images.service.ImageService
+    events: EventRecorder
+
+    async def lookup(self, kind: str, namespace: str, name: str) -> JSON | None: ...
+
+
+class PullingPod(Protocol):
+    """The Pod a pull is for (a Pod worker, agent/pod_worker.py, is one)."""
+
+    pod: JSON
+    key: str
+
+    def mark_dirty(self, settle: float = 0.0) -> None: ...
+
+
 class ImageGate:
     """One container's way to its image. Kept per container so the back-off survives restarts."""
 
@@ -76,14 +94,14 @@ class ImageGate:
     def __init__(self) -> None:
         self.backoff = PULL_BACKOFF_INITIAL
 
-    async def ensure(self, worker: PodWorker, spec: JSON, rec: ContainerRecord) -> Any:
+    async def ensure(self, site: PullSite, worker: PullingPod, spec: JSON, rec: ContainerRecord) -> Any:
         """Return the Image once present; until then the status shows why not. Never returns for
         an invalid name (the Pod stays Pending, as with the kubelet); cancelled on deletion."""
-        images = worker.c.images
+        images = site.images
         pod, name = worker.pod, spec["name"]
         image = spec.get("image") or ""
         policy = spec.get("imagePullPolicy") or default_pull_policy(image)
-        events = worker.c.events
+        events = site.events
         try:
             ref = parse_reference(image)
         except InvalidReferenceError as exc:
@@ -110,14 +128,14 @@ class ImageGate:
                 await asyncio.sleep(NEVER_PULL_RECHECK)
             return present
 
-        credentials = await self._credentials(worker)
+        credentials = await self._credentials(site, worker)
         while True:
             events.pod_event(pod, "Normal", "Pulling", f"Pulling image {quoted}", name)
             started = time.monotonic()
             try:
                 pulled = await images.pull(ref, credentials)
             except PullError as exc:
-                self._failed(worker, spec, rec, quoted, str(exc))
+                self._failed(site, worker, spec, rec, quoted, str(exc))
                 await asyncio.sleep(ERR_TO_BACKOFF)
                 msg = f"Back-off pulling image {quoted}"
                 events.pod_event(pod, "Normal", "BackOff", msg, name)
@@ -140,21 +158,21 @@ class ImageGate:
             return pulled
 
     @staticmethod
-    def _failed(worker: PodWorker, spec: JSON, rec: ContainerRecord, quoted: str, error: str) -> None:
+    def _failed(site: PullSite, worker: PullingPod, spec: JSON, rec: ContainerRecord, quoted: str, error: str) -> None:
         name = spec["name"]
-        worker.c.events.pod_event(worker.pod, "Warning", "Failed", f"Failed to pull image {quoted}: {error}", name)
-        worker.c.events.pod_event(worker.pod, "Warning", "Failed", "Error: ErrImagePull", name)
+        site.events.pod_event(worker.pod, "Warning", "Failed", f"Failed to pull image {quoted}: {error}", name)
+        site.events.pod_event(worker.pod, "Warning", "Failed", "Error: ErrImagePull", name)
         rec.waiting("ErrImagePull", error)
         worker.mark_dirty()
         log.info("image pull failed", extra=kv(pod=worker.key, container=name, image=spec.get("image"), error=error))
 
     @staticmethod
-    async def _credentials(worker: PodWorker) -> list[Any]:
+    async def _credentials(site: PullSite, worker: PullingPod) -> list[Any]:
         """Credentials from the Pod's imagePullSecrets; a missing Secret is skipped, as the kubelet does."""
         found: list[Any] = []
         namespace = worker.pod["metadata"]["namespace"]
         for entry in worker.pod["spec"].get("imagePullSecrets") or []:
-            secret = await worker.c.lookup("Secret", namespace, entry.get("name", ""))
+            secret = await site.lookup("Secret", namespace, entry.get("name", ""))
             config = docker_config_from_secret(secret) if secret else None
             if config is None:
                 log.info("imagePullSecret not usable", extra=kv(pod=worker.key, secret=entry.get("name")))

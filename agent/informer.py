@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.kube import ApiError, Kube, sleep_backoff
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

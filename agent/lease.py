@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.kube import ApiError, Kube
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.kube import ApiError, Kube, sleep_backoff
 from agent.lease import NodeLease
-from agent.logs import kv
 from agent.node_status import (
     NodeFacts,
     node_labels,
@@ -22,6 +21,7 @@ from agent.node_status import (
     node_taints,
     status_fingerprint,
 )
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

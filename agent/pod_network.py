@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.config import NetworkSettings
 from agent.kube import ApiError, Kube
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger("kubelet_emu.network")
 

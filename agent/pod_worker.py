@@ -12,22 +12,22 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent import metrics
-from agent.image_pull import ImageGate
+from agent.admission import Rejection
+from agent.config import AgentConfig
+from agent.image_pull import ImageGate, PullSite
 from agent.interning import shared
-from agent.kube import MERGE_PATCH, ApiError
-from agent.logs import kv
+from agent.kube import ApiError, Kube
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
 from cgroups.resources import qos_class
+from common.logfmt import kv
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
-
-if TYPE_CHECKING:
-    from agent.pods import PodController
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,38 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class PodHost(PullSite, Protocol):
+    """What a Pod worker needs from the node around it, and all it sees of it: the API client,
+    the event recorder, the image service and Secret lookup (PullSite), resolution to a backend,
+    admission, a status sink and a place for its tasks. The Pod controller (agent/pods.py) is one;
+    a test can pass a small fake."""
+
+    host_ip: str
+    kube: Kube
+    config: AgentConfig  # read when needed: a reload replaces it
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
+    async def resolve(self, pod: JSON) -> tuple[str, Backend] | Unresolved: ...
+    def admit(self, worker: PodWorker) -> Rejection | None: ...
+    def unadmit(self, worker: PodWorker) -> None: ...
+    async def write_status(self, namespace: str, name: str, body: bytes) -> None: ...
+    def release(self, worker: PodWorker) -> None: ...
+
+
 class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
-        "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "c",
-        "deletion_requested", "gates", "gone", "handler_name", "handles", "key", "pod", "rec", "sandbox", "task", "uid",
-        "wake",
+        "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "deletion_requested",
+        "gates", "gone", "handler_name", "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
-    def __init__(self, controller: PodController, pod: JSON):
-        self.c = controller
+    def __init__(self, host: PodHost, pod: JSON):
+        self.host = host
         self.pod = pod
         meta = pod["metadata"]
         self.uid: str = meta["uid"]
         self.key = f"{meta['namespace']}/{meta['name']}"
-        self.rec = PodRecord.for_pod(pod, controller.host_ip, qos_class(pod))
+        self.rec = PodRecord.for_pod(pod, host.host_ip, qos_class(pod))
         self.backend: Backend | None = None
         self.handler_name = ""
         self.sandbox: Sandbox | None = None
@@ -124,7 +141,7 @@ class PodWorker:
             asyncio.get_running_loop().call_soon(self._spawn_flush)
 
     def _spawn_flush(self) -> None:
-        self.c.spawn(self.flush())
+        self.host.spawn(self.flush())
 
     async def flush(self) -> None:
         async with self._write_lock:
@@ -140,20 +157,14 @@ class PodWorker:
             # Encoded once: the fingerprint's text is the body's (uid: never patch a namesake).
             body = f'{{"metadata":{{"uid":{json.dumps(self.uid)}}},"status":{encoded}}}'.encode()
             try:
-                async with self.c.write_slots:
-                    # The answer is not kept: the watch delivers the same object, and one
-                    # copy of each Pod is what keeps memory flat at thousands of Pods.
-                    await self.c.kube.patch(
-                        f"/api/v1/namespaces/{ns}/pods/{name}/status", body, content_type=MERGE_PATCH, parse=False
-                    )
+                await self.host.write_status(ns, name, body)
                 self._last_written = fingerprint
-                self.c.status_writes += 1
             except ApiError as exc:
                 if exc.not_found or exc.conflict:
                     return  # deleted or replaced meanwhile: the watch will tell
                 log.warning("cannot update pod status; will retry", extra=kv(pod=self.key, error=exc.describe()))
                 await asyncio.sleep(1)
-                self.c.spawn(self._retry_flush())
+                self.host.spawn(self._retry_flush())
 
     async def _retry_flush(self) -> None:
         self.mark_dirty()
@@ -171,7 +182,7 @@ class PodWorker:
             await self._terminate()
         finally:
             life.cancel()
-            self.c.release(self)
+            self.host.release(self)
 
     def _report_crash(self, life: asyncio.Task[None]) -> None:
         if not life.cancelled() and life.exception():
@@ -185,7 +196,7 @@ class PodWorker:
         backend = await self._resolve()
         if backend is None:
             return
-        rejection = self.c.admit(self)
+        rejection = self.host.admit(self)
         if rejection:
             self._reject(rejection.reason, rejection.message, event_reason=rejection.reason)
             return
@@ -195,7 +206,7 @@ class PodWorker:
         try:
             self.sandbox = await backend.create_sandbox(self.pod)
         except BackendError as exc:
-            self.c.events.pod_event(
+            self.host.events.pod_event(
                 self.pod, "Warning", "FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}"
             )
             self._reject("FailedCreatePodSandBox", str(exc), event_reason=None)
@@ -241,17 +252,17 @@ class PodWorker:
         await self._stop_all(self._grace())
         self.rec.phase = self.rec.compute_phase()
         await self._release_sandbox()
-        self.c.unadmit(self)
+        self.host.unadmit(self)
         self.mark_dirty()
 
     async def _resolve(self) -> Backend | None:
         while True:
-            outcome = await self.c.resolve(self.pod)
+            outcome = await self.host.resolve(self.pod)
             if not isinstance(outcome, Unresolved):
                 self.handler_name, backend = outcome
                 return backend
-            self.c.events.pod_event(self.pod, "Warning", "FailedCreatePodSandBox", outcome.event)
-            if self.c.config.missing_handler != "retry":
+            self.host.events.pod_event(self.pod, "Warning", "FailedCreatePodSandBox", outcome.event)
+            if self.host.config.missing_handler != "retry":
                 self._reject(outcome.reason, outcome.message, event_reason=None)
                 return None
             # The upstream behaviour, on request: stay Pending and try again.
@@ -265,7 +276,7 @@ class PodWorker:
 
     def _reject(self, reason: str, message: str, event_reason: str | None) -> None:
         if event_reason:
-            self.c.events.pod_event(self.pod, "Warning", event_reason, message)
+            self.host.events.pod_event(self.pod, "Warning", event_reason, message)
         self._override = rejected_status(self.pod, self.rec, reason, message, now())
         log.info("pod rejected", extra=kv(pod=self.key, reason=reason))
         self.mark_dirty()
@@ -306,18 +317,18 @@ class PodWorker:
         while True:
             handle = self.handles.get(name)
             if handle is None:
-                if backend.uses_images and self.c.images is not None:
+                if backend.uses_images and self.host.images is not None:
                     if self.gates is None:
                         self.gates = {}
                     gate = self.gates.setdefault(name, ImageGate())
-                    rec.image_id = (await gate.ensure(self, spec, rec)).image_id
+                    rec.image_id = (await gate.ensure(self.host, self, spec, rec)).image_id
                 try:
                     handle = await backend.create_container(self.sandbox, self.pod, spec, rec.restart_count)
-                    self.c.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)
+                    self.host.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)
                     await backend.start_container(handle)
                 except BackendError as exc:
                     rec.waiting(exc.reason, str(exc))
-                    self.c.events.pod_event(self.pod, "Warning", "Failed", f"Error: {exc}", name)
+                    self.host.events.pod_event(self.pod, "Warning", "Failed", f"Error: {exc}", name)
                     self.mark_dirty()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
@@ -330,7 +341,7 @@ class PodWorker:
                     readiness_probe=self._probes_run(spec, "readiness"),
                     startup_probe=self._probes_run(spec, "startup"),
                 )
-                self.c.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
+                self.host.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
                 if rec.restart_count == 0:
                     metrics.pod_container_started(self.handler_name, self.pod, self.rec)
                 self.mark_dirty()
@@ -356,7 +367,7 @@ class PodWorker:
                 pod_ref = f"{self.pod['metadata']['name']}_{self.pod['metadata']['namespace']}({self.uid})"
                 message = f"back-off {backoff:.0f}s restarting failed container={name} pod={pod_ref}"
                 rec.waiting("CrashLoopBackOff", message)
-                self.c.events.pod_event(self.pod, "Warning", "BackOff", message, name)
+                self.host.events.pod_event(self.pod, "Warning", "BackOff", message, name)
                 self.mark_dirty()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -387,7 +398,7 @@ class PodWorker:
 
         def on_change(kind: str, ok: bool, message: str) -> None:
             if not ok:
-                self.c.events.pod_event(self.pod, "Warning", "Unhealthy", message, name)
+                self.host.events.pod_event(self.pod, "Warning", "Unhealthy", message, name)
             if kind == "readiness":
                 rec.ready = ok and rec.startup_passed
             elif kind == "startup" and ok:
@@ -399,10 +410,10 @@ class PodWorker:
             elif not ok:  # a failed liveness or startup probe: the container is restarted
                 probe = spec[f"{kind}Probe"]
                 grace = float(probe.get("terminationGracePeriodSeconds") or self._grace())
-                self.c.events.pod_event(
+                self.host.events.pod_event(
                     self.pod, "Normal", "Killing", f"Container {name} failed {kind} probe, will be restarted", name
                 )
-                self.c.spawn(backend.stop_container(handle, grace))
+                self.host.spawn(backend.stop_container(handle, grace))
             self.mark_dirty()
 
         if "startup" in kinds:
@@ -431,7 +442,7 @@ class PodWorker:
         backend = self.backend
 
         async def stop(name: str, handle: ContainerHandle) -> None:
-            self.c.events.pod_event(self.pod, "Normal", "Killing", f"Stopping container {name}", name)
+            self.host.events.pod_event(self.pod, "Normal", "Killing", f"Stopping container {name}", name)
             await backend.stop_container(handle, grace)
 
         await asyncio.gather(*(stop(n, h) for n, h in list(self.handles.items())))
@@ -462,7 +473,7 @@ class PodWorker:
                 await self.backend.remove_container(handle)
         self.handles.clear()
         await self._release_sandbox()
-        self.c.unadmit(self)
+        self.host.unadmit(self)
         for c in self.rec.init_containers + self.rec.containers:
             if c.state == "waiting":
                 c.ready = False
@@ -474,7 +485,7 @@ class PodWorker:
         await self.flush()
         ns, name = self.key.split("/", 1)
         try:
-            await self.c.kube.delete(
+            await self.host.kube.delete(
                 f"/api/v1/namespaces/{ns}/pods/{name}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
             )

@@ -16,11 +16,11 @@ from agent.config import AgentConfig
 from agent.events import EventRecorder
 from agent.informer import Informer
 from agent.interning import shared
-from agent.kube import ApiError, Kube
-from agent.logs import kv
+from agent.kube import MERGE_PATCH, ApiError, Kube
 from agent.node_status import allocatable
 from agent.pod_worker import PodWorker, Unresolved
 from cgroups.manager import CgroupError, CgroupManager
+from common.logfmt import kv
 from runtimes.base import Backend, BackendContext
 from runtimes.registry import backend_class
 
@@ -157,6 +157,16 @@ class PodController:
         for worker in self.workers.values():
             if worker.wake is not None:
                 worker.wake.set()
+
+    async def write_status(self, namespace: str, name: str, body: bytes) -> None:
+        """A worker's status patch (a merge patch with the uid precondition in `body`)."""
+        async with self.write_slots:
+            # The answer is not kept: the watch delivers the same object, and one
+            # copy of each Pod is what keeps memory flat at thousands of Pods.
+            await self.kube.patch(
+                f"/api/v1/namespaces/{namespace}/pods/{name}/status", body, content_type=MERGE_PATCH, parse=False
+            )
+        self.status_writes += 1
 
     def release(self, worker: PodWorker) -> None:
         if self.workers.get(worker.uid) is worker:

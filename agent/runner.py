@@ -22,13 +22,13 @@ from agent.kube import Kube
 from agent.kubelet_api.context import KubeletAPIContext
 from agent.kubelet_api.server import DEFAULT_PORT, KubeletAPIError, KubeletAPIServer, bind
 from agent.kubelet_api.tls import ServingNames
-from agent.logs import kv
 from agent.node import NodeAgent
 from agent.node_status import NodeFacts
 from agent.pod_network import NodePodNetwork, pod_networks
 from agent.pods import PodController
 from agent.reset import write_node_record
 from agent.tls_memory import shrink_tls_read_buffers
+from common.logfmt import kv
 from runtimes.registry import backend_class, known_backends
 
 log = logging.getLogger("agent")

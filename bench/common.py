@@ -102,7 +102,7 @@ def pss_of(marker: bytes) -> int:
 
 def shim_rss() -> int:
     """Total PSS of the process backend's shims (one per running container) and their launcher."""
-    return pss_of(b"runtimes.shim")
+    return pss_of(b"runtimes.process.shim")
 
 
 def network_helper_rss() -> int:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agent.config import Handler
+from runtimes.handler import Handler
 
 JSON = dict[str, Any]
 

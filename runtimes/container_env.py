@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from agent.config import parse_quantity
+from cgroups.quantity import parse_quantity
 from runtimes.base import CreateContainerConfigError
 
 JSON = dict[str, Any]

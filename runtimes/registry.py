@@ -18,9 +18,9 @@ from runtimes.base import Backend
 ENTRY_POINT_GROUP = "kubelet_emu.backends"
 
 _BUILTIN = {
-    "emulated": "runtimes.emulated:EmulatedBackend",
-    "process": "runtimes.process:ProcessBackend",
-    "oci": "runtimes.oci:OciBackend",
+    "emulated": "runtimes.emulated.backend:EmulatedBackend",
+    "process": "runtimes.process.backend:ProcessBackend",
+    "oci": "runtimes.oci.backend:OciBackend",
 }
 
 

@@ -27,8 +27,8 @@ from agent.config import Handler
 from cgroups.manager import CgroupManager, detect_mode
 from runtimes.base import BackendContext, ContainerHandle, CreateContainerConfigError, RunContainerError, Sandbox
 from runtimes.crilog import read_logs, rotated_files
-from runtimes.oci import OciBackend
-from runtimes.oci_cgroups import cgroup_mounts, remove_everywhere
+from runtimes.oci.backend import OciBackend
+from runtimes.oci.cgroups import cgroup_mounts, remove_everywhere
 from runtimes.registry import backend_class
 
 RUNC = "/usr/sbin/runc"

@@ -1,4 +1,4 @@
-"""Unit tests of the OCI runtime spec generation (runtimes/oci_spec.py): pure, no runc, no root."""
+"""Unit tests of the OCI runtime spec generation (runtimes/oci/spec.py): pure, no runc, no root."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from cgroups.resources import ResourceConfig, container_resource_config
 from runtimes.base import CreateContainerConfigError
-from runtimes.oci_spec import (
+from runtimes.oci.spec import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     MASKED_PATHS,

@@ -1,4 +1,4 @@
-"""Pod volume contents on the host (runtimes/oci_volumes.py): configMap/secret/downwardAPI/projected
+"""Pod volume contents on the host (runtimes/oci/volumes.py): configMap/secret/downwardAPI/projected
 files as the kubelet's atomic writer lays them out. No root needed (no tmpfs here)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtimes.base import CreateContainerConfigError
-from runtimes.oci_volumes import prepare_pod_volumes, write_atomically
+from runtimes.oci.volumes import prepare_pod_volumes, write_atomically
 
 OBJECTS = {
     ("ConfigMap", "ns", "cfg"): {

@@ -30,7 +30,7 @@ from agent.kubelet_api.remotecommand import StreamOptions
 from cgroups.manager import CgroupError, CgroupManager, detect_mode
 from devcluster import manage
 from runtimes.base import ContainerHandle, Sandbox
-from runtimes.process_exec import connect_in_pod, exec_in_container
+from runtimes.process.exec import connect_in_pod, exec_in_container
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for cgroups and namespaces")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.kube import ApiError, Kube
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 from agent.kube import ApiError, Kube
 from agent.kubelet_api.authn import User
 from agent.kubelet_api.paths import subresources, verb
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agent.kube import ApiError, Kube
 from agent.kubelet_api.tls import RENEW_BEFORE, ServingNames
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from agent.kubelet_api.context import KubeletAPIContext
 from agent.kubelet_api.logfile import LogOptions, LogReadError, read_log
 from agent.kubelet_api.paths import invalid_name
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

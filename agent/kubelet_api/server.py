@@ -26,7 +26,7 @@ from agent.kubelet_api import csr, tls
 from agent.kubelet_api.authn import AuthenticationError, Authenticator
 from agent.kubelet_api.authz import AuthorizationError, Authorizer
 from agent.kubelet_api.context import KubeletAPIContext
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.logs import kv
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

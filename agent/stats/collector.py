@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.logs import kv
 from agent.stats import emulated_usage, host
 from agent.stats.model import (
     ContainerSnapshot,
@@ -37,6 +36,7 @@ from agent.stats.model import (
 from agent.stats.rates import CpuRates
 from cgroups.detect import CgroupError, detect_mode
 from cgroups.stats import CgroupUsageReader, parse_meminfo
+from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 

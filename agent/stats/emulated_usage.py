@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from agent.config import cpu_millis, memory_bytes
 from agent.stats.model import Usage
 from agent.stats.rates import nanocores_from_millis
+from cgroups.quantity import cpu_millis, memory_bytes
 from cgroups.stats import CgroupUsage
 
 PREFIX = "emulated.kubelet-emu.io/"

@@ -1,6 +1,6 @@
 """The Pod sandbox's namespace holder (what the pause container is for the kubelet).
 
-    python -S -m runtimes.oci_pause STATE.json HOSTNAME FLAGS
+    python -S -m runtimes.oci.pause STATE.json HOSTNAME FLAGS
 
 FLAGS is a subset of "pinu": new pid, ipc, network and uts namespaces. The process unshares
 them, sets the hostname in the new UTS namespace, brings up loopback in a new network namespace,
@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 
-from runtimes.shim import _write_json, proc_start_ticks
+from runtimes.shimlib import proc_start_ticks, write_json
 
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -80,12 +80,12 @@ def main(state_path: str, hostname: str, flags: str) -> int:
     pid = os.fork()
     if pid == 0:
         _hold(libc)
-    _write_json(state_path, {"pid": pid, "start_ticks": proc_start_ticks(pid), "flags": flags})
+    write_json(state_path, {"pid": pid, "start_ticks": proc_start_ticks(pid), "flags": flags})
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
-        print("usage: python -m runtimes.oci_pause STATE.json HOSTNAME FLAGS", file=sys.stderr)
+        print("usage: python -m runtimes.oci.pause STATE.json HOSTNAME FLAGS", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(*sys.argv[1:]))

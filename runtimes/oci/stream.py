@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtimes.base import StreamingProcess
-from runtimes.oci_attach import CLOSE_STDIN, HEADER, STDIN, STDOUT, frame
+from runtimes.oci.attach import CLOSE_STDIN, HEADER, STDIN, STDOUT, frame
 
 CLONE_NEWNET = 0x40000000
 
@@ -124,7 +124,7 @@ async def exec_with_tty(runtime: list[str], container_id: str, command: list[str
     return TtyExecProcess(proc, control, reader, writer)
 
 
-# --- attach (the shim's socket: runtimes/oci_attach.py) ----------------------------------------------------------
+# --- attach (the shim's socket: runtimes/oci/attach.py) ----------------------------------------------------------
 
 
 class _FrameWriter:

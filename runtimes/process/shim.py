@@ -1,7 +1,7 @@
 """The per-container shim of the process backend (the role conmon plays for CRI-O).
 
-    python -m runtimes.shim SPEC.json     (one container)
-    python -m runtimes.shim --launcher    (reads spec paths on stdin; forks a shim for each)
+    python -m runtimes.process.shim SPEC.json     (one container)
+    python -m runtimes.process.shim --launcher    (reads spec paths on stdin; forks a shim for each)
 
 The agent starts one shim per container in its own session, so the shim and
 the container outlive an agent restart. The shim starts the container
@@ -25,27 +25,10 @@ import selectors
 import signal
 import sys
 import time
-from datetime import UTC, datetime
 
 from network.netns import setns_fd
 from runtimes.crilog import CriLogWriter
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)  # readers never see half a file
-
-
-def proc_start_ticks(pid: int) -> int:
-    """Start time of a process in clock ticks since boot: with the pid, it names one process for good."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
+from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
 
 
 def _child(spec: dict, out_w: int, err_w: int) -> None:
@@ -82,28 +65,6 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
     except BaseException as exc:
         os.write(2, f"cannot start container: {exc}\n".encode())
         os._exit(126)
-
-
-_libc = None
-
-
-def _load_libc() -> None:
-    """Done once in the launcher, so that forked shims do not each pay for importing ctypes."""
-    global _libc
-    try:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    except (OSError, ImportError):
-        _libc = None
-
-
-def _become_subreaper() -> None:
-    """Orphans of the container are re-parented to the shim, which reaps them (as conmon does)."""
-    if _libc is None:
-        _load_libc()
-    if _libc is not None:
-        _libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _reap_orphans() -> None:
@@ -148,7 +109,7 @@ def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     directory = os.path.dirname(spec_path)
-    _become_subreaper()
+    become_subreaper()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
@@ -161,14 +122,14 @@ def main(spec_path: str) -> int:
         _child(spec, out_w, err_w)
     os.close(out_w)
     os.close(err_w)
-    _write_json(
+    write_json(
         os.path.join(directory, "state.json"),
         {
             "shim_pid": os.getpid(),
             "shim_start_ticks": proc_start_ticks(os.getpid()),
             "pid": pid,
             "start_ticks": proc_start_ticks(pid),
-            "started_at": _now(),
+            "started_at": now(),
         },
     )
 
@@ -209,8 +170,8 @@ def main(spec_path: str) -> int:
         result = {"exit_code": 128 + sig, "signal": sig}
     else:
         result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
-    result["finished_at"] = _now()
-    _write_json(os.path.join(directory, "exit.json"), result)
+    result["finished_at"] = now()
+    write_json(os.path.join(directory, "exit.json"), result)
     return 0
 
 
@@ -220,7 +181,7 @@ def launcher() -> int:
     is most of a process Pod's start time. Ends at EOF, i.e. when the agent goes away; the
     shims it started live on in their own sessions."""
     signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans())
-    _load_libc()
+    load_libc()
     for line in sys.stdin:
         spec_path = line.strip()
         if not spec_path:
@@ -246,6 +207,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--launcher"]:
         sys.exit(launcher())
     if len(sys.argv) != 2:
-        print("usage: python -m runtimes.shim SPEC.json | --launcher", file=sys.stderr)
+        print("usage: python -m runtimes.process.shim SPEC.json | --launcher", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(sys.argv[1]))

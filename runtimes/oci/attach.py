@@ -5,7 +5,7 @@ STDERR as the container writes them (the CRI log gets them too); a client sends 
 CLOSE_STDIN when its input ends. With the container's `stdinOnce`, its stdin closes when the
 first client that wrote to it goes away, as the kubelet documents. Standard library only on
 the shim side (AttachHub, no asyncio: the shim stays small); the agent's client is
-runtimes/oci_stream.py AttachProcess.
+runtimes/oci/stream.py AttachProcess.
 """
 
 from __future__ import annotations

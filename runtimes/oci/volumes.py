@@ -23,7 +23,7 @@ from typing import Any
 
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import EnvError, Lookup, _field_ref, _resource_field_ref
-from runtimes.oci_spec import HostVolume
+from runtimes.oci.spec import HostVolume
 
 JSON = dict[str, Any]
 DEFAULT_MODE = 0o644

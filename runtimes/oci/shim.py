@@ -1,7 +1,7 @@
 """The per-container shim of the oci backend (the role conmon or containerd-shim plays).
 
-    python -S -m runtimes.oci_shim [--detach] SPEC.json
-    python -S -m runtimes.oci_shim --launcher     (JSON commands on stdin; forks shims and Pod holders)
+    python -S -m runtimes.oci.shim [--detach] SPEC.json
+    python -S -m runtimes.oci.shim --launcher     (JSON commands on stdin; forks shims and Pod holders)
 
 Started by the backend in its own session, so it and its container outlive an agent restart.
 It makes the container's stdout/stderr pipes, runs `<runtime> create` with them as the
@@ -27,8 +27,8 @@ import sys
 import time
 
 from runtimes.crilog import CriLogWriter
-from runtimes.oci_attach import AttachHub
-from runtimes.shim import _become_subreaper, _load_libc, _now, _write_json, proc_start_ticks
+from runtimes.oci.attach import AttachHub
+from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
 
 DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a daemonized child may hold them)
 
@@ -76,7 +76,7 @@ def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     directory = spec["dir"]
-    _become_subreaper()
+    become_subreaper()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
@@ -88,18 +88,18 @@ def main(spec_path: str) -> int:
     if in_r is not None:
         os.close(in_r)
     if code != 0:
-        _write_json(os.path.join(directory, "state.json"), {"error": message})
+        write_json(os.path.join(directory, "state.json"), {"error": message})
         return 1
     with open(spec["pid_file"]) as f:
         pid = int(f.read().strip())
-    _write_json(
+    write_json(
         os.path.join(directory, "state.json"),
         {
             "shim_pid": os.getpid(),
             "shim_start_ticks": proc_start_ticks(os.getpid()),
             "pid": pid,
             "start_ticks": proc_start_ticks(pid),
-            "created_at": _now(),
+            "created_at": now(),
         },
     )
     log = CriLogWriter(spec["log_path"], max_size=spec["log_max_size"], max_files=spec["log_max_files"])
@@ -148,8 +148,8 @@ def main(spec_path: str) -> int:
         result = {"exit_code": 128 + sig, "signal": sig}
     else:
         result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
-    result["finished_at"] = _now()
-    _write_json(os.path.join(directory, "exit.json"), result)
+    result["finished_at"] = now()
+    write_json(os.path.join(directory, "exit.json"), result)
     return 0
 
 
@@ -170,20 +170,20 @@ def _shim_child(spec_path: str) -> None:
         os.write(2, f"oci shim failed: {exc!r}\n".encode())
         state = os.path.join(os.path.dirname(spec_path), "state.json")
         if not os.path.exists(state):  # tell the agent now rather than after its timeout
-            _write_json(state, {"error": f"the shim failed: {exc!r}"})
+            write_json(state, {"error": f"the shim failed: {exc!r}"})
         code = 1
     os._exit(code)
 
 
 def _pause_child(state_path: str, hostname: str, flags: str) -> None:
-    """In a forked child: make the Pod's namespaces and their holder (runtimes/oci_pause.py)."""
-    from runtimes import oci_pause
+    """In a forked child: make the Pod's namespaces and their holder (runtimes/oci/pause.py)."""
+    from runtimes.oci import pause
 
     os.setsid()
     try:
-        code = oci_pause.main(state_path, hostname, flags)
+        code = pause.main(state_path, hostname, flags)
     except BaseException as exc:
-        _write_json(state_path, {"error": f"{exc}"})
+        write_json(state_path, {"error": f"{exc}"})
         code = 1
     os._exit(code)
 
@@ -208,8 +208,8 @@ def launcher() -> int:
                 pass
 
     signal.signal(signal.SIGCHLD, reap)
-    _load_libc()  # once, for every child to become a subreaper cheaply (the launcher itself is not one)
-    from runtimes import oci_pause  # noqa: F401 - imported once here rather than in every child
+    load_libc()  # once, for every child to become a subreaper cheaply (the launcher itself is not one)
+    from runtimes.oci import pause  # noqa: F401 - imported once here rather than in every child
 
     for line in sys.stdin:
         try:
@@ -231,6 +231,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--launcher"]:
         sys.exit(launcher())
     if len(sys.argv) != 2:
-        print("usage: python -m runtimes.oci_shim [--detach] SPEC.json | --launcher", file=sys.stderr)
+        print("usage: python -m runtimes.oci.shim [--detach] SPEC.json | --launcher", file=sys.stderr)
         sys.exit(2)
     sys.exit(main(sys.argv[1]))

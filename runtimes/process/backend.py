@@ -2,7 +2,7 @@
 
 The image names no filesystem here (it is recorded in the status as given);
 `command` + `args` run on the host with the container's environment, user
-and working directory. Each container gets a shim (runtimes/shim.py) that
+and working directory. Each container gets a shim (runtimes/process/shim.py) that
 owns its pipes and exit status, so containers survive an agent restart and
 are adopted again from their state directory.
 
@@ -39,46 +39,10 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
-from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container
-from runtimes.shim import proc_start_ticks
+from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
+from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container
 
 SHIM_START_TIMEOUT = 10.0
-
-
-def pod_dir_name(pod: JSON) -> str:
-    meta = pod["metadata"]
-    return f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-async def _process_exit(pid: int, timeout: float) -> None:
-    """Return when `pid` exits (a pidfd works for processes that are not our children), or after
-    `timeout`; polls where pidfds are unavailable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        await asyncio.sleep(0.2)
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        pass
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-def _alive(pid: int, start_ticks: int) -> bool:
-    try:
-        return proc_start_ticks(pid) == start_ticks
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 class ProcessBackend(Backend):
@@ -93,16 +57,16 @@ class ProcessBackend(Backend):
         self._launcher_lock = asyncio.Lock()
 
     async def _launcher(self) -> asyncio.subprocess.Process:
-        """The shim launcher (runtimes/shim.py --launcher), started once and kept."""
+        """The shim launcher (runtimes/process/shim.py --launcher), started once and kept."""
         async with self._launcher_lock:  # concurrent first starts must share one launcher
             return await self._start_launcher()
 
     async def _start_launcher(self) -> asyncio.subprocess.Process:
         if self._shim_launcher is None or self._shim_launcher.returncode is not None:
-            repo = str(Path(__file__).resolve().parent.parent)
+            repo = str(Path(__file__).resolve().parents[2])  # the checkout: runtimes/process/ is two below
             # -S skips site-packages: the shims need only the standard library and this package.
             self._shim_launcher = await asyncio.create_subprocess_exec(
-                sys.executable, "-S", "-m", "runtimes.shim", "--launcher",
+                sys.executable, "-S", "-m", "runtimes.process.shim", "--launcher",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # not in the agent's process group: its shims survive the agent
                 cwd=repo, env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
@@ -232,7 +196,7 @@ class ProcessBackend(Backend):
         state["oom_before"] = handle.extra.get("oom_before", 0)
         (run_dir / "agent.json").write_text(json.dumps(state))
         handle.extra["state"] = state
-        handle.started_at = _parse_time(state["started_at"])
+        handle.started_at = parse_time(state["started_at"])
 
     def _cgroup(self, handle: ContainerHandle) -> str | None:
         if self.cgroups is None:
@@ -253,8 +217,8 @@ class ProcessBackend(Backend):
         exit_file = run_dir / "exit.json"
         state = handle.extra["state"]
         while not exit_file.exists():
-            await _process_exit(state["shim_pid"], timeout=5.0)
-            if not exit_file.exists() and not _alive(state["shim_pid"], state["shim_start_ticks"]):
+            await process_exit(state["shim_pid"], timeout=5.0)
+            if not exit_file.exists() and not alive(state["shim_pid"], state["shim_start_ticks"]):
                 await asyncio.sleep(0.1)
                 if not exit_file.exists():
                     return ContainerExit(
@@ -268,7 +232,7 @@ class ProcessBackend(Backend):
         return ContainerExit(
             exit_code=result["exit_code"],
             signal=result.get("signal"),
-            finished_at=_parse_time(result["finished_at"]),
+            finished_at=parse_time(result["finished_at"]),
             reason=reason,
         )
 
@@ -279,15 +243,15 @@ class ProcessBackend(Backend):
         pid, ticks = state["pid"], state["start_ticks"]
         deadline = asyncio.get_running_loop().time() + grace_seconds
         pre_stop = ((handle.extra["container"].get("lifecycle") or {}).get("preStop") or {}).get("exec")
-        if pre_stop and _alive(pid, ticks) and grace_seconds > 0:
+        if pre_stop and alive(pid, ticks) and grace_seconds > 0:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.exec(handle, pre_stop.get("command") or []), grace_seconds)
-        if _alive(pid, ticks):
+        if alive(pid, ticks):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-        while _alive(pid, ticks) and asyncio.get_running_loop().time() < deadline:
+        while alive(pid, ticks) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        if _alive(pid, ticks):
+        if alive(pid, ticks):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         await self._kill_cgroup(handle)
@@ -319,12 +283,12 @@ class ProcessBackend(Backend):
         except (OSError, ValueError):
             return None
         exited = (run_dir / "exit.json").exists()
-        if not exited and not _alive(state["pid"], state["start_ticks"]):
+        if not exited and not alive(state["pid"], state["start_ticks"]):
             return None
         handle = ContainerHandle(id=f"{pod['metadata']['uid'][:8]}-{container['name']}-{restart}",
                                  name=container["name"], image=container.get("image", ""))  # fmt: skip
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec, state=state)
-        handle.started_at = _parse_time(state["started_at"])
+        handle.started_at = parse_time(state["started_at"])
         return handle
 
     async def exec(
@@ -362,7 +326,7 @@ class ProcessBackend(Backend):
             raise
         return proc.returncode or 0, out
 
-    # --- streaming (runtimes/process_exec.py) ----------------------------------------------------
+    # --- streaming (runtimes/process/exec.py) ----------------------------------------------------
 
     async def exec_stream(
         self, sandbox: Sandbox, handle: ContainerHandle, command: list[str], tty: bool, stdin: bool

@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import parse_quantity
+from cgroups.quantity import parse_quantity
 from cgroups.resources import BEST_EFFORT, GUARANTEED, ResourceConfig, qos_class
 from runtimes.base import CreateContainerConfigError
 from runtimes.container_env import expand
-from runtimes.oci_seccomp import profile_type, runtime_default
+from runtimes.oci.seccomp import profile_type, runtime_default
 
 JSON = dict[str, Any]
 

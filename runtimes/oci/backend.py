@@ -2,13 +2,13 @@
 (runc by default; crun, youki, runsc... take the same `create/start/state/kill/delete/exec`).
 
 Per Pod (create_sandbox): the Pod cgroup with its overhead-including limits (CgroupManager), a
-namespace holder process (runtimes/oci_pause.py, the pause container's role) that owns the Pod's
+namespace holder process (runtimes/oci/pause.py, the pause container's role) that owns the Pod's
 IPC, UTS and, without a network plugin, its loopback-only network namespace, and with
 shareProcessNamespace is pid 1 of the Pod's pid namespace; the Pod's /etc/hosts, /etc/hostname,
 /etc/resolv.conf, a shared /dev/shm tmpfs and its volumes, all under the Pod directory.
 
 Per container (create_container): a rootfs from the image store, config.json from
-runtimes/oci_spec.py, and a shim (runtimes/oci_shim.py) that runs `<runtime> create` with the
+runtimes/oci/spec.py, and a shim (runtimes/oci/shim.py) that runs `<runtime> create` with the
 container's stdio pipes, writes the CRI log and records the exit status. start is
 `<runtime> start`. Containers and shims survive an agent restart; adopt_container finds them
 again through the shim's files and `<runtime> state`.
@@ -37,9 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.logs import kv
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
+from common.logfmt import kv
 from runtimes.base import (
     JSON,
     Backend,
@@ -54,14 +54,14 @@ from runtimes.base import (
 )
 from runtimes.container_env import EnvError, container_env
 from runtimes.crilog import read_logs
-from runtimes.oci_cgroups import remove_everywhere
-from runtimes.oci_seccomp import profile_type
-from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
-from runtimes.oci_stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
-from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
-from runtimes.process import _alive, _parse_time, _process_exit, pod_dir_name
+from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
+from runtimes.oci.cgroups import remove_everywhere
+from runtimes.oci.seccomp import profile_type
+from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
+from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
+from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("runtimes.oci")  # the name it logged under as runtimes/oci.py
 
 SHIM_START_TIMEOUT = 30.0  # `runc create` on a loaded 2-core host can take seconds
 PAUSE_CGROUP = "_pause"  # not a valid container name (DNS label), so it cannot clash with one
@@ -171,7 +171,7 @@ class OciBackend(Backend):
         self.runtime_path: str = handler.runtime_path or "runc"
         self.runtime_root: str = handler.runtime_root or str(Path(context.state_dir) / "runtime")
         self.runtime: list[str] = [self.runtime_path, "--root", self.runtime_root, *handler.runtime_args]
-        self._repo = str(Path(__file__).resolve().parent.parent)
+        self._repo = str(Path(__file__).resolve().parents[2])  # the checkout: runtimes/oci/ is two below
         self._launcher: asyncio.subprocess.Process | None = None
         self._launcher_lock = asyncio.Lock()
         # Containers of one Pod are created concurrently; its volumes are prepared one at a time.
@@ -205,12 +205,12 @@ class OciBackend(Backend):
             return None
 
     async def _launch(self, command: JSON) -> None:
-        """Have the launcher (runtimes/oci_shim.py --launcher, started once) fork a shim or a Pod
+        """Have the launcher (runtimes/oci/shim.py --launcher, started once) fork a shim or a Pod
         holder: much cheaper than a new interpreter each time."""
         async with self._launcher_lock:
             if self._launcher is None or self._launcher.returncode is not None:
                 self._launcher = await asyncio.create_subprocess_exec(
-                    sys.executable, "-S", "-m", "runtimes.oci_shim", "--launcher", cwd=self._repo,
+                    sys.executable, "-S", "-m", "runtimes.oci.shim", "--launcher", cwd=self._repo,
                     env={"PYTHONPATH": self._repo, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                     start_new_session=True,  # not in the agent's process group: what it starts outlives the agent
@@ -300,7 +300,7 @@ class OciBackend(Backend):
         (pod_dir / "pod.json").write_text(json.dumps(record))
 
         existing = self._load_sandbox(pod_dir)
-        if existing and _alive(existing["pause_pid"], existing["pause_start_ticks"]):
+        if existing and alive(existing["pause_pid"], existing["pause_start_ticks"]):
             return Sandbox(id=uid, pod_uid=uid, ips=tuple(existing["ips"]), netns=existing["netns"])
         if existing:  # the holder died (host reboot, OOM): its namespaces are gone, start again
             await self._stop_pause(existing)
@@ -400,10 +400,10 @@ class OciBackend(Backend):
 
     async def _stop_pause(self, record: JSON) -> None:
         pid, ticks = record.get("pause_pid"), record.get("pause_start_ticks")
-        if pid and _alive(pid, ticks):
+        if pid and alive(pid, ticks):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            await _process_exit(pid, timeout=2.0)
+            await process_exit(pid, timeout=2.0)
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         """Every container of the Pod, the holder, the network, mounts, cgroups. Idempotent."""
@@ -462,7 +462,7 @@ class OciBackend(Backend):
         where = self._where(pod, name)
         pod_dir = self._pod_dir(pod)
         record = self._load_sandbox(pod_dir)
-        if record is None or not _alive(record["pause_pid"], record["pause_start_ticks"]):
+        if record is None or not alive(record["pause_pid"], record["pause_start_ticks"]):
             raise CreateContainerError(f"{where}: the pod sandbox is gone; the pod must be recreated")
         image = await self.image_for(container)
         pod_ip = sandbox.ips[0] if sandbox.ips else self.context.host_ip
@@ -617,8 +617,8 @@ class OciBackend(Backend):
         exit_file = run_dir / "exit.json"
         state = handle.extra["state"]
         while not exit_file.exists():
-            await _process_exit(state["shim_pid"], timeout=5.0)
-            if not exit_file.exists() and not _alive(state["shim_pid"], state["shim_start_ticks"]):
+            await process_exit(state["shim_pid"], timeout=5.0)
+            if not exit_file.exists() and not alive(state["shim_pid"], state["shim_start_ticks"]):
                 await asyncio.sleep(0.1)
                 if not exit_file.exists():
                     return ContainerExit(
@@ -631,7 +631,7 @@ class OciBackend(Backend):
         return ContainerExit(
             exit_code=result["exit_code"],
             signal=result.get("signal"),
-            finished_at=_parse_time(result["finished_at"]),
+            finished_at=parse_time(result["finished_at"]),
             reason=reason,
             message=await asyncio.to_thread(self._termination_message, handle, result["exit_code"]),
         )
@@ -702,13 +702,13 @@ class OciBackend(Backend):
         exited = (run_dir / "exit.json").exists()
         if not exited:
             runtime_state = await self.runtime_state(container_id)
-            if runtime_state is None or not _alive(state["shim_pid"], state["shim_start_ticks"]):
+            if runtime_state is None or not alive(state["shim_pid"], state["shim_start_ticks"]):
                 return None
         handle = ContainerHandle(id=container_id, name=name, image=container.get("image", ""),
                                  image_id=status.get("imageID", ""))  # fmt: skip
         cgroup_rel = self.cgroups.container_path(pod, name) if self.cgroups else f"kubelet-emu/{name}"
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
-        handle.started_at = _parse_time(started["started_at"])
+        handle.started_at = parse_time(started["started_at"])
         return handle
 
     # --- exec and streaming ------------------------------------------------------------------------
