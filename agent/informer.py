@@ -9,11 +9,12 @@ retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.kube import ApiError, Kube, sleep_backoff
+from agent.kube import ApiError, Kube, backoff_delay
 from agent.logs import kv
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class Informer:
         self.resource_version = ""
         self.relists = 0
         self.watch_restarts = 0
+        self._retry = asyncio.Event()  # ends a backoff sleep: the API server answers again
+
+    def retry_now(self) -> None:
+        """Someone saw the API server answer again after an outage: stop backing off."""
+        self._retry.set()
 
     def _kept(self, obj: JSON) -> JSON:
         if self.keep_objects:
@@ -133,5 +139,7 @@ class Informer:
                 if message != failing:
                     log.warning("watch failed; retrying with backoff", extra=kv(watch=self.name, error=message))
                     failing = message
-                await sleep_backoff(attempt)
-                attempt += 1
+                self._retry.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry.wait(), backoff_delay(attempt))
+                attempt = 0 if self._retry.is_set() else attempt + 1

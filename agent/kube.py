@@ -78,6 +78,7 @@ class Kube:
         self._ssl = ssl_context
         self._auth = auth  # kubeconfig.ClientConfig, or _PluginAuth for exec/auth-provider users
         self._session: aiohttp.ClientSession | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.requests_by_verb: dict[str, int] = {}
 
     @classmethod
@@ -129,6 +130,18 @@ class Kube:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        for task in list(self._closing):
+            await task
+
+    def reset_connections(self) -> None:
+        """Drop every connection; the next request makes new ones. After an outage, a connection
+        made before it may be half dead (a dropped network never says so) and hold a watch silent
+        for minutes; requests in flight on it fail and their callers retry."""
+        old, self._session = self._session, None
+        if old is not None and not old.closed:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _headers(self) -> dict[str, str]:
         if self._auth is None:
@@ -293,6 +306,10 @@ def _error_from(status: int, reason: str, raw: bytes, method: str, path: str) ->
     return ApiError(status, reason, message, method, path)
 
 
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    return min(cap, base * (2 ** min(attempt, 10)))
+
+
 async def sleep_backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> None:
     """Exponential backoff with a cap, for retrying while the API server is down."""
-    await asyncio.sleep(min(cap, base * (2 ** min(attempt, 10))))
+    await asyncio.sleep(backoff_delay(attempt, base, cap))
