@@ -23,6 +23,7 @@ from agent.node_status import (
     node_object,
     node_status,
     node_taints,
+    reservation_warnings,
     status_fingerprint,
 )
 from agent.status_reconcile import newer_or_same, node_status_drifted
@@ -75,6 +76,11 @@ class NodeAgent:
             keep_objects=False,
         )
         self.recovery_hooks.append(self.watch.retry_now)
+        self._warn_reservations()
+
+    def _warn_reservations(self) -> None:
+        for warning in reservation_warnings(self.facts):
+            log.warning(warning, extra=kv(node=self.name))
 
     async def run(self) -> None:
         """Heartbeats; call register() first."""
@@ -107,6 +113,7 @@ class NodeAgent:
     def set_config(self, config: AgentConfig) -> None:
         """A reloaded configuration: new handler labels and runtimeHandlers go out at once."""
         self.facts = dataclasses.replace(self.facts, config=config)
+        self._warn_reservations()
         self._last_fingerprint = None
         self._labels_dirty = True
         self.wakeup.set()
