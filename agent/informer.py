@@ -59,10 +59,15 @@ class Informer:
         self.relists = 0
         self.watch_restarts = 0
         self._retry = asyncio.Event()  # ends a backoff sleep: the API server answers again
+        self._watch_task: asyncio.Task[None] | None = None
 
     def retry_now(self) -> None:
-        """Someone saw the API server answer again after an outage: stop backing off."""
+        """Someone saw the API server answer again after an outage: stop backing off, and start
+        the watch afresh (from the last version seen) on a new connection, as the kubelet does:
+        the one it streams on may be half dead and silent until its read timeout."""
         self._retry.set()
+        if self._watch_task is not None and not self._watch_task.done():
+            self._watch_task.cancel()
 
     def _kept(self, obj: JSON) -> JSON:
         if self.keep_objects:
@@ -125,7 +130,17 @@ class Informer:
                 if need_list:
                     await self._list()
                     need_list = False
-                await self._watch()
+                self._watch_task = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
+                try:
+                    await self._watch_task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is None or current.cancelling():
+                        raise  # this informer is being stopped
+                    self.watch_restarts += 1  # retry_now(): watch again at once
+                    continue
+                finally:
+                    self._watch_task = None
                 attempt = 0
                 if failing:
                     log.info("watch resumed", extra=kv(watch=self.name))

@@ -9,6 +9,7 @@ shared/LIBRARIES.md) and the agent only needs a handful of verbs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -26,6 +27,7 @@ JSON = dict[str, Any]
 # Connections to the API server at most: the Pod status writes in flight (128, see
 # agent/pods.py), the watches, and room for the rest (lease, node status, events).
 CONNECTIONS = 160
+RESET_GRACE = 40.0  # seconds a replaced pool lives on: longer than any request's timeout (30 s)
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -131,15 +133,19 @@ class Kube:
         if self._session is not None:
             await self._session.close()
         for task in list(self._closing):
-            await task
+            task.cancel()  # closes its session now
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def reset_connections(self) -> None:
-        """Drop every connection; the next request makes new ones. After an outage, a connection
-        made before it may be half dead (a dropped network never says so) and hold a watch silent
-        for minutes; requests in flight on it fail and their callers retry."""
+        """New requests get new connections. After an outage, a pooled connection made before it
+        may be half dead (a dropped network never says so) and hold a request until its timeout.
+        The old pool is closed once the requests still on it are answered or timed out (aiohttp
+        closing a connection under a streamed answer would leave its reader waiting for good);
+        watches are restarted by their informers, see Informer.retry_now."""
         old, self._session = self._session, None
         if old is not None and not old.closed:
-            task = asyncio.get_running_loop().create_task(old.close())
+            task = asyncio.get_running_loop().create_task(_close_later(old, RESET_GRACE))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -252,6 +258,13 @@ class Kube:
         finally:
             if not status:
                 metrics.api_request("WATCH", path, 0)
+
+
+async def _close_later(session: aiohttp.ClientSession, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await session.close()
 
 
 class _PluginAuth:

@@ -4,10 +4,12 @@ and a heartbeat that retries at once after an outage (no cluster needed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from datetime import UTC, datetime
 
 from agent import lease as lease_module
+from agent.informer import Informer
 from agent.kube import ApiError
 from agent.lease import NodeLease
 from agent.node_status import conditions
@@ -126,3 +128,38 @@ async def test_lease_retries_within_seconds_and_reports_recovery(monkeypatch):
         assert lease.renewals == 1
     finally:
         task.cancel()
+
+
+class SilentWatchKube:
+    """Lists nothing; every watch hangs silently, as one on a half-dead connection does."""
+
+    def __init__(self):
+        self.watches = 0
+
+    async def get(self, path, **query):
+        return {"metadata": {"resourceVersion": "7"}, "items": []}
+
+    async def watch(self, path, resource_version, **query):
+        self.watches += 1
+        await asyncio.Event().wait()
+        yield {}  # pragma: no cover
+
+
+async def test_informer_starts_its_watch_afresh_when_the_api_server_is_back():
+    kube = SilentWatchKube()
+    informer = Informer(kube, "/api/v1/pods", on_upsert=lambda o: None, on_delete=lambda o: None)  # type: ignore[arg-type]
+    task = asyncio.create_task(informer.run())
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if kube.watches:
+                break
+        assert kube.watches == 1
+        informer.retry_now()  # the lease works again after an outage
+        await asyncio.sleep(0.05)
+        assert kube.watches == 2 and informer.relists == 1  # watched again from the version it had
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert task.cancelled()  # stopping the informer still stops it
