@@ -250,3 +250,19 @@ async def _stats(agent) -> dict:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return json.loads(path.read_text())
     pytest.fail("the agent wrote no stats on SIGUSR1")
+
+
+async def test_externally_patched_node_ready_is_corrected(kubectl, start_agent):
+    """Without any outage (the lease never fails), a Node marked Ready=False by someone else is
+    seen through the agent's watch of its Node and posted Ready again within seconds (the old
+    agent waited for its 5-minute forced post)."""
+    name = unique("emu-node-patched")
+    agent = await start_agent(name, CONFIG)
+    await wait_node_ready(kubectl, name)
+    await asyncio.sleep(1)
+    patch = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Patched"}]}}
+    await kubectl("patch", "node", name, "--subresource=status", "--type=strategic", "-p", json.dumps(patch))
+    patched_at = time.monotonic()
+    await wait_node_ready(kubectl, name, timeout=10)
+    print(f"node Ready again {time.monotonic() - patched_at:.1f}s after the patch")
+    assert "node status changed by someone else" in agent.log
