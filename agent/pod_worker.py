@@ -23,7 +23,7 @@ from agent.kube import MERGE_PATCH, ApiError
 from agent.logs import kv
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
-from agent.status_reconcile import pod_status_drifted, pod_status_summary, remember_write
+from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
 
@@ -113,9 +113,7 @@ class PodWorker:
         t = asyncio.get_running_loop().time()
         again = t - self._corrected_at < STATUS_CORRECTION_WINDOW
         self._corrected_at = t
-        (log.debug if again else log.info)(
-            "pod status changed by someone else; writing it again", extra=kv(pod=self.key)
-        )
+        corrections.corrected(self.key, again)
         self.c.status_corrections += 1
         self._last_written = None
         self.mark_dirty(settle=STATUS_CORRECTION_WINDOW if again else STATUS_CORRECTION_SETTLE)

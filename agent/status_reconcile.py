@@ -13,12 +13,17 @@ normalisation of an object never reads as a change and the steady state costs no
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from agent.logs import kv
 from agent.pod_status import OWNED_CONDITIONS
 
 JSON = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 # How many of a Pod's own recent writes still count as "ours" when their echo arrives late
 # (the watch delivers the echo of write N after write N+1 went out): a stale echo is no drift.
@@ -102,3 +107,29 @@ def newer_or_same(candidate: Mapping[str, Any], current: Mapping[str, Any] | Non
         return int(candidate["metadata"]["resourceVersion"]) >= int(current["metadata"]["resourceVersion"])
     except (KeyError, TypeError, ValueError):
         return True
+
+
+class CorrectionLog:
+    """One info line per interval for Pod status corrections (after an outage a node corrects all
+    its Pods at once: thousands of lines would say nothing more), the rest at debug level."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self.count = 0
+        self._logged_at = -interval
+        self._logged_count = 0
+
+    def corrected(self, pod: str, again: bool) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if not again and now - self._logged_at >= self.interval:
+            log.info(
+                "pod status changed by someone else; writing it again",
+                extra=kv(pod=pod, pods_since_last_line=self.count - self._logged_count),
+            )
+            self._logged_at, self._logged_count = now, self.count
+        else:
+            log.debug("pod status changed by someone else; writing it again", extra=kv(pod=pod))
+
+
+corrections = CorrectionLog()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 from datetime import UTC, datetime
 
 from agent import lease as lease_module
@@ -163,3 +164,15 @@ async def test_informer_starts_its_watch_afresh_when_the_api_server_is_back():
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert task.cancelled()  # stopping the informer still stops it
+
+
+def test_corrections_after_an_outage_are_one_info_line_not_one_per_pod(caplog):
+    from agent.status_reconcile import CorrectionLog
+
+    log = CorrectionLog(interval=60)
+    with caplog.at_level(logging.DEBUG, logger="agent.status_reconcile"):
+        for i in range(500):
+            log.corrected(f"default/p{i}", again=False)
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and log.count == 500
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 499
