@@ -9,11 +9,12 @@ retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.kube import ApiError, Kube, sleep_backoff
+from agent.kube import ApiError, Kube, backoff_delay
 from common.logfmt import kv
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class Informer:
         self.resource_version = ""
         self.relists = 0
         self.watch_restarts = 0
+        self._retry = asyncio.Event()  # ends a backoff sleep: the API server answers again
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def retry_now(self) -> None:
+        """Someone saw the API server answer again after an outage: stop backing off, and start
+        the watch afresh (from the last version seen) on a new connection, as the kubelet does:
+        the one it streams on may be half dead and silent until its read timeout."""
+        self._retry.set()
+        if self._watch_task is not None and not self._watch_task.done():
+            self._watch_task.cancel()
 
     def _kept(self, obj: JSON) -> JSON:
         if self.keep_objects:
@@ -119,7 +130,17 @@ class Informer:
                 if need_list:
                     await self._list()
                     need_list = False
-                await self._watch()
+                self._watch_task = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
+                try:
+                    await self._watch_task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is None or current.cancelling():
+                        raise  # this informer is being stopped
+                    self.watch_restarts += 1  # retry_now(): watch again at once
+                    continue
+                finally:
+                    self._watch_task = None
                 attempt = 0
                 if failing:
                     log.info("watch resumed", extra=kv(watch=self.name))
@@ -133,5 +154,7 @@ class Informer:
                 if message != failing:
                     log.warning("watch failed; retrying with backoff", extra=kv(watch=self.name, error=message))
                     failing = message
-                await sleep_backoff(attempt)
-                attempt += 1
+                self._retry.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry.wait(), backoff_delay(attempt))
+                attempt = 0 if self._retry.is_set() else attempt + 1

@@ -9,6 +9,7 @@ shared/LIBRARIES.md) and the agent only needs a handful of verbs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -26,6 +27,7 @@ JSON = dict[str, Any]
 # Connections to the API server at most: the Pod status writes in flight (128, see
 # agent/pods.py), the watches, and room for the rest (lease, node status, events).
 CONNECTIONS = 160
+RESET_GRACE = 40.0  # seconds a replaced pool lives on: longer than any request's timeout (30 s)
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -78,6 +80,7 @@ class Kube:
         self._ssl = ssl_context
         self._auth = auth  # kubeconfig.ClientConfig, or _PluginAuth for exec/auth-provider users
         self._session: aiohttp.ClientSession | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.requests_by_verb: dict[str, int] = {}
 
     @classmethod
@@ -129,6 +132,22 @@ class Kube:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        for task in list(self._closing):
+            task.cancel()  # closes its session now
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def reset_connections(self) -> None:
+        """New requests get new connections. After an outage, a pooled connection made before it
+        may be half dead (a dropped network never says so) and hold a request until its timeout.
+        The old pool is closed once the requests still on it are answered or timed out (aiohttp
+        closing a connection under a streamed answer would leave its reader waiting for good);
+        watches are restarted by their informers, see Informer.retry_now."""
+        old, self._session = self._session, None
+        if old is not None and not old.closed:
+            task = asyncio.get_running_loop().create_task(_close_later(old, RESET_GRACE))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _headers(self) -> dict[str, str]:
         if self._auth is None:
@@ -241,6 +260,13 @@ class Kube:
                 metrics.api_request("WATCH", path, 0)
 
 
+async def _close_later(session: aiohttp.ClientSession, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await session.close()
+
+
 class _PluginAuth:
     """Bearer tokens from kubernetes_asyncio's exec/auth-provider support, refreshed when it says so."""
 
@@ -293,6 +319,10 @@ def _error_from(status: int, reason: str, raw: bytes, method: str, path: str) ->
     return ApiError(status, reason, message, method, path)
 
 
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    return min(cap, base * (2 ** min(attempt, 10)))
+
+
 async def sleep_backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> None:
     """Exponential backoff with a cap, for retrying while the API server is down."""
-    await asyncio.sleep(min(cap, base * (2 ** min(attempt, 10))))
+    await asyncio.sleep(backoff_delay(attempt, base, cap))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,11 @@ log = logging.getLogger(__name__)
 
 LEASE_DURATION_SECONDS = 40
 RENEW_INTERVAL = 10.0
+# As the kubelet's heartbeat client: a request that takes longer than the renew interval is
+# given up, so a renewal stuck on a dead connection never holds the heartbeat for long.
+RENEW_TIMEOUT = 10.0
+RETRY_FIRST = 0.5  # after a failure: 0.5 s, 1 s, then every 2 s, well inside the lease duration
+RETRY_MAX = 2.0
 
 
 def micro_time(t: datetime) -> str:
@@ -22,8 +28,11 @@ def micro_time(t: datetime) -> str:
 
 
 class NodeLease:
-    def __init__(self, kube: Kube, node_name: str, node_uid: str):
+    def __init__(
+        self, kube: Kube, node_name: str, node_uid: str, on_recovered: Callable[[], None] | None = None
+    ):  # fmt: skip
         self.kube = kube
+        self.on_recovered = on_recovered  # called when a renewal works again after failures
         self.node = node_name
         self.node_uid = node_uid
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node_name}"
@@ -52,12 +61,15 @@ class NodeLease:
         now = datetime.now(UTC)
         if self._lease is None:
             try:
-                self._lease = await self.kube.get(self.path)
+                self._lease = await self.kube.request("GET", self.path, timeout=RENEW_TIMEOUT)
             except ApiError as exc:
                 if not exc.not_found:
                     raise
-                self._lease = await self.kube.create(
-                    "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", self._body(now)
+                self._lease = await self.kube.request(
+                    "POST",
+                    "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                    body=self._body(now),
+                    timeout=RENEW_TIMEOUT,
                 )
                 self.renewals += 1
                 return
@@ -66,7 +78,7 @@ class NodeLease:
             holderIdentity=self.node, leaseDurationSeconds=LEASE_DURATION_SECONDS, renewTime=micro_time(now)
         )
         try:
-            self._lease = await self.kube.replace(self.path, lease)
+            self._lease = await self.kube.request("PUT", self.path, body=lease, timeout=RENEW_TIMEOUT)
         except ApiError as exc:
             self._lease = None  # re-read on the next try (conflict, deleted, ...)
             if exc.conflict or exc.not_found:
@@ -76,18 +88,21 @@ class NodeLease:
         self.renewals += 1
 
     async def run(self) -> None:
-        failing = False
+        failures = 0  # in a row
         while True:
             try:
                 await self.renew()
-                if failing:
-                    log.info("lease renewed again", extra=kv(node=self.node))
-                failing = False
+                if failures:
+                    log.info("lease renewed again", extra=kv(node=self.node, failed_attempts=failures))
+                    if self.on_recovered is not None:
+                        self.on_recovered()  # the node status goes out with it, at once
+                failures = 0
                 delay = RENEW_INTERVAL
             except ApiError as exc:
                 self.failures += 1
-                if not failing:
+                if not failures:
                     log.warning("cannot renew node lease; retrying", extra=kv(node=self.node, error=exc.describe()))
-                failing = True
-                delay = 2.0  # retry sooner than the period so the lease does not expire
+                # Retry soon, not after the period: the heartbeat resumes as soon as the API server answers.
+                delay = min(RETRY_MAX, RETRY_FIRST * 2**failures)
+                failures += 1
             await asyncio.sleep(delay)

@@ -7,26 +7,32 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.kube import ApiError, Kube, sleep_backoff
-from agent.lease import NodeLease
+from agent.informer import Informer
+from agent.kube import STRATEGIC_MERGE_PATCH, ApiError, Kube, sleep_backoff
+from agent.lease import RENEW_TIMEOUT, NodeLease
 from agent.node_status import (
     NodeFacts,
+    conditions,
     node_labels,
     node_object,
     node_status,
     node_taints,
+    reservation_warnings,
     status_fingerprint,
 )
+from agent.status_reconcile import newer_or_same, node_status_drifted
 from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 10.0  # check every 10 s, post when something changed
 STATUS_MAX_SILENCE = 300.0  # post at least every 5 min otherwise
+STATUS_RETRY = 2.0  # after a failed post
 
 
 def explain(exc: ApiError, node: str) -> str:
@@ -56,17 +62,58 @@ class NodeAgent:
         self._labels_dirty = False
         self.wakeup = asyncio.Event()  # post now instead of at the next tick
         self._last_post = 0.0
+        # Called when the API server answers again after an outage (watches retry at once).
+        self.recovery_hooks: list[Callable[[], None]] = []
+        # The Node as the API server holds it: a change by someone else (the node lifecycle
+        # controller's Ready=Unknown) is seen here and corrected, as the kubelet's status loop does.
+        self.watch = Informer(
+            kube,
+            "/api/v1/nodes",
+            field_selector=f"metadata.name={self.name}",
+            on_upsert=self._node_seen,
+            on_delete=self._node_deleted,
+            name="node",
+            keep_objects=False,
+        )
+        self.recovery_hooks.append(self.watch.retry_now)
+        self._warn_reservations()
+
+    def _warn_reservations(self) -> None:
+        for warning in reservation_warnings(self.facts):
+            log.warning(warning, extra=kv(node=self.name))
 
     async def run(self) -> None:
         """Heartbeats; call register() first."""
-        self.lease = NodeLease(self.kube, self.name, self.node["metadata"]["uid"])
+        self.lease = NodeLease(self.kube, self.name, self.node["metadata"]["uid"], on_recovered=self.api_recovered)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.run(), name="lease")
             tg.create_task(self._status_loop(), name="node-status")
+            tg.create_task(self.watch.run(), name="node-watch")
+
+    def api_recovered(self) -> None:
+        """The heartbeat works again after failing: post the status with it, and end the backoff
+        sleeps of the watches. Connections made before the outage may be half dead (a dropped
+        network never says so), so they are dropped and new ones made, as the kubelet does."""
+        self._last_fingerprint = None
+        self.wakeup.set()
+        self.kube.reset_connections()
+        for hook in self.recovery_hooks:
+            hook()
+
+    def _node_seen(self, node: dict[str, Any]) -> None:
+        if not newer_or_same(node, self.node):
+            return  # an echo older than the answer to our last post
+        self.node = node
+        if node_status_drifted(node, conditions(datetime.now(UTC))):
+            self.wakeup.set()  # post_status sees the difference and posts ours again
+
+    def _node_deleted(self, _: dict[str, Any]) -> None:
+        log.warning("the Node object was deleted; restart the agent to register it again", extra=kv(node=self.name))
 
     def set_config(self, config: AgentConfig) -> None:
         """A reloaded configuration: new handler labels and runtimeHandlers go out at once."""
         self.facts = dataclasses.replace(self.facts, config=config)
+        self._warn_reservations()
         self._last_fingerprint = None
         self._labels_dirty = True
         self.wakeup.set()
@@ -127,9 +174,23 @@ class NodeAgent:
         status = node_status(self.facts, now, previous)
         fingerprint = status_fingerprint(status)
         silent_for = time.monotonic() - self._last_post
-        if not force and fingerprint == self._last_fingerprint and silent_for < STATUS_MAX_SILENCE:
+        drifted = node_status_drifted(self.node, status["conditions"])
+        if not force and not drifted and fingerprint == self._last_fingerprint and silent_for < STATUS_MAX_SILENCE:
             return False
-        self.node = await self.kube.patch(self.path + "/status", {"status": status})
+        if drifted and self._last_fingerprint is not None:
+            held = {c.get("type"): c.get("status") for c in (self.node or {}).get("status", {}).get("conditions") or ()}
+            log.info(
+                "node status changed by someone else; posting it again",
+                extra=kv(node=self.name, ready=held.get("Ready")),
+            )
+        # The heartbeat's timeout, not the default 30 s: a post stuck on a dead connection is retried.
+        self.node = await self.kube.request(
+            "PATCH",
+            self.path + "/status",
+            body={"status": status},
+            content_type=STRATEGIC_MERGE_PATCH,
+            timeout=RENEW_TIMEOUT,
+        )
         self._last_fingerprint = status_fingerprint(node_status(self.facts, now, self.node["status"]["conditions"]))
         self._last_post = time.monotonic()
         return True
@@ -150,4 +211,4 @@ class NodeAgent:
                 failing = message
                 self._last_fingerprint = None  # post as soon as the API server is back
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), STATUS_INTERVAL)
+                await asyncio.wait_for(self.wakeup.wait(), STATUS_RETRY if failing else STATUS_INTERVAL)

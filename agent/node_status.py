@@ -71,6 +71,23 @@ def allocatable(facts: NodeFacts) -> dict[str, str]:
     return alloc
 
 
+def reservation_warnings(facts: NodeFacts) -> list[str]:
+    """[node.reserved] beyond what the host has: allocatable is 0, so no Pod with requests fits."""
+    node, host = facts.config.node, facts.host
+    out = []
+    if node.reserved_cpu_millis > host.cpus * 1000:
+        out.append(
+            f"[node.reserved] cpu ({node.reserved_cpu_millis}m) is more than the node's capacity "
+            f"({host.cpus * 1000}m, {host.cpus} cpus): allocatable cpu is 0, so no Pod that requests cpu fits"
+        )
+    if node.reserved_memory_bytes > host.memory_bytes:
+        out.append(
+            f"[node.reserved] memory ({node.reserved_memory_bytes // 1024}Ki) is more than the node's capacity "
+            f"({host.memory_bytes // 1024}Ki): allocatable memory is 0, so no Pod that requests memory fits"
+        )
+    return out
+
+
 def runtime_handlers(config: AgentConfig) -> list[dict[str, Any]]:
     """status.runtimeHandlers: every configured handler; "" stands for the default."""
 

@@ -25,6 +25,7 @@ from agent.interning import shared
 from agent.kube import ApiError, Kube
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
+from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from common.logfmt import kv
 from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
@@ -39,6 +40,8 @@ BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-of
 RETRY_MISSING_HANDLER = 10.0
 DEFAULT_GRACE = 30
 PASSING_STATUS_SETTLE = 1.0  # seconds a "sandbox ready, containers creating" status waits for the next
+STATUS_CORRECTION_SETTLE = 0.5  # seconds before a status changed by someone else is written again
+STATUS_CORRECTION_WINDOW = 10.0  # ...or this long when it was corrected within the last this long
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class PodHost(PullSite, Protocol):
     host_ip: str
     kube: Kube
     config: AgentConfig  # read when needed: a reload replaces it
+    status_corrections: int  # writes made because someone else changed a Pod's status
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
     async def resolve(self, pod: JSON) -> tuple[str, Backend] | Unresolved: ...
@@ -73,8 +77,9 @@ class PodHost(PullSite, Protocol):
 class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
-        "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "deletion_requested",
-        "gates", "gone", "handler_name", "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
+        "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_write_lock", "admitted",
+        "backend", "deletion_requested", "gates", "gone", "handler_name", "handles", "host", "key", "pod", "rec",
+        "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -97,6 +102,8 @@ class PodWorker:
         self._write_lock = asyncio.Lock()
         self._flush_pending = False
         self._last_written: int | None = None  # hash of the last status written
+        self._recent_writes: tuple[int, ...] = ()  # summaries of the last writes, to tell our echo from drift
+        self._corrected_at = -STATUS_CORRECTION_WINDOW  # loop time of the last correction
         self._override: JSON | None = None  # a rejected Pod's fixed status
         self.task: asyncio.Task[None] | None = None
 
@@ -104,6 +111,8 @@ class PodWorker:
 
     def update(self, pod: JSON) -> None:
         status = pod.get("status")
+        if pod_status_drifted(status, self._recent_writes) and not pod["metadata"].get("deletionTimestamp"):
+            self._correct_status(status)
         if status and self.rec.start_time is not None:
             # Once running, the status in the API is our own echo: only the conditions others
             # own are still read from it, so the rest (most of it) is not kept for every Pod.
@@ -112,6 +121,21 @@ class PodWorker:
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
             self._request_deletion()
+
+    def _correct_status(self, seen: JSON) -> None:
+        """Someone else changed what this agent owns (the node lifecycle controller marked the Pod
+        NotReady during an outage, an admin patched it): write ours again, as the kubelet's status
+        manager does. Settled, so a write in flight lands first; a Pod corrected again soon after
+        waits longer, so nothing can make two writers fight at full speed."""
+        if seen.get("phase") in ("Succeeded", "Failed") and not self.rec.terminal and self._override is None:
+            return  # a terminal phase set by others cannot be undone (the API server refuses it)
+        t = asyncio.get_running_loop().time()
+        again = t - self._corrected_at < STATUS_CORRECTION_WINDOW
+        self._corrected_at = t
+        corrections.corrected(self.key, again)
+        self.host.status_corrections += 1
+        self._last_written = None
+        self.mark_dirty(settle=STATUS_CORRECTION_WINDOW if again else STATUS_CORRECTION_SETTLE)
 
     def object_deleted(self) -> None:
         self.gone = True
@@ -159,6 +183,7 @@ class PodWorker:
             try:
                 await self.host.write_status(ns, name, body)
                 self._last_written = fingerprint
+                self._recent_writes = remember_write(self._recent_writes, pod_status_summary(status))
             except ApiError as exc:
                 if exc.not_found or exc.conflict:
                     return  # deleted or replaced meanwhile: the watch will tell

@@ -95,6 +95,7 @@ class PodController:
         self.backends: dict[str, Backend] = {}
         self.write_slots = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.status_writes = 0
+        self.status_corrections = 0  # writes made because someone else changed a Pod's status
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.cgroups = _cgroup_manager(config)

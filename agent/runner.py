@@ -150,6 +150,7 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
+    node.recovery_hooks += [pods.pods.retry_now, pods.runtime_classes.retry_now]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -209,6 +210,7 @@ def write_stats(path: Path, kube: Kube, pods: PodController, api: KubeletAPIServ
     stats = {
         "requests_by_verb": kube.requests_by_verb,
         "status_writes": pods.status_writes,
+        "status_corrections": pods.status_corrections,
         "events_posted": pods.events.posted,
         "pod_watch_relists": pods.pods.relists,
         "pod_watch_restarts": pods.pods.watch_restarts,

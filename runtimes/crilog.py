@@ -22,6 +22,7 @@ DEFAULT_MAX_FILES = 5  # kubelet containerLogMaxFiles
 
 _STREAMS = {"stdout": b"stdout", "stderr": b"stderr"}
 _STAMP_FORMAT = "%Y%m%d-%H%M%S"  # the kubelet's rotated-file suffix, 20060102-150405
+_clock = time.time  # the wall clock that names rotated files (tests replace it)
 
 
 def format_timestamp(ns: int) -> bytes:
@@ -59,6 +60,7 @@ class CriLogWriter:
         self.max_files = max(1, max_files)  # the current file included, as the kubelet counts
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
+        self._last_stamp = ""  # the second of the last rotation
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -90,11 +92,16 @@ class CriLogWriter:
         pending = 0
         for record in records:
             # Rotate before a record that would overflow the file, so files stay within max_size
-            # (a single record bigger than max_size still gets a file of its own).
-            if 0 < self.max_size < self._size + pending + len(record) and self._size + pending > 0:
+            # (a single record bigger than max_size still gets a file of its own), at most once a
+            # second (see _rotated_name).
+            if (
+                0 < self.max_size < self._size + pending + len(record)
+                and self._size + pending > 0
+                and (name := self._rotated_name()) is not None
+            ):
                 self._write_all(b"".join(batch))
                 batch, pending = [], 0
-                self._rotate()
+                self._rotate(name)
             batch.append(record)
             pending += len(record)
         self._write_all(b"".join(batch))
@@ -106,13 +113,13 @@ class CriLogWriter:
             self._size += n
             view = view[n:]
 
-    def _rotate(self) -> None:
+    def _rotate(self, name: str) -> None:
         os.close(self._fd)
         self._fd = -1
         try:
             keep = self.max_files - 1  # rotated files beside the current one
             if keep > 0:
-                os.rename(self.path, self._rotated_name())
+                os.rename(self.path, name)
             else:
                 os.unlink(self.path)
             rotated = rotated_files(self.path)
@@ -126,17 +133,20 @@ class CriLogWriter:
             self._fd = self._open()
             self._size = os.fstat(self._fd).st_size
 
-    def _rotated_name(self) -> str:
-        # The kubelet's names have one-second resolution; when rotations come faster (or the clock
-        # steps back) step past the newest existing name so names stay unique and in order.
+    def _rotated_name(self) -> str | None:
+        """The rotated file's name, the time of the rotation as the kubelet writes it; None when this
+        second has its rotated file already. Names have one-second resolution, so a flood that fills
+        the file faster rotates once a second and the file outgrows max_size by what comes within
+        that second (the kubelet checks only every 10 s): a name is never made up, so never in the
+        future (stepping past a taken name, as this did, ran minutes ahead under a flood)."""
+        stamp = time.strftime(_STAMP_FORMAT, time.gmtime(_clock()))
+        if stamp == self._last_stamp:
+            return None  # no directory listing for every record of a flood
+        self._last_stamp = stamp
         existing = rotated_files(self.path)
-        newest = existing[-1].rsplit(".", 1)[1] if existing else ""
-        name = time.strftime(_STAMP_FORMAT, time.gmtime())
-        if name <= newest:
-            import calendar  # only here: the shim should not pay for it on every start
-
-            name = time.strftime(_STAMP_FORMAT, time.gmtime(calendar.timegm(time.strptime(newest, _STAMP_FORMAT)) + 1))
-        return f"{self.path}.{name}"
+        if existing and existing[-1].rsplit(".", 1)[1] == stamp:
+            return None
+        return f"{self.path}.{stamp}"
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from runtimes import crilog
 from runtimes.crilog import MAX_LINE, CriLogWriter, format_timestamp, parse_line, read_logs, rotated_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +97,9 @@ def test_writer_lines_partials_and_long_lines(tmp_path: Path) -> None:
     w.close()
 
 
-def test_rotation_keeps_max_files_and_order(tmp_path: Path) -> None:
+def test_rotation_keeps_max_files_and_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(range(1_700_000_000, 1_800_000_000))
+    monkeypatch.setattr(crilog, "_clock", lambda: next(ticks))  # a second passes between rotations
     log = tmp_path / "2.log"
     w = CriLogWriter(str(log), max_size=200, max_files=3)
     lines = [f"line {i:03d} {'.' * 40}".encode() for i in range(40)]
@@ -117,6 +121,25 @@ def test_rotation_keeps_max_files_and_order(tmp_path: Path) -> None:
     (tmp_path / "2.log.tmp").write_text("x")
     (tmp_path / "1.log").write_bytes(b"2023-11-14T22:13:20Z stdout F other\n")
     assert read_logs(str(log)).splitlines() == text
+
+
+def test_rotated_names_are_the_time_of_rotation_never_in_the_future(tmp_path: Path) -> None:
+    """A flood fills the file many times a second: it rotates once a second, under the real time
+    (stepping past taken names ran minutes into the future), and loses no line in between."""
+    log = tmp_path / "0.log"
+    w = CriLogWriter(str(log), max_size=1000, max_files=5)
+    lines = [f"flood {i:05d} {'x' * 60}".encode() for i in range(3000)]
+    started = time.time()
+    for line in lines:
+        w.write("stdout", line + b"\n")
+    w.close()
+    latest = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time()))
+    earliest = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    rotated = [os.path.basename(p).rsplit(".", 1)[1] for p in rotated_files(str(log))]
+    assert rotated and all(earliest <= stamp <= latest for stamp in rotated), (earliest, rotated, latest)
+    assert len(set(rotated)) == len(rotated)
+    text = read_logs(str(log)).splitlines()
+    assert text == lines[-len(text) :]  # contiguous: the newest lines, none missing
 
 
 def test_rotation_with_a_single_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ One agent (process backend, `[kubelet_api] port = 0`) serves every test of this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
@@ -550,3 +551,58 @@ async def test_an_emulated_container_has_an_empty_log(cluster, kubectl, node):
     assert (code, out) == (0, "")
     assert 1.0 < waited < 15, f"-f should last until the emulated container exits, took {waited:.1f}s"
     await kubectl.run("delete", "runtimeclass", rc, check=False)
+
+
+# --- slow and malformed clients (issue 16) ---------------------------------------------------------
+
+
+async def _closed_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, start: float) -> float:
+    """Dribble header bytes until the server closes the connection; seconds it took."""
+    try:
+        while True:
+            writer.write(b"X-Slow: a\r\n")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1024), 1.0) == b"":
+                    break
+    except (ConnectionError, OSError, ssl.SSLError):
+        pass
+    writer.close()
+    return time.monotonic() - start
+
+
+async def test_clients_dribbling_headers_are_let_go(cluster, node):
+    """Slowloris: 100 TLS clients send a header every second and never finish; a raw TCP client
+    never starts the TLS handshake. The kubelet API closes all of them after its header timeout."""
+    from agent.kubelet_api.slow_clients import HEADER_TIMEOUT
+
+    async def dribbler() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=client_ssl(cluster, None))
+        opened = time.monotonic()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        return await _closed_after(reader, writer, opened)
+
+    raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", node.port)
+    took = await asyncio.wait_for(asyncio.gather(*(dribbler() for _ in range(100))), HEADER_TIMEOUT + 30)
+    assert max(took) <= HEADER_TIMEOUT + 4, sorted(took)[-5:]
+    assert await asyncio.wait_for(raw_reader.read(1), 5) == b""  # no handshake: closed too
+    raw_writer.close()
+    status, _ = await direct(cluster, node, "/healthz", cert="apiserver-kubelet-client")
+    assert status == 200  # well-behaved clients are served as before
+
+
+async def test_malformed_requests_are_one_debug_line_not_tracebacks(cluster, node):
+    before = len(node.agent.log)
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=client_ssl(cluster, None))
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(100), 10)
+        writer.close()
+        assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer
+    await asyncio.sleep(0.5)
+    added = node.agent.log[before:]
+    assert "Traceback" not in added and "level=error" not in added, added[:2000]

@@ -216,6 +216,8 @@ def test_query_decoding_and_validation_as_the_kubelet():
     assert (opts.follow, opts.tail_lines, opts.timestamps, previous) == (True, 5, True, False)
     assert parse_query(MultiDict(follow=""))[0].follow is True  # apimachinery: only false/0 are false
     assert parse_query(MultiDict(tail="3"))[0].tail_lines == 3
+    assert parse_query(MultiDict(tailLines="9223372036854775807"))[0].tail_lines == 2**63 - 1
+    assert parse_query(MultiDict(tailLines="+7"))[0].tail_lines == 7
     assert parse_query(MultiDict(tail="all", tailLines="3"))[0].tail_lines is None
     opts, _ = parse_query(MultiDict(sinceSeconds="10"), now_ns=100 * 10**9)
     assert opts.since_ns == 90 * 10**9
@@ -223,6 +225,11 @@ def test_query_decoding_and_validation_as_the_kubelet():
     assert opts.since_ns == NS1 - 100_000_000
     for query, status in (
         ({"tailLines": "x"}, 400),
+        ({"tailLines": "99999999999999999999"}, 400),  # not an int64: the kubelet cannot decode it
+        ({"tailLines": "9223372036854775808"}, 400),
+        ({"limitBytes": "1_000"}, 400),  # Python's int() reads these; Go's ParseInt does not
+        ({"tailLines": " 5"}, 400),
+        ({"tailLines": "٣"}, 400),
         ({"sinceTime": "yesterday"}, 400),
         ({"tailLines": "-1"}, 422),
         ({"limitBytes": "0"}, 422),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 from agent.config import AgentConfig, Handler, NodeSettings, Taint
@@ -13,6 +14,7 @@ from agent.node_status import (
     node_labels,
     node_object,
     node_status,
+    reservation_warnings,
     runtime_handlers,
     status_fingerprint,
 )
@@ -152,3 +154,16 @@ def test_node_address_prefers_a_proxyable_address_for_a_local_api_server() -> No
         assert got == outgoing
     else:
         assert got == "127.0.0.1"
+
+
+def test_reserved_beyond_capacity_is_warned_with_the_values(caplog):
+    assert reservation_warnings(facts(reserved_cpu_millis=4000, reserved_memory_bytes=8 * 1024**3)) == []
+    f = facts(reserved_cpu_millis=6500, reserved_memory_bytes=9 * 1024**3)
+    cpu, memory = reservation_warnings(f)
+    assert "[node.reserved] cpu (6500m)" in cpu and "capacity (4000m, 4 cpus)" in cpu and "allocatable cpu is 0" in cpu
+    assert f"memory ({9 * 1024**2}Ki)" in memory and f"({8 * 1024**2}Ki)" in memory
+    from agent.node import NodeAgent
+
+    with caplog.at_level(logging.WARNING, logger="agent.node"):
+        NodeAgent(None, f)  # type: ignore[arg-type]  # warned when the agent starts (and on reload)
+    assert [r.getMessage() for r in caplog.records] == [cpu, memory]

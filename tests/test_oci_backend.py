@@ -288,8 +288,11 @@ async def test_log_rotation(base_dir, cgroups, images) -> None:
     backend = make_backend(base_dir, cgroups, images)
     backend.context = dataclasses.replace(backend.context, log_max_size=4096, log_max_files=3)
     request_close = backend.close
+    # Bursts of 40 records (~3.7 KB) a second apart: a file rotates at most once a second (its
+    # name is that second), so a faster flood would outgrow 4096 bytes.
     container = ctr(
-        "i=0; while [ $i -lt 300 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done"
+        "i=0; while [ $i -lt 160 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); "
+        "[ $((i % 40)) = 0 ] && [ $i -lt 160 ] && sleep 1; done; true"
     )
     pod = pod_of(container)
     async with sandbox_of(backend, pod) as sandbox:
@@ -298,7 +301,7 @@ async def test_log_rotation(base_dir, cgroups, images) -> None:
         path = log_path(backend, pod)
         rotated = rotated_files(str(path))
         assert len(rotated) == 2 and all(os.path.getsize(p) <= 4096 for p in [*rotated, str(path)])
-        assert read_logs(str(path)).decode().splitlines()[-1].startswith("line-299-")
+        assert read_logs(str(path)).decode().splitlines()[-1].startswith("line-159-")
         await backend.remove_container(handle)
     await request_close()
 

@@ -84,6 +84,8 @@ def _parse_node(t: _Table, warnings: list[str]) -> NodeSettings:
         log_size = memory_bytes(raw_size)
     except (ValueError, TypeError, ArithmeticError):
         raise t.error(f'container_log_max_size {_q(str(raw_size))} is not a size such as "10Mi"') from None
+    if log_size <= 0:  # would turn rotation off: the log of a chatty container would fill the disk
+        raise t.error(f'container_log_max_size {_q(str(raw_size))} must be a positive size such as "10Mi"')
     return NodeSettings(
         cgroup_root=cgroup_root,
         cgroup_driver=driver,

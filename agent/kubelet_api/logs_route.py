@@ -50,13 +50,18 @@ def _bool(values: list[str]) -> bool:
     return values[0].lower() not in ("false", "0")
 
 
+INT64 = re.compile(r"[+-]?[0-9]+")
+
+
 def _int(values: list[str]) -> int | None:
-    if values[0] == "":
+    """An int64 as Go's strconv.ParseInt(s, 10, 64) reads it (the kubelet's query decoding):
+    an optional sign and ASCII digits only, in range; anything else is 400."""
+    text = values[0]
+    if text == "":
         return None
-    try:
-        return int(values[0])
-    except ValueError:
-        raise BadQuery(400, '{"message": "Unable to decode query."}') from None
+    if INT64.fullmatch(text) and -(2**63) <= (value := int(text)) < 2**63:
+        return value
+    raise BadQuery(400, '{"message": "Unable to decode query."}')
 
 
 def parse_query(query: Any, now_ns: int | None = None) -> tuple[LogOptions, bool]:

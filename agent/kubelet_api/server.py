@@ -26,6 +26,7 @@ from agent.kubelet_api import csr, tls
 from agent.kubelet_api.authn import AuthenticationError, Authenticator
 from agent.kubelet_api.authz import AuthorizationError, Authorizer
 from agent.kubelet_api.context import KubeletAPIContext
+from agent.kubelet_api.slow_clients import GuardedSockSite, server_logger
 from common.logfmt import kv
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,12 @@ class KubeletAPIServer:
         self.authenticator = Authenticator(kube, settings.anonymous)
         self.authorizer = Authorizer(kube, ctx.node_name, settings.authorization_mode)
         app = build_app(ctx, self.authenticator, self.authorizer)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0, logger=server_logger()
+        )
         await self.runner.setup()
-        site = web.SockSite(self.runner, self.sock, ssl_context=ssl_context)
+        # Header read and TLS handshake timeouts: a client dribbling its headers is let go.
+        site = GuardedSockSite(self.runner, self.sock, ssl_context=ssl_context)
         await site.start()
         log.info(
             "kubelet API serving",
