@@ -27,6 +27,7 @@ import pytest
 from conftest import Kubectl, eventually, wait_node_ready
 
 from cgroups.manager import CgroupManager, detect_mode
+from runtimes.oci_cgroups import cgroup_mounts, remove_everywhere
 from runtimes.sandbox_records import mounts_under
 
 pytest_plugins = ["registry_fixture"]
@@ -59,6 +60,7 @@ def cgroups() -> Iterator[CgroupManager]:
     manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
     yield manager
     manager.remove(CGROUP_ROOT, kill=True)
+    remove_everywhere(CGROUP_ROOT)  # runc also makes the Pod cgroups in hierarchies the manager leaves alone
 
 
 def pod_yaml(name: str, node: str, script: str = LOOP, *, grace: int = 3, spec: str = "", ctr: str = "") -> str:
@@ -125,7 +127,8 @@ class Leftovers:
         self.name = pod["metadata"]["name"]
         self.uid = pod["metadata"]["uid"]
         self.dir = state / "pods" / f"{pod['metadata']['namespace']}_{self.name}_{self.uid}"
-        self.cgroups = [p for p in cgroups.absolute_paths(cgroups.pod_path(pod))]
+        # Every hierarchy, not only the manager's: runc makes the Pod cgroup in all of them.
+        self.cgroups = [os.path.join(mount, cgroups.pod_path(pod)) for mount in cgroup_mounts()]
         self.netns = Path(f"/run/netns/emu-{self.uid}")
         self.shims: list[tuple[int, int]] = []
         for path in self.dir.glob("*/*/state.json"):
