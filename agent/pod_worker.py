@@ -28,7 +28,7 @@ from agent.probes import ProbeWorker
 from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from common.logfmt import kv
-from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox
+from runtimes.base import Backend, BackendError, ContainerHandle, Sandbox, SandboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
         "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_write_lock", "admitted",
-        "backend", "deletion_requested", "gates", "gone", "handler_name", "handles", "host", "key", "pod", "rec",
-        "sandbox", "task", "uid", "wake",
+        "adopted", "backend", "deletion_requested", "gates", "gone", "handler_name", "handles", "host", "key", "pod",
+        "rec", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -96,6 +96,9 @@ class PodWorker:
         self.admitted = False
         # A future, not an asyncio.Event: an Event carries a deque (~0.7 kB), times thousands of Pods.
         self.deletion_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Done once the worker took over what already runs for the Pod (or found there is nothing
+        # to take over): a deletion waits for it, else it would stop nothing and leave it running.
+        self.adopted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gone = False  # the Pod object no longer exists
         self.gates: dict[str, ImageGate] | None = None  # per container, only for backends that use images
         self.wake: asyncio.Event | None = None  # set while waiting for a missing handler to appear
@@ -201,6 +204,8 @@ class PodWorker:
         life.add_done_callback(self._report_crash)
         try:
             await asyncio.shield(self.deletion_requested)  # a finished Pod stays until it is deleted
+            if not life.done():  # adopt the running containers first: termination must find them
+                await asyncio.wait({life, self.adopted}, return_when=asyncio.FIRST_COMPLETED)
             life.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await life
@@ -209,7 +214,12 @@ class PodWorker:
             life.cancel()
             self.host.release(self)
 
+    def _adoption_done(self) -> None:
+        if not self.adopted.done():
+            self.adopted.set_result(None)
+
     def _report_crash(self, life: asyncio.Task[None]) -> None:
+        self._adoption_done()
         if not life.cancelled() and life.exception():
             log.error("pod lifecycle crashed", exc_info=life.exception(), extra=kv(pod=self.key))
 
@@ -221,6 +231,8 @@ class PodWorker:
         backend = await self._resolve()
         if backend is None:
             return
+        if self.deletion_requested.done() and not await backend.has_sandbox(self.pod):
+            return  # deleted before anything of it ran here: nothing to adopt, nothing to start
         rejection = self.host.admit(self)
         if rejection:
             self._reject(rejection.reason, rejection.message, event_reason=rejection.reason)
@@ -242,6 +254,9 @@ class PodWorker:
             c.waiting("PodInitializing" if self.rec.init_containers else "ContainerCreating")
         self.mark_dirty(settle=PASSING_STATUS_SETTLE)
         await self._adopt_running()
+        self._adoption_done()
+        if self.deletion_requested.done():
+            return  # run() stops what was adopted; nothing new starts for a Pod being deleted
 
         background: list[asyncio.Task[Any]] = []
         try:
@@ -290,7 +305,8 @@ class PodWorker:
             if self.host.config.missing_handler != "retry":
                 self._reject(outcome.reason, outcome.message, event_reason=None)
                 return None
-            # The upstream behaviour, on request: stay Pending and try again.
+            # The upstream behaviour, on request: stay Pending and try again (nothing runs to adopt).
+            self._adoption_done()
             for c in self.rec.containers:
                 c.waiting("ContainerCreating")
             self.mark_dirty()
@@ -307,31 +323,58 @@ class PodWorker:
         self.mark_dirty()
 
     async def _adopt_running(self) -> None:
-        """After an agent restart, carry on with containers the status shows running."""
+        """After an agent restart, carry on with the containers that run. The backend's records on
+        disk are the truth: a container the agent started just before it died may be missing from
+        the API status (or show an older restart), and must never be started a second time."""
         assert self.backend and self.sandbox
         statuses = (self.pod.get("status") or {}).get("containerStatuses") or []
         inits = (self.pod.get("status") or {}).get("initContainerStatuses") or []
         prefix = f"{self.backend.name}://"
         specs = {c["name"]: c for c in (self.pod["spec"].get("initContainers") or []) + self.pod["spec"]["containers"]}
+        on_disk = await self.backend.recorded_containers(self.pod)
         for status in inits + statuses:
             name = status.get("name")
             if name not in specs or not str(status.get("containerID", "")).startswith(prefix):
                 continue
+            if on_disk.get(name, -1) <= status.get("restartCount", 0):
+                on_disk.pop(name, None)  # the status is up to date: adopted from it below
             rec = self.rec.container(name)
             rec.restart_count = status.get("restartCount", 0)
             last = (status.get("lastState") or {}).get("terminated")
             rec.last_terminated = last
             terminated = (status.get("state") or {}).get("terminated")
-            if rec.init and terminated and terminated.get("exitCode") == 0:
+            if rec.init and terminated and terminated.get("exitCode") == 0 and name not in on_disk:
                 rec.terminated(0, _parse_time(terminated.get("finishedAt")) or now())
                 rec.container_id = status["containerID"]
                 continue
+            if name in on_disk:
+                continue  # a newer container than the status shows: adopted from the records below
             handle = await self.backend.adopt_container(self.sandbox, self.pod, specs[name], status)
             if handle is not None:
                 self.handles[name] = handle
                 rec.running(status["containerID"], handle.started_at or now(), status.get("imageID", ""))
                 rec.ready = bool(status.get("ready"))  # probes take over from what was last reported
                 rec.startup_passed = bool(status.get("started", True))
+        for name, restart_count in on_disk.items():
+            if name not in specs:
+                continue
+            rec = self.rec.container(name)
+            rec.restart_count = restart_count  # a new start, if one is needed, gets the next count
+            recorded = {"name": name, "restartCount": restart_count}
+            handle = await self.backend.adopt_container(self.sandbox, self.pod, specs[name], recorded)
+            if handle is None:
+                continue  # made but never started (or its process is gone): started as usual
+            self.handles[name] = handle
+            spec = specs[name]
+            rec.running(
+                self.backend.container_id(handle), handle.started_at or now(), handle.image_id,
+                readiness_probe=self._probes_run(spec, "readiness"), startup_probe=self._probes_run(spec, "startup"),
+            )  # fmt: skip
+            log.info(
+                "adopted a container the pod status did not show",
+                extra=kv(pod=self.key, container=name, restart_count=restart_count),
+            )
+            self.mark_dirty()
 
     async def _run_container(self, spec: JSON, rec: ContainerRecord) -> int:
         """Run one container until it is done for good; returns its last exit code."""
@@ -481,6 +524,17 @@ class PodWorker:
                 log.exception("removing the pod sandbox failed; leftovers are cleaned up later", extra=kv(pod=self.key))
             self.rec.sandbox_ready = False
 
+    async def _purge(self) -> None:
+        """The Pod is going away: nothing it owned stays on disk (its logs included, as the kubelet
+        removes a deleted Pod's log directory)."""
+        if self.backend is None:
+            return  # never ran here in this agent's life: housekeeping removes what an earlier one left
+        ns, name = self.key.split("/", 1)
+        try:
+            await self.backend.purge_sandbox(SandboxRecord(self.uid, ns, name, self.handler_name))
+        except Exception:
+            log.exception("removing the pod's state failed; housekeeping retries", extra=kv(pod=self.key))
+
     async def _terminate(self) -> None:
         """Graceful deletion: stop with the Pod's grace period, release, delete the object."""
         grace = self._grace() if not self.gone else 0.0
@@ -498,6 +552,7 @@ class PodWorker:
                 await self.backend.remove_container(handle)
         self.handles.clear()
         await self._release_sandbox()
+        await self._purge()
         self.host.unadmit(self)
         for c in self.rec.init_containers + self.rec.containers:
             if c.state == "waiting":

@@ -17,6 +17,7 @@ from agent import state_lock
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
+from agent.housekeeping import Housekeeping
 from agent.image_pull import image_gc_loop
 from agent.kube import Kube
 from agent.kubelet_api.context import KubeletAPIContext
@@ -180,6 +181,7 @@ async def run(opts: RunOptions) -> int:
     # Made only now that nothing can fail before they run: a coroutine made and dropped on an
     # early return would be reported as never awaited.
     services = attach_services(opts.config, opts, kube, pods)
+    services.append(Housekeeping(pods).run())  # what belongs to no current Pod: at start, then every minute
     main = asyncio.create_task(agent_main(node, pods, services), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:

@@ -81,6 +81,20 @@ class ContainerExit:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class SandboxRecord:
+    """What a backend keeps on disk about one Pod's sandbox, readable without the Pod object: the
+    agent's housekeeping lists these to find what belongs to no current Pod (deleted while the
+    agent was down, say) and hands them back to purge_sandbox()."""
+
+    pod_uid: str
+    namespace: str
+    name: str
+    handler: str
+    path: str = ""  # the Pod's state directory, when the backend has one
+    cgroup: str | None = None  # the Pod's cgroup (relative to the hierarchy roots), when it has one
+
+
 @dataclass(slots=True)
 class ContainerHandle:
     """A created container. `id` is unique within the backend; `started_at` is set by start()."""
@@ -206,6 +220,29 @@ class Backend(abc.ABC):
         """After an agent restart: take over the running container that `status` (a
         containerStatuses entry) describes, or return None when it is gone."""
         return None
+
+    async def recorded_containers(self, pod: JSON) -> dict[str, int]:
+        """Container name -> the highest restart count the backend has a record of on disk for this
+        Pod (started or not). The agent adopts those before it starts anything: after a crash the
+        API status may not mention a container that runs. {} for backends with nothing on disk."""
+        return {}
+
+    # --- what the backend holds on disk, for the agent's housekeeping ----------------------------
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        """Every Pod sandbox this handler has on disk (running or not). [] when it keeps nothing."""
+        return []
+
+    async def has_sandbox(self, pod: JSON) -> bool:
+        """Whether anything of this Pod may exist (False: a Pod deleted before it started here gets
+        no sandbox at all). The default cannot know, so it says True."""
+        return True
+
+    async def purge_sandbox(self, record: SandboxRecord) -> int:
+        """Remove everything the backend holds for the Pod of `record`: its processes (shims too),
+        cgroups, network and state directory; returns how many processes it killed. Works from the
+        record alone (the Pod object may be gone). Must be idempotent."""
+        return 0
 
     async def exec(
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from oci_images import LocalImages, build_busybox_rootfs, busybox_available
 
-from agent.config import Handler
 from cgroups.manager import CgroupManager, detect_mode
 from runtimes.base import BackendContext, ContainerHandle, CreateContainerConfigError, RunContainerError, Sandbox
 from runtimes.crilog import read_logs, rotated_files
+from runtimes.handler import Handler
 from runtimes.oci.backend import OciBackend
 from runtimes.oci.cgroups import cgroup_mounts, remove_everywhere
 from runtimes.registry import backend_class

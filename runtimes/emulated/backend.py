@@ -26,6 +26,7 @@ from runtimes.base import (
     ContainerHandle,
     CreateContainerConfigError,
     Sandbox,
+    SandboxRecord,
 )
 
 PREFIX = "emulated.kubelet-emu.io/"
@@ -69,6 +70,14 @@ class EmulatedBackend(Backend):
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         return None
+
+    # Nothing on disk: nothing to list, purge or adopt from records (the API status is all there is).
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        return []
+
+    async def has_sandbox(self, pod: JSON) -> bool:
+        return False
 
     async def create_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int

@@ -50,6 +50,7 @@ from runtimes.base import (
     RunContainerError,
     Sandbox,
     SandboxError,
+    SandboxRecord,
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env
@@ -60,6 +61,14 @@ from runtimes.oci.seccomp import profile_type
 from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
 from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
+from runtimes.sandbox_records import (
+    kill_recorded_processes,
+    read_owner,
+    recorded_containers,
+    remove_pod_dir,
+    scan,
+    write_owner,
+)
 
 log = logging.getLogger("runtimes.oci")  # the name it logged under as runtimes/oci.py
 
@@ -289,6 +298,9 @@ class OciBackend(Backend):
             )
         uid = pod["metadata"]["uid"]
         spec = pod.get("spec", {})
+        # First of all: whatever follows can be found and removed again without the Pod object.
+        await asyncio.to_thread(write_owner, self._pod_dir(pod), pod, self.name, self.handler.name,
+                                self.cgroups.pod_path(pod))  # fmt: skip
         try:
             await asyncio.to_thread(self.cgroups.ensure_pod, pod, pod_resource_config(pod, self.context.pod_pids_limit))
             await asyncio.to_thread(self.cgroups.ensure_container, pod, PAUSE_CGROUP, ResourceConfig())
@@ -407,9 +419,11 @@ class OciBackend(Backend):
 
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         """Every container of the Pod, the holder, the network, mounts, cgroups. Idempotent."""
-        pod_dir = self._pod_dir(pod)
-        prefix = f"{pod['metadata']['uid']}-"
-        for container_id in await self._runtime_ids(prefix):
+        cgroup = self.cgroups.pod_path(pod) if self.cgroups is not None else None
+        await self._remove_sandbox_at(self._pod_dir(pod), pod["metadata"]["uid"], cgroup)
+
+    async def _remove_sandbox_at(self, pod_dir: Path, uid: str, pod_cgroup: str | None) -> None:
+        for container_id in await self._runtime_ids(f"{uid}-"):
             await self._run("delete", "--force", container_id)
         for config in pod_dir.glob("*/*/config.json"):
             await self._release_rootfs(config.parent)
@@ -418,15 +432,35 @@ class OciBackend(Backend):
             await self._stop_pause(record)
         if self.context.network is not None:  # idempotent: nothing to do for Pods it never set up
             with contextlib.suppress(Exception):
-                await self.context.network.teardown(pod["metadata"]["uid"])
+                await self.context.network.teardown(uid)
         await asyncio.to_thread(self._remove_pod_files, pod_dir)
-        self._volume_locks.pop(pod["metadata"]["uid"], None)
-        if self.cgroups is not None:
-            pod_path = self.cgroups.pod_path(pod)
+        self._volume_locks.pop(uid, None)
+        if self.cgroups is not None and pod_cgroup:
             with contextlib.suppress(CgroupError, OSError):
-                await asyncio.to_thread(self.cgroups.remove, pod_path)
+                await asyncio.to_thread(self.cgroups.remove, pod_cgroup)
             with contextlib.suppress(OSError, ValueError):
-                await asyncio.to_thread(remove_everywhere, pod_path)
+                await asyncio.to_thread(remove_everywhere, pod_cgroup)
+
+    # --- records on disk (agent housekeeping, adoption after a crash) ----------------------------
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        return await asyncio.to_thread(scan, self.pods_dir, self.name, self.handler.name)
+
+    async def has_sandbox(self, pod: JSON) -> bool:
+        return self._pod_dir(pod).is_dir()
+
+    async def recorded_containers(self, pod: JSON) -> dict[str, int]:
+        return await asyncio.to_thread(recorded_containers, self._pod_dir(pod))
+
+    async def purge_sandbox(self, record: SandboxRecord) -> int:
+        pod_dir = Path(record.path or self.pods_dir / f"{record.namespace}_{record.name}_{record.pod_uid}")
+        cgroup = record.cgroup or (await asyncio.to_thread(read_owner, pod_dir) or {}).get("cgroup")
+        killed = len(await self._runtime_ids(f"{record.pod_uid}-"))
+        await self._remove_sandbox_at(pod_dir, record.pod_uid, cgroup)  # runtime delete, holder, mounts, cgroups
+        killed += await asyncio.to_thread(kill_recorded_processes, pod_dir)  # shims whose container is gone
+        if not await asyncio.to_thread(remove_pod_dir, pod_dir):
+            raise OSError(f"{pod_dir}: something is still mounted inside; left in place")
+        return killed
 
     async def _runtime_ids(self, prefix: str) -> list[str]:
         """IDs the runtime knows that start with `prefix`. runc, crun and youki keep one directory
@@ -693,17 +727,24 @@ class OciBackend(Backend):
         run_dir = self._pod_dir(pod) / name / str(restart)
         try:
             state = json.loads((run_dir / "state.json").read_text())
-            started = json.loads((run_dir / "started.json").read_text())
         except (OSError, ValueError):
             return None
         if "error" in state:
             return None
         container_id = self._container_id(pod, name, restart)
         exited = (run_dir / "exit.json").exists()
+        runtime_state = None
         if not exited:
             runtime_state = await self.runtime_state(container_id)
             if runtime_state is None or not alive(state["shim_pid"], state["shim_start_ticks"]):
                 return None
+        try:
+            started = json.loads((run_dir / "started.json").read_text())
+        except (OSError, ValueError):
+            # Killed between `start` and the record of it: the runtime knows whether it runs.
+            if not exited and (runtime_state or {}).get("status") not in ("running", "paused"):
+                return None  # created, never started: create_container makes it afresh
+            started = {"started_at": state.get("created_at") or _now().isoformat()}
         handle = ContainerHandle(id=container_id, name=name, image=container.get("image", ""),
                                  image_id=status.get("imageID", ""))  # fmt: skip
         cgroup_rel = self.cgroups.container_path(pod, name) if self.cgroups else f"kubelet-emu/{name}"

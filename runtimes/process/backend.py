@@ -36,11 +36,20 @@ from runtimes.base import (
     RunContainerError,
     Sandbox,
     SandboxError,
+    SandboxRecord,
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container
+from runtimes.sandbox_records import (
+    kill_recorded_processes,
+    read_owner,
+    recorded_containers,
+    remove_pod_dir,
+    scan,
+    write_owner,
+)
 
 SHIM_START_TIMEOUT = 10.0
 
@@ -82,13 +91,14 @@ class ProcessBackend(Backend):
     async def create_sandbox(self, pod: JSON) -> Sandbox:
         if self.cgroups is None:
             raise SandboxError("the process backend needs cgroups: run the agent as root on a cgroup v1 or v2 host")
+        pod_dir = self.pods_dir / pod_dir_name(pod)
+        # First of all: whatever follows can be found and removed again without the Pod object.
+        await asyncio.to_thread(write_owner, pod_dir, pod, self.name, self.handler.name, self.cgroups.pod_path(pod))
         config = pod_resource_config(pod, self.context.pod_pids_limit)
         try:
             await asyncio.to_thread(self.cgroups.ensure_pod, pod, config)
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
-        pod_dir = self.pods_dir / pod_dir_name(pod)
-        pod_dir.mkdir(parents=True, exist_ok=True)
         # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
@@ -101,6 +111,31 @@ class ProcessBackend(Backend):
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
         (self.pods_dir / pod_dir_name(pod) / "pod.json").unlink(missing_ok=True)
+
+    # --- records on disk (agent housekeeping, adoption after a crash) ----------------------------
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        return await asyncio.to_thread(scan, self.pods_dir, self.name, self.handler.name)
+
+    async def has_sandbox(self, pod: JSON) -> bool:
+        return (self.pods_dir / pod_dir_name(pod)).is_dir()
+
+    async def recorded_containers(self, pod: JSON) -> dict[str, int]:
+        return await asyncio.to_thread(recorded_containers, self.pods_dir / pod_dir_name(pod))
+
+    async def purge_sandbox(self, record: SandboxRecord) -> int:
+        pod_dir = Path(record.path or self.pods_dir / f"{record.namespace}_{record.name}_{record.pod_uid}")
+        cgroup = record.cgroup or (await asyncio.to_thread(read_owner, pod_dir) or {}).get("cgroup")
+        killed = await asyncio.to_thread(kill_recorded_processes, pod_dir)
+        if self.cgroups is not None and cgroup:
+            with contextlib.suppress(CgroupError, OSError, ValueError):
+                killed += len(await asyncio.to_thread(self.cgroups.pids, cgroup))
+                await asyncio.to_thread(self.cgroups.remove, cgroup)  # kills what is left, forks included
+        if self.context.network is not None:
+            await self.context.network.teardown(record.pod_uid)  # idempotent
+        if not await asyncio.to_thread(remove_pod_dir, pod_dir):
+            raise OSError(f"{pod_dir}: something is still mounted inside; left in place")
+        return killed
 
     # --- containers --------------------------------------------------------------------------------
 
@@ -278,8 +313,11 @@ class ProcessBackend(Backend):
         restart = status.get("restartCount", 0)
         run_dir = self._container_dir(pod, container["name"]) / str(restart)
         try:
-            state = json.loads((run_dir / "agent.json").read_text())
             spec = json.loads((run_dir / "spec.json").read_text())
+            if (run_dir / "agent.json").exists():
+                state = json.loads((run_dir / "agent.json").read_text())
+            else:  # the agent died between the shim's start and its own record: the shim's is the truth
+                state = json.loads((run_dir / "state.json").read_text())
         except (OSError, ValueError):
             return None
         exited = (run_dir / "exit.json").exists()
