@@ -63,6 +63,8 @@ _HANDLER_KEYS = {
     "runtime_args",
     "allow_host_path",
     "allow_privileged",
+    "default_run_as_user",
+    "default_run_as_group",
     "features",
     "options",
 }
@@ -105,6 +107,9 @@ class Handler:
     runtime_args: tuple[str, ...] = ()
     allow_host_path: bool = False
     allow_privileged: bool = False
+    # process backend: the user and group of containers whose securityContext names none (nobody).
+    default_run_as_user: int = 65534
+    default_run_as_group: int = 65534
     user_namespaces: bool = False
     recursive_read_only_mounts: bool = False
     # Compared but not hashed (a dict is not hashable). Plain dicts, copied on construction, so
@@ -347,6 +352,14 @@ class _Candidate:
 _Imported = tuple[list[_Candidate], _Table | None, str | None]
 
 
+def _id(t: _Table, key: str) -> int:
+    """A uid or gid; 65534 (nobody, nogroup) when not set."""
+    value = t.int_(key, 65534)
+    if not 0 <= value < 2**32 - 1:
+        raise t.error(f"{key} must be a uid/gid from 0 to 4294967294, not {value}")
+    return value
+
+
 def _parse_native(t: _Table, name: str, warnings: list[str]) -> _Candidate:
     t.warn_unknown(_HANDLER_KEYS, warnings)
     features = t.table("features")
@@ -362,6 +375,8 @@ def _parse_native(t: _Table, name: str, warnings: list[str]) -> _Candidate:
         runtime_args=tuple(t.str_list("runtime_args")),
         allow_host_path=t.bool_("allow_host_path", False),
         allow_privileged=t.bool_("allow_privileged", False),
+        default_run_as_user=_id(t, "default_run_as_user"),
+        default_run_as_group=_id(t, "default_run_as_group"),
         user_namespaces=features.bool_("user_namespaces", False),
         recursive_read_only_mounts=features.bool_("recursive_read_only_mounts", False),
         options=t.table("options").data,  # free-form: the backend checks its own options

@@ -27,6 +27,7 @@ from agent.node_status import NodeFacts
 from agent.pod_network import NodePodNetwork, pod_networks
 from agent.pods import PodController
 from agent.tls_memory import shrink_tls_read_buffers
+from runtimes.process_security import node_credential_paths
 from runtimes.registry import backend_class, known_backends
 
 log = logging.getLogger("agent")
@@ -137,6 +138,9 @@ async def run(opts: RunOptions) -> int:
     node = NodeAgent(kube, facts)
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
+    pods.node_credentials = tuple(
+        node_credential_paths(opts.kubeconfig, (api_settings.tls_cert_file, api_settings.tls_key_file))
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

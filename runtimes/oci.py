@@ -59,6 +59,7 @@ from runtimes.oci_seccomp import profile_type
 from runtimes.oci_spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
 from runtimes.oci_stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci_volumes import prepare_pod_volumes, remove_pod_volumes
+from runtimes.private_files import private_dir, remove_tree, write_private
 from runtimes.process import _alive, _parse_time, _process_exit, pod_dir_name
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ class OciBackend(Backend):
             await asyncio.to_thread(self.cgroups.ensure_container, pod, PAUSE_CGROUP, ResourceConfig())
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
-        pod_dir = self._pod_dir(pod)
+        pod_dir = private_dir(self._pod_dir(pod))  # config.json can hold Secret values
         (pod_dir / "etc").mkdir(parents=True, exist_ok=True)
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
@@ -452,6 +453,7 @@ class OciBackend(Backend):
             shutil.rmtree(pod_dir / name, ignore_errors=True)
         for name in ("sandbox.json", "pause.json", "pod.json"):
             (pod_dir / name).unlink(missing_ok=True)
+        remove_tree(pod_dir)  # container specs (environments with Secret values) and logs go with the Pod
 
     # --- containers --------------------------------------------------------------------------------
 
@@ -485,7 +487,8 @@ class OciBackend(Backend):
             await self._run("delete", "--force", container_id)
             await self._release_rootfs(run_dir)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
-        run_dir.mkdir(parents=True)
+        private_dir(run_dir.parent)
+        run_dir.mkdir(mode=0o700)
         try:
             rootfs = Path(await self.context.images.prepare_rootfs(image, run_dir))
         except Exception as exc:
@@ -531,7 +534,7 @@ class OciBackend(Backend):
         except CreateContainerConfigError:
             await self._release_rootfs(run_dir)
             raise
-        (run_dir / "config.json").write_text(json.dumps(spec, indent=1))
+        write_private(run_dir / "config.json", json.dumps(spec, indent=1))
         shim_spec = {
             "runtime": self.runtime,
             "id": container_id,

@@ -25,7 +25,6 @@ from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import container_resource_config, pod_resource_config
-from network.netns import enter_netns_preexec
 from runtimes.base import (
     JSON,
     Backend,
@@ -39,7 +38,9 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, expand
-from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container
+from runtimes.private_files import private_dir, remove_tree, write_private
+from runtimes.process_exec import attach_to_container, connect_in_pod, exec_in_container, run_in_container
+from runtimes.process_security import NODE_SECRET_PATHS, resolve
 from runtimes.shim import proc_start_ticks
 
 SHIM_START_TIMEOUT = 10.0
@@ -123,8 +124,7 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(self.cgroups.ensure_pod, pod, config)
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
-        pod_dir = self.pods_dir / pod_dir_name(pod)
-        pod_dir.mkdir(parents=True, exist_ok=True)
+        pod_dir = private_dir(self.pods_dir / pod_dir_name(pod))  # spec.json can hold Secret values
         # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
@@ -136,7 +136,7 @@ class ProcessBackend(Backend):
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
-        (self.pods_dir / pod_dir_name(pod) / "pod.json").unlink(missing_ok=True)
+        await asyncio.to_thread(remove_tree, self.pods_dir / pod_dir_name(pod))  # logs and specs go with the Pod
 
     # --- containers --------------------------------------------------------------------------------
 
@@ -164,16 +164,16 @@ class ProcessBackend(Backend):
         base_env["HOSTNAME"] = pod["metadata"]["name"]
         full_env = {**base_env, **env}
 
-        cdir = self._container_dir(pod, name)
+        security = await asyncio.to_thread(resolve, pod, container, self.handler, self._hidden_paths())
+        cdir = private_dir(self._container_dir(pod, name))
         run_dir = cdir / str(restart_count)
         if run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cwd = container.get("workingDir") or str(self.pods_dir / pod_dir_name(pod))
+        private_dir(run_dir)
+        cwd = container.get("workingDir") or "/"  # as the kubelet: the image's, else /; never the agent's
         if not os.path.isdir(cwd):
             raise CreateContainerError(f"container {name}: workingDir {cwd} does not exist on this host")
 
-        security = {**(pod["spec"].get("securityContext") or {}), **(container.get("securityContext") or {})}
         cgroup_procs: list[str] = []
         oom_before = 0
         if self.cgroups is not None:
@@ -186,8 +186,9 @@ class ProcessBackend(Backend):
             "argv": argv,
             "env": full_env,
             "cwd": cwd,
-            "uid": security.get("runAsUser"),
-            "gid": security.get("runAsGroup"),
+            "uid": security["uid"],
+            "gid": security["gid"],
+            "security": security,  # enforced by the child before exec: runtimes/process_confine.py
             "cgroup_procs": cgroup_procs,
             "netns": sandbox.netns,
             "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
@@ -196,7 +197,7 @@ class ProcessBackend(Backend):
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
         }
-        (run_dir / "spec.json").write_text(json.dumps(spec))
+        write_private(run_dir / "spec.json", json.dumps(spec))
         handle = ContainerHandle(
             id=f"{pod['metadata']['uid'][:8]}-{name}-{restart_count}",
             name=name,
@@ -230,7 +231,7 @@ class ProcessBackend(Backend):
             await asyncio.sleep(0.01)
         state = json.loads(state_file.read_text())
         state["oom_before"] = handle.extra.get("oom_before", 0)
-        (run_dir / "agent.json").write_text(json.dumps(state))
+        write_private(run_dir / "agent.json", json.dumps(state))
         handle.extra["state"] = state
         handle.started_at = _parse_time(state["started_at"])
 
@@ -330,37 +331,17 @@ class ProcessBackend(Backend):
     async def exec(
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None
     ) -> tuple[int, bytes]:
-        """Run a command as the container would: its cgroup, user, directory and environment."""
-        spec = handle.extra["spec"]
+        """Run a command as the container would: its cgroup, network and mount namespaces, user,
+        capabilities, seccomp, directory and environment (exec probes, preStop hooks)."""
         if not command:
             raise RunContainerError("exec: empty command")
+        return await run_in_container(handle, command, timeout)
 
-        join_netns = enter_netns_preexec(spec["netns"]) if spec.get("netns") else None
-
-        def enter() -> None:
-            if join_netns is not None:  # exec probes see the Pod's network, as the container does
-                join_netns()
-            for procs in spec["cgroup_procs"]:
-                with open(procs, "w") as f:
-                    f.write("0")
-            if spec.get("gid") is not None:
-                os.setgroups([])
-                os.setgid(spec["gid"])
-            if spec.get("uid") is not None:
-                os.setuid(spec["uid"])
-
-        proc = await asyncio.create_subprocess_exec(
-            *command, env=spec["env"], cwd=spec["cwd"], preexec_fn=enter, start_new_session=True,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise
-        return proc.returncode or 0, out
+    def _hidden_paths(self) -> list[str]:
+        """What a container's mount view hides: the agent's state (every Pod's files), the node's
+        credentials, and the handler's own `hidden_paths` option."""
+        extra = self.handler.options.get("hidden_paths") or []
+        return [str(self.pods_dir.parent), *NODE_SECRET_PATHS, *self.context.node_credentials, *map(str, extra)]
 
     # --- streaming (runtimes/process_exec.py) ----------------------------------------------------
 
