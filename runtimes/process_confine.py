@@ -222,7 +222,7 @@ def drop_privileges(security: dict[str, Any], seccomp: bytes | None, nodev: bool
     os.setgroups(list(security.get("groups") or []))
     os.setgid(gid)
     if uid == 0:
-        _capset(mask)  # what execve leaves root with anyway (the bounding set); inheritable none
+        _capset(mask & _permitted())  # what execve leaves root with (the bounding set); inheritable none
     else:
         _capset(0xFFFFFFFFFFFFFFFF & ((1 << (last + 1)) - 1) & _permitted())  # inheritable cleared first
         os.setuid(uid)  # without PR_SET_KEEPCAPS: permitted and effective are now empty

@@ -210,8 +210,10 @@ async def test_oci_and_process_pods_reach_each_other_by_ip(kubectl, node, busybo
     web = await eventually(lambda: running(kubectl, "oci-web"), 60, what="oci-web Running")
     ip = web["status"]["podIP"]
     fetch = f"import urllib.request as u; assert b'busybox' in u.urlopen('http://{ip}:8080/', timeout=5).read()"
-    await kubectl.apply(pod("proc-client", name, PROCS, {"image": "host", "command": [sys.executable, "-c", fetch]},
-                            restartPolicy="Never"))  # fmt: skip
+    # Root: sys.executable may live under /root (pyenv), which the process handler's default user cannot enter.
+    as_root = {"runAsUser": 0}
+    client = {"image": "host", "command": [sys.executable, "-c", fetch], "securityContext": as_root}
+    await kubectl.apply(pod("proc-client", name, PROCS, client, restartPolicy="Never"))
 
     async def finished():
         obj = await kubectl.get("pod", "proc-client")
@@ -221,7 +223,7 @@ async def test_oci_and_process_pods_reach_each_other_by_ip(kubectl, node, busybo
     assert done["status"]["phase"] == "Succeeded", done["status"]
     # And the other way: a process Pod serves, an OCI Pod fetches with busybox wget.
     serve = [sys.executable, "-m", "http.server", "8081", "--bind", "0.0.0.0"]
-    await kubectl.apply(pod("proc-web", name, PROCS, {"image": "host", "command": serve}))
+    await kubectl.apply(pod("proc-web", name, PROCS, {"image": "host", "command": serve, "securityContext": as_root}))
     proc_ip = (await eventually(lambda: running(kubectl, "proc-web"), 60, what="proc-web Running"))["status"]["podIP"]
     get = {
         "image": busybox_ref,
