@@ -121,9 +121,7 @@ def check_python_packages(extras: Iterable[str] = ()) -> list[Check]:
             importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             missing.append(f"{name}{spec}")
-            checks.append(
-                Check(f"python package {name}", False, "not installed", f"pip install '{name}{spec}'")
-            )
+            checks.append(Check(f"python package {name}", False, "not installed", f"pip install '{name}{spec}'"))
     if not missing:
         checks.append(Check("python packages", True, f"{len(requirements)} of {len(requirements)} installed"))
     return checks
