@@ -55,7 +55,7 @@ def now() -> datetime:
 class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
-        "_flush_pending", "_last_written", "_override", "_write_lock", "admitted", "backend", "c",
+        "_flush_pending", "_last_written", "_override", "_spent_sandbox", "_write_lock", "admitted", "backend", "c",
         "deletion_requested", "gates", "gone", "handler_name", "handles", "key", "pod", "rec", "sandbox", "task", "uid",
         "wake",
     )  # fmt: skip
@@ -70,6 +70,7 @@ class PodWorker:
         self.backend: Backend | None = None
         self.handler_name = ""
         self.sandbox: Sandbox | None = None
+        self._spent_sandbox: Sandbox | None = None  # released when the Pod finished; removed for good at deletion
         self.handles: dict[str, ContainerHandle] = {}
         self.admitted = False
         # A future, not an asyncio.Event: an Event carries a deque (~0.7 kB), times thousands of Pods.
@@ -436,11 +437,17 @@ class PodWorker:
 
         await asyncio.gather(*(stop(n, h) for n, h in list(self.handles.items())))
 
-    async def _release_sandbox(self) -> None:
-        if self.backend and self.sandbox:
-            sandbox, self.sandbox = self.sandbox, None
+    async def _release_sandbox(self, deleting: bool = False) -> None:
+        """Free the sandbox; the Pod's files (logs) stay until the Pod is deleted: backends see that
+        by the deletionTimestamp of the Pod they are given."""
+        sandbox = self.sandbox or (self._spent_sandbox if deleting else None)
+        if self.backend and sandbox:
+            self.sandbox, self._spent_sandbox = None, (None if deleting else sandbox)
+            pod = self.pod
+            if deleting and not pod["metadata"].get("deletionTimestamp"):  # gone without one: deleted all the same
+                pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": now().isoformat()}}
             try:
-                await self.backend.remove_sandbox(sandbox, self.pod)
+                await self.backend.remove_sandbox(sandbox, pod)
             except Exception:  # a leftover must never keep a deleted Pod from going away
                 log.exception("removing the pod sandbox failed; leftovers are cleaned up later", extra=kv(pod=self.key))
             self.rec.sandbox_ready = False
@@ -461,7 +468,7 @@ class PodWorker:
                         rec.terminated(137, now(), "Error", "did not stop in time")
                 await self.backend.remove_container(handle)
         self.handles.clear()
-        await self._release_sandbox()
+        await self._release_sandbox(deleting=True)
         self.c.unadmit(self)
         for c in self.rec.init_containers + self.rec.containers:
             if c.state == "waiting":

@@ -420,7 +420,7 @@ class OciBackend(Backend):
         if self.context.network is not None:  # idempotent: nothing to do for Pods it never set up
             with contextlib.suppress(Exception):
                 await self.context.network.teardown(pod["metadata"]["uid"])
-        await asyncio.to_thread(self._remove_pod_files, pod_dir)
+        await asyncio.to_thread(self._remove_pod_files, pod_dir, bool(pod["metadata"].get("deletionTimestamp")))
         self._volume_locks.pop(pod["metadata"]["uid"], None)
         if self.cgroups is not None:
             pod_path = self.cgroups.pod_path(pod)
@@ -442,7 +442,7 @@ class OciBackend(Backend):
         return sorted({i for i in ids if i.startswith(prefix)})
 
     @staticmethod
-    def _remove_pod_files(pod_dir: Path) -> None:
+    def _remove_pod_files(pod_dir: Path, deleted: bool = True) -> None:
         remove_pod_volumes(pod_dir)
         shm = pod_dir / "shm"
         if os.path.ismount(shm):
@@ -453,7 +453,11 @@ class OciBackend(Backend):
             shutil.rmtree(pod_dir / name, ignore_errors=True)
         for name in ("sandbox.json", "pause.json", "pod.json"):
             (pod_dir / name).unlink(missing_ok=True)
-        remove_tree(pod_dir)  # container specs (environments with Secret values) and logs go with the Pod
+        if deleted:
+            remove_tree(pod_dir)  # container specs (environments with Secret values) and logs go with the Pod
+        else:  # finished, not deleted: its logs stay readable; specs (with Secret values) go now
+            for config in pod_dir.glob("*/*/config.json"):
+                config.unlink(missing_ok=True)
 
     # --- containers --------------------------------------------------------------------------------
 

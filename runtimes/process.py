@@ -136,7 +136,12 @@ class ProcessBackend(Backend):
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
-        await asyncio.to_thread(remove_tree, self.pods_dir / pod_dir_name(pod))  # logs and specs go with the Pod
+        pod_dir = self.pods_dir / pod_dir_name(pod)
+        if pod["metadata"].get("deletionTimestamp"):
+            await asyncio.to_thread(remove_tree, pod_dir)  # logs and specs go with the Pod
+        else:  # finished, not deleted: its logs stay readable; specs (with Secret values) go now
+            for spec in pod_dir.glob("*/*/spec.json"):
+                spec.unlink(missing_ok=True)
 
     # --- containers --------------------------------------------------------------------------------
 
