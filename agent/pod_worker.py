@@ -77,9 +77,9 @@ class PodHost(PullSite, Protocol):
 class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
-        "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_write_lock", "admitted",
-        "adopted", "backend", "deletion_requested", "gates", "gone", "handler_name", "handles", "host", "key", "pod",
-        "rec", "sandbox", "task", "uid", "wake",
+        "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_spent_sandbox",
+        "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone", "handler_name",
+        "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -92,6 +92,7 @@ class PodWorker:
         self.backend: Backend | None = None
         self.handler_name = ""
         self.sandbox: Sandbox | None = None
+        self._spent_sandbox: Sandbox | None = None  # released when the Pod finished; removed for good at deletion
         self.handles: dict[str, ContainerHandle] = {}
         self.admitted = False
         # A future, not an asyncio.Event: an Event carries a deque (~0.7 kB), times thousands of Pods.
@@ -515,11 +516,17 @@ class PodWorker:
 
         await asyncio.gather(*(stop(n, h) for n, h in list(self.handles.items())))
 
-    async def _release_sandbox(self) -> None:
-        if self.backend and self.sandbox:
-            sandbox, self.sandbox = self.sandbox, None
+    async def _release_sandbox(self, deleting: bool = False) -> None:
+        """Free the sandbox; the Pod's files (logs) stay until the Pod is deleted: backends see that
+        by the deletionTimestamp of the Pod they are given."""
+        sandbox = self.sandbox or (self._spent_sandbox if deleting else None)
+        if self.backend and sandbox:
+            self.sandbox, self._spent_sandbox = None, (None if deleting else sandbox)
+            pod = self.pod
+            if deleting and not pod["metadata"].get("deletionTimestamp"):  # gone without one: deleted all the same
+                pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": now().isoformat()}}
             try:
-                await self.backend.remove_sandbox(sandbox, self.pod)
+                await self.backend.remove_sandbox(sandbox, pod)
             except Exception:  # a leftover must never keep a deleted Pod from going away
                 log.exception("removing the pod sandbox failed; leftovers are cleaned up later", extra=kv(pod=self.key))
             self.rec.sandbox_ready = False
@@ -551,7 +558,7 @@ class PodWorker:
                         rec.terminated(137, now(), "Error", "did not stop in time")
                 await self.backend.remove_container(handle)
         self.handles.clear()
-        await self._release_sandbox()
+        await self._release_sandbox(deleting=True)
         await self._purge()
         self.host.unadmit(self)
         for c in self.rec.init_containers + self.rec.containers:

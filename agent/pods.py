@@ -87,6 +87,7 @@ class PodController:
         self.node = node
         self.config = config
         self.state_dir = state_dir
+        self.node_credentials: tuple[str, ...] = ()  # set by the runner: hidden from process containers
         self.events = events
         self.host_ip = node.facts.internal_ip
         self.workers: dict[str, PodWorker] = {}
@@ -209,6 +210,7 @@ class PodController:
                 log_max_files=node.container_log_max_files,
                 images=self.images,
                 network=self.network,
+                node_credentials=self.node_credentials,
             )
             backend = metrics.instrument_backend(backend_class(handler.backend)(handler, context))
             self.backends[handler_name] = backend

@@ -30,6 +30,7 @@ from agent.pods import PodController
 from agent.reset import write_node_record
 from agent.tls_memory import shrink_tls_read_buffers
 from common.logfmt import kv
+from runtimes.process.security import node_credential_paths
 from runtimes.registry import backend_class, known_backends
 
 log = logging.getLogger("agent")
@@ -152,6 +153,9 @@ async def run(opts: RunOptions) -> int:
     events = EventRecorder(kube, opts.node_name, policy=opts.config.events)
     pods = PodController(kube, node, opts.config, opts.state_dir, events)
     node.recovery_hooks += [pods.pods.retry_now, pods.runtime_classes.retry_now]
+    pods.node_credentials = tuple(
+        node_credential_paths(opts.kubeconfig, (api_settings.tls_cert_file, api_settings.tls_key_file))
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -145,6 +145,7 @@ class BackendContext:
     log_max_files: int = 5
     images: Any = None  # images.service.ImageService: pulls and unpacks images (oci backend)
     network: Any = None  # network.pods.PodNetworks: per-Pod namespaces and IPs, or None when off
+    node_credentials: tuple[str, ...] = ()  # files and directories Pods must not see (process backend)
 
 
 class Backend(abc.ABC):

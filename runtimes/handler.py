@@ -19,6 +19,9 @@ class Handler:
     runtime_args: tuple[str, ...] = ()
     allow_host_path: bool = False
     allow_privileged: bool = False
+    # process backend: the user and group of containers whose securityContext names none (nobody).
+    default_run_as_user: int = 65534
+    default_run_as_group: int = 65534
     user_namespaces: bool = False
     recursive_read_only_mounts: bool = False
     # Compared but not hashed (a dict is not hashable). Plain dicts, copied on construction, so

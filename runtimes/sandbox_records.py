@@ -43,7 +43,7 @@ def write_owner(pod_dir: Path, pod: dict[str, Any], backend: str, handler: str, 
         "handler": handler,
         "cgroup": cgroup,
     }
-    pod_dir.mkdir(parents=True, exist_ok=True)
+    pod_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # what lies below can hold Secret values
     path = pod_dir / OWNER_FILE
     if path.exists():
         return

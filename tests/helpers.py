@@ -12,6 +12,7 @@ import struct
 import subprocess
 import termios
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +104,16 @@ def free_test_cidr(prefix: str, seed: int) -> str:
         if f"{prefix}.{x}." not in routes:
             return f"{prefix}.{x}.0/24"
     raise RuntimeError(f"no free {prefix}.X.0/24 on this host")
+
+
+def exposed_files(state: Path, value: str) -> list[str]:
+    """Files under `state` holding `value` that another user could read if the state directory
+    itself were open: other-readable, with every directory below `state` other-searchable."""
+    found = []
+    for f in state.rglob("*"):
+        if not f.is_file() or f.is_symlink() or value.encode() not in f.read_bytes():
+            continue
+        dirs = [d for d in f.parents if d.is_relative_to(state) and d != state]
+        if f.stat().st_mode & 0o004 and all(d.stat().st_mode & 0o001 for d in dirs):
+            found.append(str(f))
+    return found

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Kubectl, eventually, free_port, wait_node_ready
-from helpers import check_exec_tty_and_resize
+from helpers import check_exec_tty_and_resize, exposed_files
 
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
@@ -210,8 +210,10 @@ async def test_oci_and_process_pods_reach_each_other_by_ip(kubectl, node, busybo
     web = await eventually(lambda: running(kubectl, "oci-web"), 60, what="oci-web Running")
     ip = web["status"]["podIP"]
     fetch = f"import urllib.request as u; assert b'busybox' in u.urlopen('http://{ip}:8080/', timeout=5).read()"
-    await kubectl.apply(pod("proc-client", name, PROCS, {"image": "host", "command": [sys.executable, "-c", fetch]},
-                            restartPolicy="Never"))  # fmt: skip
+    # Root: sys.executable may live under /root (pyenv), which the process handler's default user cannot enter.
+    as_root = {"runAsUser": 0}
+    client = {"image": "host", "command": [sys.executable, "-c", fetch], "securityContext": as_root}
+    await kubectl.apply(pod("proc-client", name, PROCS, client, restartPolicy="Never"))
 
     async def finished():
         obj = await kubectl.get("pod", "proc-client")
@@ -221,7 +223,7 @@ async def test_oci_and_process_pods_reach_each_other_by_ip(kubectl, node, busybo
     assert done["status"]["phase"] == "Succeeded", done["status"]
     # And the other way: a process Pod serves, an OCI Pod fetches with busybox wget.
     serve = [sys.executable, "-m", "http.server", "8081", "--bind", "0.0.0.0"]
-    await kubectl.apply(pod("proc-web", name, PROCS, {"image": "host", "command": serve}))
+    await kubectl.apply(pod("proc-web", name, PROCS, {"image": "host", "command": serve, "securityContext": as_root}))
     proc_ip = (await eventually(lambda: running(kubectl, "proc-web"), 60, what="proc-web Running"))["status"]["podIP"]
     get = {
         "image": busybox_ref,
@@ -381,3 +383,35 @@ async def test_image_pull_secret_for_a_private_registry(kubectl, node, private_r
         assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
     finally:
         await kubectl.run("delete", "secret", "regcred", check=False)
+
+
+async def test_secret_volume_on_tmpfs_and_config_private(kubectl, node, busybox_ref):
+    """Issue 16: Secret volumes live in memory, config.json (with secretKeyRef values) is 0600 in
+    0700 directories, and all of it goes with the Pod."""
+    name, _, state = node
+    value = f"s3cret-{uuid.uuid4().hex}"
+    secret = f"sec-{uuid.uuid4().hex[:6]}"
+    await kubectl("create", "secret", "generic", secret, f"--from-literal=password={value}")
+    container = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", "cat /s/password; sleep 3600"],
+        "env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}],
+        "volumeMounts": [{"name": "s", "mountPath": "/s"}],
+    }
+    await kubectl.apply(
+        pod("secret-box", name, ISOLATED, container, volumes=[{"name": "s", "secret": {"secretName": secret}}])
+    )
+    obj = await eventually(lambda: running(kubectl, "secret-box"), 60, what="secret-box Running")
+    pod_dir = state / "pods" / f"default_secret-box_{obj['metadata']['uid']}"
+    volume = pod_dir / "volumes" / "s"
+    mounts = {line.split()[1]: line.split()[2] for line in Path("/proc/mounts").read_text().splitlines()}
+    assert mounts.get(str(volume)) == "tmpfs", "the Secret volume is not on a tmpfs"
+    config = pod_dir / "c" / "0" / "config.json"
+    assert value in config.read_text()
+    assert config.stat().st_mode & 0o077 == 0 and config.parent.stat().st_mode & 0o077 == 0
+    assert pod_dir.stat().st_mode & 0o077 == 0
+    assert exposed_files(state, value) == [], "Secret values readable by other users"
+    await kubectl("delete", "pod", "secret-box", "--wait=true", "--timeout=60s")
+    await eventually(lambda: asyncio.sleep(0, not pod_dir.exists()), 15, what="the Pod's directory removed")
+    assert str(volume) not in Path("/proc/mounts").read_text()
+    await kubectl("delete", "secret", secret)

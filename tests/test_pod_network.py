@@ -55,6 +55,8 @@ def pod(name: str, node: str, command: list[str], **spec: object) -> str:
                 "nodeName": node,
                 "terminationGracePeriodSeconds": 1,
                 "containers": [{"name": "c", "image": "host", "command": command}],
+                # Root: sys.executable may live under /root (pyenv), which the default user cannot enter.
+                "securityContext": {"runAsUser": 0},
                 **spec,
             },
         }

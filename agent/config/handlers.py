@@ -28,6 +28,8 @@ _HANDLER_KEYS = {
     "runtime_args",
     "allow_host_path",
     "allow_privileged",
+    "default_run_as_user",
+    "default_run_as_group",
     "features",
     "options",
 }
@@ -65,6 +67,14 @@ class _Candidate:
 _Imported = tuple[list[_Candidate], _Table | None, str | None]
 
 
+def _id(t: _Table, key: str) -> int:
+    """A uid or gid; 65534 (nobody, nogroup) when not set."""
+    value = t.int_(key, 65534)
+    if not 0 <= value < 2**32 - 1:
+        raise t.error(f"{key} must be a uid/gid from 0 to 4294967294, not {value}")
+    return value
+
+
 def _parse_native(t: _Table, name: str, warnings: list[str]) -> _Candidate:
     t.warn_unknown(_HANDLER_KEYS, warnings)
     features = t.table("features")
@@ -80,6 +90,8 @@ def _parse_native(t: _Table, name: str, warnings: list[str]) -> _Candidate:
         runtime_args=tuple(t.str_list("runtime_args")),
         allow_host_path=t.bool_("allow_host_path", False),
         allow_privileged=t.bool_("allow_privileged", False),
+        default_run_as_user=_id(t, "default_run_as_user"),
+        default_run_as_group=_id(t, "default_run_as_group"),
         user_namespaces=features.bool_("user_namespaces", False),
         recursive_read_only_mounts=features.bool_("recursive_read_only_mounts", False),
         options=t.table("options").data,  # free-form: the backend checks its own options

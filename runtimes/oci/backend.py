@@ -61,6 +61,7 @@ from runtimes.oci.seccomp import profile_type
 from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
 from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
+from runtimes.private_files import private_dir, remove_tree, write_private
 from runtimes.sandbox_records import (
     kill_recorded_processes,
     read_owner,
@@ -306,7 +307,7 @@ class OciBackend(Backend):
             await asyncio.to_thread(self.cgroups.ensure_container, pod, PAUSE_CGROUP, ResourceConfig())
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
-        pod_dir = self._pod_dir(pod)
+        pod_dir = private_dir(self._pod_dir(pod))  # config.json can hold Secret values
         (pod_dir / "etc").mkdir(parents=True, exist_ok=True)
         record = {"pod": pod, "handler": self.handler.name, "backend": self.name, "cgroup": self.cgroups.pod_path(pod)}
         (pod_dir / "pod.json").write_text(json.dumps(record))
@@ -420,9 +421,10 @@ class OciBackend(Backend):
     async def remove_sandbox(self, sandbox: Sandbox, pod: JSON) -> None:
         """Every container of the Pod, the holder, the network, mounts, cgroups. Idempotent."""
         cgroup = self.cgroups.pod_path(pod) if self.cgroups is not None else None
-        await self._remove_sandbox_at(self._pod_dir(pod), pod["metadata"]["uid"], cgroup)
+        deleted = bool(pod["metadata"].get("deletionTimestamp"))  # a finished Pod keeps its logs until then
+        await self._remove_sandbox_at(self._pod_dir(pod), pod["metadata"]["uid"], cgroup, deleted)
 
-    async def _remove_sandbox_at(self, pod_dir: Path, uid: str, pod_cgroup: str | None) -> None:
+    async def _remove_sandbox_at(self, pod_dir: Path, uid: str, pod_cgroup: str | None, deleted: bool = True) -> None:
         for container_id in await self._runtime_ids(f"{uid}-"):
             await self._run("delete", "--force", container_id)
         for config in pod_dir.glob("*/*/config.json"):
@@ -433,7 +435,7 @@ class OciBackend(Backend):
         if self.context.network is not None:  # idempotent: nothing to do for Pods it never set up
             with contextlib.suppress(Exception):
                 await self.context.network.teardown(uid)
-        await asyncio.to_thread(self._remove_pod_files, pod_dir)
+        await asyncio.to_thread(self._remove_pod_files, pod_dir, deleted)
         self._volume_locks.pop(uid, None)
         if self.cgroups is not None and pod_cgroup:
             with contextlib.suppress(CgroupError, OSError):
@@ -475,7 +477,7 @@ class OciBackend(Backend):
         return sorted({i for i in ids if i.startswith(prefix)})
 
     @staticmethod
-    def _remove_pod_files(pod_dir: Path) -> None:
+    def _remove_pod_files(pod_dir: Path, deleted: bool = True) -> None:
         remove_pod_volumes(pod_dir)
         shm = pod_dir / "shm"
         if os.path.ismount(shm):
@@ -486,6 +488,11 @@ class OciBackend(Backend):
             shutil.rmtree(pod_dir / name, ignore_errors=True)
         for name in ("sandbox.json", "pause.json", "pod.json"):
             (pod_dir / name).unlink(missing_ok=True)
+        if deleted:
+            remove_tree(pod_dir)  # container specs (environments with Secret values) and logs go with the Pod
+        else:  # finished, not deleted: its logs stay readable; specs (with Secret values) go now
+            for config in pod_dir.glob("*/*/config.json"):
+                config.unlink(missing_ok=True)
 
     # --- containers --------------------------------------------------------------------------------
 
@@ -519,7 +526,8 @@ class OciBackend(Backend):
             await self._run("delete", "--force", container_id)
             await self._release_rootfs(run_dir)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
-        run_dir.mkdir(parents=True)
+        private_dir(run_dir.parent)
+        run_dir.mkdir(mode=0o700)
         try:
             rootfs = Path(await self.context.images.prepare_rootfs(image, run_dir))
         except Exception as exc:
@@ -565,7 +573,7 @@ class OciBackend(Backend):
         except CreateContainerConfigError:
             await self._release_rootfs(run_dir)
             raise
-        (run_dir / "config.json").write_text(json.dumps(spec, indent=1))
+        write_private(run_dir / "config.json", json.dumps(spec, indent=1))
         shim_spec = {
             "runtime": self.runtime,
             "id": container_id,

@@ -137,11 +137,11 @@ def write_atomically(directory: Path, files: dict[str, tuple[bytes, int]], fs_gr
         shutil.rmtree(directory / old, ignore_errors=True)
 
 
-def _mount_tmpfs(path: Path, size_limit: str | None, where: str) -> None:
+def _mount_tmpfs(path: Path, size_limit: str | None, where: str, mode: str = "1777") -> None:
     if os.path.ismount(path):
         return
     path.mkdir(parents=True, exist_ok=True)
-    options = "mode=1777" + (f",size={_bytes(size_limit)}" if size_limit else "")
+    options = f"mode={mode}" + (f",size={_bytes(size_limit)}" if size_limit else "")
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if result.returncode != 0:
         raise CreateContainerConfigError(f"{where}: cannot mount a tmpfs: {result.stderr.decode().strip()}")
@@ -153,7 +153,9 @@ def _bytes(quantity: str) -> int:
     return int(_parse_quantity(quantity))
 
 
-def _prepare_sync(pod: JSON, pod_dir: Path, projected: dict[str, dict], allow_host_path: bool) -> dict[str, HostVolume]:
+def _prepare_sync(
+    pod: JSON, pod_dir: Path, projected: dict[str, dict], allow_host_path: bool, secret: frozenset[str] = frozenset()
+) -> dict[str, HostVolume]:
     fs_group = (pod.get("spec", {}).get("securityContext") or {}).get("fsGroup")
     out: dict[str, HostVolume] = {}
     for volume in pod.get("spec", {}).get("volumes") or []:
@@ -169,6 +171,8 @@ def _prepare_sync(pod: JSON, pod_dir: Path, projected: dict[str, dict], allow_ho
                 path.chmod(0o777)  # the kubelet's emptyDir mode: any container user may write
             out[name] = HostVolume(str(path))
         elif name in projected:
+            if name in secret:  # as the kubelet does: Secret material only ever in memory
+                _mount_tmpfs(path, None, where, mode="0755")
             write_atomically(path, projected[name], fs_group, where)
             out[name] = HostVolume(str(path), read_only=True)
         elif "hostPath" in volume and allow_host_path:
@@ -192,6 +196,7 @@ async def prepare_pod_volumes(
     out unless allowed: build_spec then refuses the container that mounts one, naming it.
     Callers serialize calls per Pod (a Memory emptyDir must be mounted once)."""
     projected: dict[str, dict] = {}
+    secret: set[str] = set()  # volumes with Secret contents: on a tmpfs of their own
     for volume in pod.get("spec", {}).get("volumes") or []:
         name = volume.get("name", "")
         where = _where(pod, name)
@@ -199,6 +204,7 @@ async def prepare_pod_volumes(
             projected[name] = await _object_files(pod, volume["configMap"], "ConfigMap", lookup, where)
         elif "secret" in volume:
             projected[name] = await _object_files(pod, volume["secret"], "Secret", lookup, where)
+            secret.add(name)
         elif "downwardAPI" in volume:
             projected[name] = _downward_files(pod, volume["downwardAPI"], where, node_name, host_ip)
         elif "projected" in volume:
@@ -210,11 +216,12 @@ async def prepare_pod_volumes(
                     files |= await _object_files(pod, {**inherit, **source["configMap"]}, "ConfigMap", lookup, where)
                 elif "secret" in source:
                     files |= await _object_files(pod, {**inherit, **source["secret"]}, "Secret", lookup, where)
+                    secret.add(name)
                 elif "downwardAPI" in source:
                     files |= _downward_files(pod, {**inherit, **source["downwardAPI"]}, where, node_name, host_ip)
                 # serviceAccountToken needs the TokenRequest API, which the agent does not call yet.
             projected[name] = files
-    return await asyncio.to_thread(_prepare_sync, pod, pod_dir, projected, allow_host_path)
+    return await asyncio.to_thread(_prepare_sync, pod, pod_dir, projected, allow_host_path, frozenset(secret))
 
 
 def remove_pod_volumes(pod_dir: Path) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resources import container_resource_config, pod_resource_config
-from network.netns import enter_netns_preexec
 from runtimes.base import (
     JSON,
     Backend,
@@ -41,7 +40,9 @@ from runtimes.base import (
 )
 from runtimes.container_env import EnvError, container_env, expand
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
-from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container
+from runtimes.private_files import private_dir, remove_tree, write_private
+from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container, run_in_container
+from runtimes.process.security import NODE_SECRET_PATHS, resolve
 from runtimes.sandbox_records import (
     kill_recorded_processes,
     read_owner,
@@ -91,7 +92,7 @@ class ProcessBackend(Backend):
     async def create_sandbox(self, pod: JSON) -> Sandbox:
         if self.cgroups is None:
             raise SandboxError("the process backend needs cgroups: run the agent as root on a cgroup v1 or v2 host")
-        pod_dir = self.pods_dir / pod_dir_name(pod)
+        pod_dir = private_dir(self.pods_dir / pod_dir_name(pod))  # spec.json can hold Secret values
         # First of all: whatever follows can be found and removed again without the Pod object.
         await asyncio.to_thread(write_owner, pod_dir, pod, self.name, self.handler.name, self.cgroups.pod_path(pod))
         config = pod_resource_config(pod, self.context.pod_pids_limit)
@@ -110,7 +111,12 @@ class ProcessBackend(Backend):
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
                 await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
-        (self.pods_dir / pod_dir_name(pod) / "pod.json").unlink(missing_ok=True)
+        pod_dir = self.pods_dir / pod_dir_name(pod)
+        if pod["metadata"].get("deletionTimestamp"):
+            await asyncio.to_thread(remove_tree, pod_dir)  # logs and specs go with the Pod
+        else:  # finished, not deleted: its logs stay readable; specs (with Secret values) go now
+            for spec in pod_dir.glob("*/*/spec.json"):
+                spec.unlink(missing_ok=True)
 
     # --- records on disk (agent housekeeping, adoption after a crash) ----------------------------
 
@@ -163,16 +169,16 @@ class ProcessBackend(Backend):
         base_env["HOSTNAME"] = pod["metadata"]["name"]
         full_env = {**base_env, **env}
 
-        cdir = self._container_dir(pod, name)
+        security = await asyncio.to_thread(resolve, pod, container, self.handler, self._hidden_paths())
+        cdir = private_dir(self._container_dir(pod, name))
         run_dir = cdir / str(restart_count)
         if run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cwd = container.get("workingDir") or str(self.pods_dir / pod_dir_name(pod))
+        private_dir(run_dir)
+        cwd = container.get("workingDir") or "/"  # as the kubelet: the image's, else /; never the agent's
         if not os.path.isdir(cwd):
             raise CreateContainerError(f"container {name}: workingDir {cwd} does not exist on this host")
 
-        security = {**(pod["spec"].get("securityContext") or {}), **(container.get("securityContext") or {})}
         cgroup_procs: list[str] = []
         oom_before = 0
         if self.cgroups is not None:
@@ -185,8 +191,9 @@ class ProcessBackend(Backend):
             "argv": argv,
             "env": full_env,
             "cwd": cwd,
-            "uid": security.get("runAsUser"),
-            "gid": security.get("runAsGroup"),
+            "uid": security["uid"],
+            "gid": security["gid"],
+            "security": security,  # enforced by the child before exec: runtimes/process/confine.py
             "cgroup_procs": cgroup_procs,
             "netns": sandbox.netns,
             "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
@@ -195,7 +202,7 @@ class ProcessBackend(Backend):
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
         }
-        (run_dir / "spec.json").write_text(json.dumps(spec))
+        write_private(run_dir / "spec.json", json.dumps(spec))
         handle = ContainerHandle(
             id=f"{pod['metadata']['uid'][:8]}-{name}-{restart_count}",
             name=name,
@@ -229,7 +236,7 @@ class ProcessBackend(Backend):
             await asyncio.sleep(0.01)
         state = json.loads(state_file.read_text())
         state["oom_before"] = handle.extra.get("oom_before", 0)
-        (run_dir / "agent.json").write_text(json.dumps(state))
+        write_private(run_dir / "agent.json", json.dumps(state))
         handle.extra["state"] = state
         handle.started_at = parse_time(state["started_at"])
 
@@ -332,37 +339,17 @@ class ProcessBackend(Backend):
     async def exec(
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None
     ) -> tuple[int, bytes]:
-        """Run a command as the container would: its cgroup, user, directory and environment."""
-        spec = handle.extra["spec"]
+        """Run a command as the container would: its cgroup, network and mount namespaces, user,
+        capabilities, seccomp, directory and environment (exec probes, preStop hooks)."""
         if not command:
             raise RunContainerError("exec: empty command")
+        return await run_in_container(handle, command, timeout)
 
-        join_netns = enter_netns_preexec(spec["netns"]) if spec.get("netns") else None
-
-        def enter() -> None:
-            if join_netns is not None:  # exec probes see the Pod's network, as the container does
-                join_netns()
-            for procs in spec["cgroup_procs"]:
-                with open(procs, "w") as f:
-                    f.write("0")
-            if spec.get("gid") is not None:
-                os.setgroups([])
-                os.setgid(spec["gid"])
-            if spec.get("uid") is not None:
-                os.setuid(spec["uid"])
-
-        proc = await asyncio.create_subprocess_exec(
-            *command, env=spec["env"], cwd=spec["cwd"], preexec_fn=enter, start_new_session=True,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise
-        return proc.returncode or 0, out
+    def _hidden_paths(self) -> list[str]:
+        """What a container's mount view hides: the agent's state (every Pod's files), the node's
+        credentials, and the handler's own `hidden_paths` option."""
+        extra = self.handler.options.get("hidden_paths") or []
+        return [str(self.pods_dir.parent), *NODE_SECRET_PATHS, *self.context.node_credentials, *map(str, extra)]
 
     # --- streaming (runtimes/process/exec.py) ----------------------------------------------------
 

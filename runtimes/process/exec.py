@@ -8,6 +8,7 @@ working directory and environment (the container's spec.json, written at create 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import os
@@ -21,13 +22,16 @@ from typing import Any
 from network.netns import connect_in_netns, setns_fd
 from runtimes.base import ContainerHandle, NotSupportedError, RunContainerError, Sandbox, StreamingProcess
 from runtimes.crilog import parse_line
+from runtimes.process.confine import confine
+from runtimes.shimlib import proc_start_ticks
 
 ATTACH_POLL = 0.1  # seconds between looks at the log file of an attached container
 
 
-def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
+def _enter_container(spec: dict[str, Any], tty_fd: int | None, mount_ns: int | None = None) -> None:
     """preexec_fn of an exec'd process (after fork, before exec): the container's cgroup and
-    network namespace first (both need root), then the controlling TTY, then its user."""
+    network namespace first (both need root), then the controlling TTY, then its mount namespace,
+    user, capabilities, no_new_privs and seccomp (runtimes/process/confine.py), then its directory."""
     for procs in spec.get("cgroup_procs", []):
         with open(procs, "w") as f:
             f.write("0")
@@ -39,11 +43,68 @@ def _enter_container(spec: dict[str, Any], tty_fd: int | None) -> None:
             os.close(fd)
     if tty_fd is not None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # stdin is the pty's slave; we lead a new session
-    if spec.get("gid") is not None:
+    security = spec.get("security")
+    if security:
+        confine(security, _seccomp_program(security), mount_ns)
+        os.chdir(spec["cwd"])  # entering a mount namespace moved the directory to its root
+        return
+    if spec.get("gid") is not None:  # a container created before securityContext was enforced
         os.setgroups([])
         os.setgid(spec["gid"])
     if spec.get("uid") is not None:
         os.setuid(spec["uid"])
+
+
+def _seccomp_program(security: dict[str, Any]) -> bytes | None:
+    encoded = security.get("seccomp_bpf")
+    return base64.b64decode(encoded) if encoded else None
+
+
+def _open_mount_ns(handle: ContainerHandle) -> int | None:
+    """The container's mount namespace, held open (checked to be the container's own process
+    after opening), or None for containers made without one."""
+    spec = handle.extra.get("spec") or {}
+    if not (spec.get("security") or {}).get("mount_view"):
+        return None
+    state = handle.extra.get("state") or {}
+    pid = state.get("pid")
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, TypeError) as exc:
+        raise RunContainerError(f"container {handle.name} is not running") from exc
+    try:
+        if proc_start_ticks(pid) != state.get("start_ticks"):
+            raise RunContainerError(f"container {handle.name} is not running")
+    except (OSError, ValueError, IndexError) as exc:
+        os.close(fd)
+        raise RunContainerError(f"container {handle.name} is not running") from exc
+    except RunContainerError:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def run_in_container(handle: ContainerHandle, command: list[str], timeout: float | None) -> tuple[int, bytes]:
+    """A command run to its end inside the container (exec probes, preStop): code and output."""
+    spec = handle.extra["spec"]
+    mount_ns = _open_mount_ns(handle)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, env=spec["env"], cwd="/", preexec_fn=lambda: _enter_container(spec, None, mount_ns),
+            start_new_session=True, pass_fds=() if mount_ns is None else (mount_ns,),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        if mount_ns is not None:
+            os.close(mount_ns)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out
 
 
 class ExecProcess(StreamingProcess):
@@ -114,11 +175,16 @@ async def exec_in_container(handle: ContainerHandle, command: list[str], tty: bo
     env = dict(spec["env"])
     if tty:
         env.setdefault("TERM", "xterm")  # what container runtimes give a TTY exec
-    common: dict[str, Any] = {"env": env, "cwd": spec["cwd"], "start_new_session": True}
+    mount_ns = _open_mount_ns(handle)
+    # The directory is entered in the child, once it is in the container's mount namespace.
+    cwd = "/" if spec.get("security") else spec["cwd"]
+    common: dict[str, Any] = {"env": env, "cwd": cwd, "start_new_session": True}
+    if mount_ns is not None:
+        common["pass_fds"] = (mount_ns,)
     try:
         if not tty:
             proc = await asyncio.create_subprocess_exec(
-                *command, **common, preexec_fn=lambda: _enter_container(spec, None),
+                *command, **common, preexec_fn=lambda: _enter_container(spec, None, mount_ns),
                 stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
@@ -128,7 +194,7 @@ async def exec_in_container(handle: ContainerHandle, command: list[str], tty: bo
         master, slave = os.openpty()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *command, **common, preexec_fn=lambda: _enter_container(spec, slave),
+                *command, **common, preexec_fn=lambda: _enter_container(spec, slave, mount_ns),
                 stdin=slave, stdout=slave, stderr=slave,
             )  # fmt: skip
         except BaseException:
@@ -140,6 +206,9 @@ async def exec_in_container(handle: ContainerHandle, command: list[str], tty: bo
         raise RunContainerError(f"exec into container {handle.name}: {command[0]!r}: executable not found") from exc
     except (OSError, ValueError, subprocess.SubprocessError) as exc:  # SubprocessError: the preexec step failed
         raise RunContainerError(f"exec into container {handle.name}: {exc}") from exc
+    finally:
+        if mount_ns is not None:
+            os.close(mount_ns)
     os.set_blocking(master, False)
     result = ExecProcess(proc, master)
     result.stdout = _pty_reader(master)

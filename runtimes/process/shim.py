@@ -18,6 +18,7 @@ Files in the container's state directory:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -28,6 +29,7 @@ import time
 
 from network.netns import setns_fd
 from runtimes.crilog import CriLogWriter
+from runtimes.process.confine import confine
 from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
 
 
@@ -52,11 +54,16 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
         stdin = os.open(spec.get("stdin_fifo") or os.devnull, os.O_RDONLY)  # the FIFO attach -i writes to
         os.dup2(stdin, 0)
         os.closerange(3, 65536)
-        if spec.get("gid") is not None:
-            os.setgroups([])
-            os.setgid(spec["gid"])
-        if spec.get("uid") is not None:
-            os.setuid(spec["uid"])
+        security = spec.get("security")
+        if security:  # mount view, user, capabilities, no_new_privs, seccomp: in that order, last before exec
+            bpf = security.get("seccomp_bpf")
+            confine(security, base64.b64decode(bpf) if bpf else None)
+        else:  # a spec written before securityContext was enforced (an adopted container's restart)
+            if spec.get("gid") is not None:
+                os.setgroups([])
+                os.setgid(spec["gid"])
+            if spec.get("uid") is not None:
+                os.setuid(spec["uid"])
         os.chdir(spec["cwd"])
         os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
     except FileNotFoundError as exc:
@@ -191,7 +198,7 @@ def launcher() -> int:
             os.setsid()
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
-            log_fd = os.open(os.path.join(os.path.dirname(spec_path), "shim.log"), os.O_WRONLY | os.O_CREAT, 0o644)
+            log_fd = os.open(os.path.join(os.path.dirname(spec_path), "shim.log"), os.O_WRONLY | os.O_CREAT, 0o600)
             os.dup2(log_fd, 2)
             try:
                 code = main(spec_path)
