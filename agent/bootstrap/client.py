@@ -24,7 +24,7 @@ from agent.logs import kv
 
 log = logging.getLogger("agent.bootstrap")
 
-RECHECK = 30.0
+RECHECK = 10.0
 RETRY_CAP = 60.0
 
 

@@ -98,7 +98,8 @@ async def _fetch_cluster_info(server: str, context: ssl.SSLContext) -> dict[str,
     except aiohttp.ClientConnectorCertificateError as exc:
         raise JoinError(f"{server} does not present a certificate of the pinned cluster CA: {exc}") from exc
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise JoinError(f"cannot reach {server}: {exc or type(exc).__name__}") from exc
+        detail = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+        raise JoinError(f"cannot reach {server}: {detail or type(exc).__name__}") from exc
     except ValueError as exc:
         raise JoinError(f"{server} answered something other than a ConfigMap for cluster-info") from exc
 
@@ -155,7 +156,27 @@ async def discover(
     again = await _fetch_cluster_info(cluster_server, pinned)
     if (again.get("data") or {}).get("kubeconfig") != content:
         raise JoinError(f"cluster-info read from {cluster_server} with the pinned CA differs from the signed one")
+    await _check_token(cluster_server, pinned, token, token_id)
     return cluster_server, ca_pem
+
+
+async def _check_token(server: str, pinned: ssl.SSLContext, token: str, token_id: str) -> None:
+    """The token goes out only now, to the verified server: does it still authenticate (not expired)?"""
+    url = server + "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+            session.post(url, json=body, ssl=pinned, headers=headers) as resp,
+        ):
+            if resp.status == 401:
+                raise JoinError(
+                    f"{server} rejects bootstrap token {token_id!r} (401 Unauthorized): it has expired or was "
+                    "deleted (make a new one on the control plane: kubeadm token create --print-join-command)"
+                )
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        pass  # not decisive: the TLS bootstrap reports what goes wrong
 
 
 def _cluster_of(content: str, server: str) -> tuple[str, bytes]:

@@ -33,10 +33,17 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def rotation_deadline(info: certinfo.CertInfo, rng: random.Random | None = None) -> float:
-    """The kubelet's nextRotationDeadline: notBefore + lifetime x uniform(0.7, 0.9)."""
-    lifetime = info.not_after - info.not_before
-    return info.not_before + lifetime * (rng or random).uniform(0.7, 0.9)
+def rotation_deadline(info: certinfo.CertInfo, issued: float | None = None, rng: random.Random | None = None) -> float:
+    """The kubelet's nextRotationDeadline: start + lifetime x uniform(0.7, 0.9), lifetime = notAfter - start.
+
+    The kubelet starts at notBefore. The CSR signer backdates notBefore by 5 minutes and, for
+    lifetimes under 8 hours, does not take them off notAfter: a 3-minute certificate spans 8 minutes
+    and the kubelet renews it at once, over and over. Starting at `issued` (when the agent stored
+    it) when that is later keeps the 70-90 % rule for short certificates; for long ones the two
+    differ by 5 minutes.
+    """
+    start = max(info.not_before, min(issued, info.not_after)) if issued is not None else info.not_before
+    return start + (info.not_after - start) * (rng or random).uniform(0.7, 0.9)
 
 
 def managed_pki_dir(kubeconfig_path: str) -> Path | None:
@@ -57,18 +64,20 @@ class ClientCertRotator:
         self.rotations = 0
         self._closing: set[asyncio.Task[None]] = set()
 
-    def _current(self) -> certinfo.CertInfo:
-        return certinfo.first_certificate((self.pki_dir / csr_client.CURRENT).read_bytes())
+    def _current(self) -> tuple[certinfo.CertInfo, float]:
+        """The current certificate and when it was stored."""
+        path = self.pki_dir / csr_client.CURRENT
+        return certinfo.first_certificate(path.read_bytes()), path.stat().st_mtime
 
     async def run(self) -> None:
         while True:
             try:
-                info = self._current()
+                info, issued = self._current()
             except (OSError, certinfo.CertError) as exc:
                 log.error("cannot read the current client certificate; rotation paused", extra=kv(error=str(exc)))
                 await asyncio.sleep(60)
                 continue
-            deadline = rotation_deadline(info)
+            deadline = rotation_deadline(info, issued)
             log.info(
                 "client certificate rotation scheduled",
                 extra=kv(serial=f"{info.serial:x}", not_after=_iso(info.not_after), rotate_at=_iso(deadline)),
