@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--install", action="store_true", help="as root on Debian/Ubuntu, apt-get install the missing packages"
     )
 
+    reset = sub.add_parser(
+        "reset",
+        help="remove what an agent made on this host (containers, Pod network, cgroups, state), as kubeadm reset",
+    )
+    reset.add_argument("--state-dir", default=_default_state_dir(), help="the agent's state dir")
+    reset.add_argument("--config", help="the agent's configuration (default: what the agent recorded at start)")
+    reset.add_argument("--node-name", help="the node name, for its bridge (default: what the agent recorded)")
+    reset.add_argument("--force", action="store_true", help="stop an agent still running on the state dir first")
+    reset.add_argument("--all", action="store_true", help="remove the image store and the state dir too")
+
     demo = sub.add_parser("demo", help="start the dev cluster, an agent and the examples, and show them")
     demo.add_argument("--dir", type=Path, default=None, help="cluster directory (default: the dev-cluster default)")
     demo.add_argument("--port", type=int, default=6443)
@@ -200,6 +210,25 @@ def cmd_cgroups(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+    from agent.reset import reset
+    from runtimes.registry import known_backends
+
+    config = None
+    if args.config:
+        try:
+            config = load_config(args.config, known_backends())
+        except ConfigError as exc:
+            return _fail(str(exc), 2)
+    return asyncio.run(
+        reset(
+            Path(args.state_dir), config, args.node_name, default_node=socket.gethostname().lower(), force=args.force,
+            remove_all=args.all, warn=lambda line: print(f"kubelet-emu reset: {line}", file=sys.stderr),
+        )
+    )  # fmt: skip
+
+
 def cmd_dev_cluster(args: argparse.Namespace) -> int:
     from devcluster import manage
 
@@ -289,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "handlers": cmd_handlers,
         "cgroups": cmd_cgroups,
         "doctor": cmd_doctor,
+        "reset": cmd_reset,
         "dev-cluster": cmd_dev_cluster,
         "demo": cmd_demo,
         "join": cmd_join,

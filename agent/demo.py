@@ -10,13 +10,41 @@ import signal
 import sys
 import time
 import urllib.request
+from ipaddress import IPv4Network
 from pathlib import Path
 
-from devcluster import manage
+from agent.pod_network import default_bridge
+from devcluster import cidr, manage
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NODE = "emu-demo"
+CIDR_FILE = "cluster-cidr"  # the demo cluster's CIDR, kept across `demo --down`
 REGISTRY_PORT = 5055  # examples/demo/agent.toml mirrors registry.demo.local to it
+
+
+def choose_cluster_cidr(
+    directory: Path, running: bool, routes: list[tuple[str, IPv4Network]] | None = None
+) -> tuple[str, bool]:
+    """The cluster CIDR for the demo's cluster, and whether it differs from the one remembered in
+    `directory`: the remembered one while its cluster runs or while nothing else routes it (so
+    the Node's podCIDR stays valid), else one this host routes nowhere (a second cluster on the
+    host, or a test session, may own 10.244.0.0/16)."""
+    try:
+        remembered = (directory / CIDR_FILE).read_text().strip() or None
+    except OSError:
+        remembered = None
+    if running:
+        return remembered or cidr.DEFAULT, False  # a cluster from before CIDRs were remembered: the default
+    # Routes through the demo node's own bridge (left by an agent stopped without reset) are no conflict.
+    own = default_bridge(NODE)
+    taken = [net for iface, net in (cidr.host_routes() if routes is None else routes) if iface != own]
+    if remembered:
+        try:
+            return cidr.pick_cluster_cidr(taken, [remembered]), False
+        except ValueError:
+            pass
+    chosen = cidr.pick_cluster_cidr(taken)
+    return chosen, remembered is not None and chosen != remembered
 
 
 def _say(text: str) -> None:
@@ -116,8 +144,12 @@ async def demo(directory: Path, port: int) -> int:
     if not preflight_demo(config):
         return 1
     _say(f"1. dev control plane in {directory} (the first run builds it with Go: several minutes)")
-    cluster = await manage.up(directory, port=port)
-    _say(f"   ready at {cluster.server}; admin kubeconfig {cluster.admin_kubeconfig}")
+    cidr, changed = choose_cluster_cidr(directory, running=manage.read_cluster(directory) is not None)
+    cluster = await manage.up(directory, port=port, cluster_cidr=cidr)
+    (directory / CIDR_FILE).write_text(cidr + "\n")
+    _say(f"   ready at {cluster.server}; admin kubeconfig {cluster.admin_kubeconfig}; cluster CIDR {cidr}")
+    if changed:  # the Node keeps the podCIDR it had; registered again, it gets one of the new range
+        await _kubectl(cluster, "delete", "node", NODE, "--ignore-not-found")
 
     _say(f"   image registry on 127.0.0.1:{REGISTRY_PORT} (serves registry.demo.local/busybox:latest)")
     await _start_registry(directory)
@@ -216,6 +248,25 @@ async def _show_kubelet_api(cluster: manage.Cluster) -> None:
         _say(f"   {pod['podRef']['name']:<12} {millicores:>7.0f}m {mib:>8.1f}Mi")
 
 
+async def _reset_node(directory: Path) -> None:
+    """`kubelet-emu reset` of the demo's node: its bridge, iptables rules, cgroups and state go, so
+    a later cluster on this host can use the same pod CIDR."""
+    from agent.config import ConfigError, load_config
+    from agent.reset import reset
+    from runtimes.registry import known_backends
+
+    config_file = EXAMPLES / "demo" / "agent.toml"
+    try:
+        config = load_config(str(config_file), known_backends()) if config_file.exists() else None
+    except ConfigError:
+        config = None  # what the agent recorded in its state dir is used instead
+    _say("kubelet-emu reset (what the agent made on this host)")
+    await reset(
+        directory / "agent-state", config, NODE, force=True,  # waits for the stopping agent to let go
+        say=lambda line: _say("   " + line), warn=lambda line: _say("   warning: " + line),
+    )  # fmt: skip
+
+
 async def down(directory: Path) -> int:
     pid = _agent_pid(directory)
     cluster = manage.read_cluster(directory)
@@ -226,6 +277,7 @@ async def down(directory: Path) -> int:
     if pid:
         os.killpg(pid, signal.SIGTERM)
         (directory / "agent.pid").unlink(missing_ok=True)
+    await _reset_node(directory)
     registry = _pid(directory / "registry.pid")
     if registry:
         os.killpg(registry, signal.SIGTERM)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
@@ -124,25 +123,12 @@ class NodePodNetwork:
         await self.networks.stop()
 
 
-async def remove_node_network(state_dir: Path, node_name: str, bridge: str | None = None) -> None:
+async def remove_node_network(state_dir: Path, node_name: str, bridge: str | None = None) -> list[str]:
     """Remove what a decommissioned node left: its Pods' namespaces, veths and addresses, the
-    bridge and its FORWARD rules (they outlive the agent by design, like its containers). Tests
-    and benchmarks call it for the nodes they made."""
-    if not (state_dir / "network").exists():
-        return
-    from network import iptables
-    from network.pods import PodNetworks
+    bridge and its iptables rules (they outlive the agent by design, like its containers). Returns
+    one line per thing removed. `kubelet-emu reset`, tests and benchmarks call it."""
+    if importlib.util.find_spec("pyroute2") is None:
+        return []
+    from network.pods import reset_node_network
 
-    bridge = bridge or default_bridge(node_name)
-    state_file = state_dir / "network" / "ipam.json"
-    if state_file.exists():  # Pods had addresses: tear down whatever of theirs is left
-        networks = PodNetworks(state_dir / "network", bridge=bridge)
-        await networks.start(json.loads(state_file.read_text())["cidr"])
-        await networks.cleanup_orphans(set())
-        await networks.stop(remove_bridge=True)
-        return
-    proc = await asyncio.create_subprocess_exec("ip", "link", "del", bridge, stderr=asyncio.subprocess.DEVNULL)
-    await proc.wait()
-    if iptables.iptables_binary() is not None:
-        for rule in iptables.forward_rules(bridge):
-            await iptables.remove_rule(rule)
+    return await reset_node_network(state_dir / "network", bridge or default_bridge(node_name))

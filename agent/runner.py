@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import state_lock
 from agent.bootstrap.client import ensure_client_certificate
 from agent.bootstrap.rotation import ClientCertRotator, managed_pki_dir
 from agent.config import AgentConfig, ConfigError, load_config
@@ -28,6 +29,7 @@ from agent.node import NodeAgent
 from agent.node_status import NodeFacts
 from agent.pod_network import NodePodNetwork, pod_networks
 from agent.pods import PodController
+from agent.reset import write_node_record
 from agent.tls_memory import shrink_tls_read_buffers
 from runtimes.registry import backend_class, known_backends
 
@@ -114,11 +116,22 @@ def reload_config(opts: RunOptions, node: NodeAgent, pods: PodController, kube: 
     node.set_config(config)
     pods.set_config(config)
     pods.events.policy = config.events
+    with contextlib.suppress(OSError):
+        write_node_record(opts.state_dir, opts.node_name, config)
     log.info("configuration reloaded", extra=kv(handlers=",".join(sorted(config.handlers))))
 
 
 async def run(opts: RunOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_lock.acquire(opts.state_dir)  # held until the process exits
+        write_node_record(opts.state_dir, opts.node_name, opts.config)  # for `kubelet-emu reset`
+    except state_lock.StateDirBusyError as exc:
+        log.error(str(exc))
+        return 2
+    except OSError as exc:
+        log.error(f"cannot write to the state dir {opts.state_dir}: {exc}; make it writable or use another --state-dir")
+        return 2
     shrink_tls_read_buffers()
     await ensure_client_certificate(opts.kubeconfig, opts.bootstrap_kubeconfig, opts.node_name, opts.state_dir / "pki")
     kube = await Kube.from_kubeconfig(opts.kubeconfig)

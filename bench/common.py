@@ -18,6 +18,41 @@ import aiohttp
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 
 
+class AgentExitedError(RuntimeError):
+    """The agent under test is gone (it died at start, say): no /proc readings to take."""
+
+
+def agent_exit_message(name: str, returncode: int | None, log_path: Path, lines: int = 20) -> str:
+    """One paragraph for the report: the exit code and the tail of the agent's log."""
+    try:
+        tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        tail = [f"(no log: {exc})"]
+    code = (
+        "was killed by signal " + str(-returncode)
+        if returncode and returncode < 0
+        else f"exited with code {returncode}"
+    )
+    return f"the agent under test ({name}) {code}; last lines of {log_path}:\n" + "\n".join(
+        "    " + line for line in tail
+    )
+
+
+def check_agent(agent: asyncio.subprocess.Process, name: str, log_path: Path) -> None:
+    """Raise AgentExitedError (exit code and log tail) when the agent process has exited."""
+    if agent.returncode is not None:
+        raise AgentExitedError(agent_exit_message(name, agent.returncode, log_path))
+
+
+def run_main(main: Callable[[], Any]) -> int:
+    """asyncio.run(main()), with an agent that died reported in a few lines instead of a traceback."""
+    try:
+        return asyncio.run(main())
+    except AgentExitedError as exc:
+        print(f"benchmark stopped: {exc}", file=sys.stderr)
+        return 1
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """(CPU seconds, peak RSS bytes) of a live process."""
     with open(f"/proc/{pid}/stat") as f:

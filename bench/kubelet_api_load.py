@@ -34,7 +34,18 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.pod_network import remove_node_network
-from bench.common import Watcher, admin_ssl, create_pods, pct, pod_body, proc_stats, rss, wait_for
+from bench.common import (
+    Watcher,
+    admin_ssl,
+    check_agent,
+    create_pods,
+    pct,
+    pod_body,
+    proc_stats,
+    rss,
+    run_main,
+    wait_for,
+)
 from devcluster import manage
 
 NODE = "bench-api"
@@ -228,6 +239,7 @@ async def main() -> int:
                     if node_ok and r.status == 200:
                         break
                 await asyncio.sleep(0.1)
+            check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
             watcher = Watcher(s, server, namespace)
             watch_task = asyncio.create_task(watcher.run())
             await watcher.ready.wait()
@@ -305,4 +317,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_main(main))

@@ -29,15 +29,26 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.pod_network import remove_node_network
-from bench.common import Watcher, admin_ssl, create_pods, delete_pods, pct, pod_body, rss, wait_for
+from bench.common import (
+    Watcher,
+    admin_ssl,
+    check_agent,
+    create_pods,
+    delete_pods,
+    pct,
+    pod_body,
+    rss,
+    run_main,
+    wait_for,
+)
 from devcluster import manage
-from images.build import busybox_files, push_image, random_files
+from images.build import BUSYBOX_PATH, busybox_files, push_image, random_files
 from images.local_registry import start_registry
 from images.reference import parse_reference
 from images.service import ImageService
 
 NODE = "bench-oci"
-CONFIG = {"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"]}
+CONFIG = {"Cmd": ["sh"], "Env": [f"PATH={BUSYBOX_PATH}"]}
 
 
 async def cold_pulls(image: str, times: int, work: Path) -> list[float]:
@@ -105,6 +116,7 @@ async def main() -> int:
                     if node_ok and r.status == 200:
                         break
                 await asyncio.sleep(0.1)
+            check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
             watcher = Watcher(s, server, namespace)
             watch_task = asyncio.create_task(watcher.run())
             await watcher.ready.wait()
@@ -172,4 +184,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_main(main))

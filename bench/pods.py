@@ -30,6 +30,7 @@ from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
     admin_ssl,
+    check_agent,
     create_pods,
     delete_pods,
     network_helper_rss,
@@ -37,6 +38,7 @@ from bench.common import (
     pod_body,
     proc_stats,
     rss,
+    run_main,
     shim_rss,
     wait_for,
 )
@@ -94,6 +96,7 @@ async def main() -> int:
                     break
             await asyncio.sleep(0.1)
         await asyncio.sleep(2)
+        check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
         idle_rss = rss(agent.pid)
         cpu0, _ = proc_stats(agent.pid)
 
@@ -183,4 +186,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_main(main))

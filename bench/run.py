@@ -41,6 +41,7 @@ from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
     admin_ssl,
+    check_agent,
     create_pods,
     delete_pods,
     network_helper_rss,
@@ -49,6 +50,7 @@ from bench.common import (
     pod_requests,
     proc_stats,
     rss,
+    run_main,
     shim_rss,
     wait_for,
 )
@@ -133,8 +135,8 @@ class Bench:
                 if conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints:
                     return
             await asyncio.sleep(0.2)
-        state = "exited" if agent.returncode is not None else "running"
-        print(f"warning: node {node} not Ready+untainted within 90 s (agent {state}); going on", file=sys.stderr)
+        check_agent(agent, node, self.work / node / "agent.log")  # died at start: its exit code and log
+        print(f"warning: node {node} not Ready+untainted within 90 s; going on", file=sys.stderr)
 
     async def ensure_hostname_label(self, node: str) -> None:
         _, node_obj = await self.get(f"/api/v1/nodes/{node}")
@@ -191,7 +193,13 @@ class Bench:
             if run.mode == "scheduler":
                 await self.ensure_hostname_label(node)
             await asyncio.sleep(1)
-            row = await self.measure(run, node, namespace, agent)
+            check_agent(agent, node, run_dir / "agent.log")
+            try:
+                row = await self.measure(run, node, namespace, agent)
+            except (FileNotFoundError, ProcessLookupError):  # /proc/<pid>/... of an agent that just died
+                await asyncio.sleep(0.5)  # let asyncio collect its exit status
+                check_agent(agent, node, run_dir / "agent.log")
+                raise
         finally:
             await self.cleanup(run, node, namespace, agent)
         row["agent_log"] = str(run_dir / "agent.log")
@@ -426,4 +434,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_main(main))

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import struct
+import subprocess
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,64 +27,8 @@ from images.platform import node_platform
 from images.registry_client import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 BUSYBOX = Path("/bin/busybox")
-BUSYBOX_APPLETS = [
-    "sh",
-    "ash",
-    "ls",
-    "cat",
-    "echo",
-    "sleep",
-    "httpd",
-    "wget",
-    "nc",
-    "id",
-    "ps",
-    "hostname",
-    "ip",
-    "env",
-    "true",
-    "false",
-    "test",
-    "[",
-    "mkdir",
-    "rm",
-    "cp",
-    "mv",
-    "ln",
-    "chmod",
-    "touch",
-    "pwd",
-    "uname",
-    "whoami",
-    "date",
-    "head",
-    "tail",
-    "grep",
-    "sed",
-    "awk",
-    "wc",
-    "sort",
-    "kill",
-    "mount",
-    "umount",
-    "df",
-    "du",
-    "find",
-    "xargs",
-    "tee",
-    "top",
-    "printf",
-    "seq",
-    "nslookup",
-    "ping",
-    "timeout",
-    "vi",
-    "less",
-    "sync",
-    "yes",
-    "dd",
-    "free",
-]
+# The images' PATH: busybox puts its applets in bin, sbin, usr/bin and usr/sbin (httpd, ip...).
+BUSYBOX_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MTIME = 1_700_000_000  # fixed, so the same files give the same layer digest
 
 MediaTypes = Literal["oci", "docker"]
@@ -211,21 +156,45 @@ def _is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from(endian + "I", table, i * phentsize)[0] != 3 for i in range(phnum))
 
 
+def busybox_applet_links(listing: str) -> dict[str, str]:
+    """Image path -> symlink target for every applet in `busybox --list-full` output (paths like
+    `bin/tar`, `usr/sbin/httpd`), each pointing at bin/busybox with a relative link."""
+    links = {}
+    for line in listing.split():
+        path = line.strip("/")
+        if not path or path == "bin/busybox" or ".." in path.split("/"):
+            continue
+        links[path] = os.path.relpath("bin/busybox", os.path.dirname(path) or ".")
+    return links
+
+
+def busybox_applet_listing(busybox: Path = BUSYBOX) -> str:
+    """The binary's own applet list with install paths (`--list-full`); builds without that option
+    list names only, which then go to bin/."""
+    full = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True)
+    if full.returncode == 0 and full.stdout.strip():
+        return full.stdout
+    names = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout
+    return "\n".join(f"bin/{name}" for name in names.split())
+
+
 def busybox_files(busybox: Path = BUSYBOX) -> dict[str, Entry]:
-    """A minimal root: the static busybox with applet symlinks, /etc/passwd and /etc/group with root
-    and nobody (65534), and the usual empty directories."""
+    """A minimal root: the static busybox with a symlink for each of its applets where busybox
+    installs it (so tar is there, for kubectl cp), /etc/passwd and /etc/group with root and
+    nobody (65534), and the usual empty directories."""
     if not busybox.exists():
         raise FileNotFoundError(f"{busybox} is missing: install Debian's busybox-static package")
     if not _is_static_elf(busybox):
         raise ValueError(f"{busybox} is not a static executable: install busybox-static, not busybox")
     files: dict[str, Entry] = {"bin/busybox": File(busybox.read_bytes(), 0o755)}
-    files.update({f"bin/{applet}": Symlink("busybox") for applet in BUSYBOX_APPLETS})
+    links = busybox_applet_links(busybox_applet_listing(busybox))
+    for d in ("proc", "sys", "dev", "etc", "var", "bin", "sbin", "usr", "usr/bin", "usr/sbin"):
+        files[d] = Dir()
+    files.update({path: Symlink(target) for path, target in links.items()})
     files["etc/passwd"] = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
     files["etc/group"] = b"root:x:0:\nnobody:x:65534:\n"
     files["tmp"] = Dir(0o1777)
     files["root"] = Dir(0o700)
-    for d in ("proc", "sys", "dev", "etc", "var", "usr/bin"):
-        files[d] = Dir()
     return files
 
 

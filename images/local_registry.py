@@ -243,11 +243,11 @@ async def start_registry(
 
 async def serve(directory: Path, port: int) -> None:
     """Run a registry with busybox:latest and big:5mb (5 MiB of random bytes over busybox) until stopped."""
-    from images.build import busybox_files, push_image, random_files
+    from images.build import BUSYBOX_PATH, busybox_files, push_image, random_files
 
     registry = await start_registry(directory, port)
     try:
-        config = {"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"]}
+        config = {"Cmd": ["sh"], "Env": [f"PATH={BUSYBOX_PATH}"]}
         await push_image(registry.url, "busybox", "latest", busybox_files(), config=config)
         await push_image(registry.url, "big", "5mb", layers=[busybox_files(), random_files(5 << 20)], config=config)
         print(f"registry on {registry.url}: {registry.host}/busybox:latest, {registry.host}/big:5mb", flush=True)

@@ -13,6 +13,7 @@ bridge and CIDR) manage only their own rules.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import shutil
 from dataclasses import dataclass
 
@@ -47,6 +48,35 @@ def forward_rules(bridge: str) -> list[Rule]:
     ]
 
 
+# Where the agent puts rules: each is searched for rules carrying a bridge's comment.
+CHAINS = (("filter", "FORWARD"), ("nat", "POSTROUTING"))
+
+
+def parse_rules(table: str, listing: str, bridge: str) -> list[Rule]:
+    """The rules in `iptables -t TABLE -S CHAIN` output that carry `bridge`'s comment, whatever their
+    match (a MASQUERADE rule of a pod CIDR this node no longer knows, say)."""
+    comment = _comment(bridge)[-1]
+    rules = []
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if len(words) < 3 or words[0] != "-A" or comment not in words:
+            continue
+        rules.append(Rule(table, words[1], tuple(words[2:])))
+    return rules
+
+
+async def rules_of(bridge: str) -> list[Rule]:
+    """Every rule of `bridge` in the chains the agent uses (none when there is no iptables)."""
+    if iptables_binary() is None:
+        return []
+    found: list[Rule] = []
+    for table, chain in CHAINS:
+        code, listing = await _iptables(table, "-S", chain)
+        if code == 0:
+            found += parse_rules(table, listing, bridge)
+    return found
+
+
 def iptables_binary() -> str | None:
     return shutil.which("iptables")
 
@@ -60,7 +90,8 @@ async def _iptables(table: str, *args: str) -> tuple[int, str]:
         binary, "-w", "5", "-t", table, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
-    return proc.returncode or 0, (err or out).decode(errors="replace").strip()
+    text = out if proc.returncode == 0 else (err or out)  # stderr may carry warnings on success
+    return proc.returncode or 0, text.decode(errors="replace").strip()
 
 
 async def has_rule(rule: Rule) -> bool:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -423,3 +424,51 @@ class PodNetworks:
         if orphans:
             log.info("removed the networks of %d Pods no longer on this node: %s", len(orphans), ", ".join(orphans))
         return orphans
+
+
+async def reset_node_network(state_dir: Path, bridge: str, netns_prefix: str = "emu-") -> list[str]:
+    """Remove everything of one node's Pod network from the host, without starting anything (no
+    bridge is made, no route checked): each Pod's veth and namespace (those in the IPAM state file,
+    and namespaces of ours whose veth is on the bridge), stray ports of the bridge, the bridge, and
+    every iptables rule carrying the bridge's comment. Returns one line per thing removed, so a
+    second call returns []. The IPAM state file is emptied, not deleted."""
+    state_dir = Path(state_dir)
+    removed: list[str] = []
+    state_file = state_dir / "ipam.json"
+    ipam = None
+    owners: dict[str, str] = {}
+    if state_file.exists():
+        cidr = json.loads(state_file.read_text())["cidr"]
+        ipam = IPAM(state_file, cidr)
+        owners = await asyncio.to_thread(ipam.owners_sync)
+    async with _host_netlink() as host:
+        bridge_index = await _link_index(host, bridge)
+        ports = (
+            [link.get("ifname") for link in await _listed(await host.link("dump", master=bridge_index))]
+            if bridge_index is not None
+            else []
+        )
+    uids = set(owners)
+    for name in list_netns(netns_prefix):
+        if host_veth_name(name) in ports:
+            uids.add(name[len(netns_prefix) :])
+    for uid in sorted(uids):
+        netns = f"{netns_prefix}{uid}"
+        veth = host_veth_name(netns)
+        if await asyncio.to_thread(delete_link_blocking, veth):
+            removed.append(f"veth {veth} (pod {uid})")
+        if await remove_netns(netns_path(netns)):
+            removed.append(f"network namespace {netns}")
+        if ipam is not None and uid in owners:
+            await asyncio.to_thread(ipam.release_sync, uid)
+            removed.append(f"address {owners[uid]} (pod {uid})")
+    async with _host_netlink() as host:
+        for port in ports:
+            if port and port.startswith("ve") and await _delete_link(host, port):
+                removed.append(f"veth {port} (on bridge {bridge})")
+        if await _delete_link(host, bridge):
+            removed.append(f"bridge {bridge}")
+    for rule in await iptables.rules_of(bridge):
+        if await iptables.remove_rule(rule):
+            removed.append(f"iptables rule {rule}")
+    return removed

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from images.build import busybox_applet_links, busybox_applet_listing
 
 BUSYBOX = "/bin/busybox"
 
@@ -19,16 +20,16 @@ GROUP = "root:x:0:\napp:x:1000:\nextra:x:3000:app\nnogroup:x:65534:\n"
 
 
 def build_busybox_rootfs(target: Path) -> Path:
-    """A minimal root filesystem: busybox and its applet links, /etc/passwd and /etc/group."""
+    """A minimal root filesystem: busybox and all its applet links, /etc/passwd and /etc/group."""
     for directory in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/app"):
         (target / directory).mkdir(parents=True, exist_ok=True)
     (target / "tmp").chmod(0o1777)
     shutil.copy2(BUSYBOX, target / "bin" / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        link = target / "bin" / applet
+    for path, link_target in busybox_applet_links(busybox_applet_listing(Path(BUSYBOX))).items():
+        link = target / path  # where busybox installs it: bin/, sbin/, usr/bin/, usr/sbin/
+        link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
-            link.symlink_to("busybox")
+            link.symlink_to(link_target)
     (target / "etc" / "passwd").write_text(PASSWD)
     (target / "etc" / "group").write_text(GROUP)
     return target

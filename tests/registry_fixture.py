@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from images.build import busybox_files, push_image
+from images.build import BUSYBOX_PATH, busybox_files, push_image
 from images.local_registry import Registry, start_registry
 
-BUSYBOX_CONFIG = {"Entrypoint": None, "Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"], "WorkingDir": "/"}
+BUSYBOX_CONFIG = {"Entrypoint": None, "Cmd": ["sh"], "Env": [f"PATH={BUSYBOX_PATH}"], "WorkingDir": "/"}
 
 
 @pytest.fixture(scope="session")

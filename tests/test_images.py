@@ -19,7 +19,20 @@ import aiohttp
 import pytest
 
 from images.auth import Credential, credentials_from_dockerconfigjson, matching_credentials, parse_challenge
-from images.build import Device, Dir, File, Hardlink, Layer, Symlink, busybox_files, push_image, random_files
+from images.build import (
+    BUSYBOX_PATH,
+    Device,
+    Dir,
+    File,
+    Hardlink,
+    Layer,
+    Symlink,
+    busybox_applet_links,
+    busybox_applet_listing,
+    busybox_files,
+    push_image,
+    random_files,
+)
 from images.local_registry import Registry, start_registry
 from images.platform import node_platform
 from images.reference import InvalidReferenceError, parse_reference
@@ -90,7 +103,7 @@ async def test_pull_by_tag_unpacks_a_runnable_busybox(service: ImageService, reg
     assert image.name == f"{registry.host}/busybox"
     assert image.digest == skopeo_digest(busybox_ref)  # skopeo: an independent client agrees
     assert image.image_id == f"{registry.host}/busybox@{image.digest}"
-    assert image.config == {"Entrypoint": None, "Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"], "WorkingDir": "/"}
+    assert image.config == {"Entrypoint": None, "Cmd": ["sh"], "Env": [f"PATH={BUSYBOX_PATH}"], "WorkingDir": "/"}
     manifest = skopeo_raw(busybox_ref)
     assert image.size == sum(layer["size"] for layer in manifest["layers"])
     assert 500_000 < image.size < 2_000_000
@@ -98,6 +111,9 @@ async def test_pull_by_tag_unpacks_a_runnable_busybox(service: ImageService, reg
     root = image.rootfs
     assert (root / "bin/busybox").stat().st_mode & 0o777 == 0o755
     assert os.readlink(root / "bin/sh") == "busybox"
+    assert os.readlink(root / "bin/tar") == "busybox"  # every applet, where busybox installs it
+    assert os.readlink(root / "usr/sbin/httpd") == "../../bin/busybox"
+    assert (root / "sbin/ip").resolve() == (root / "bin/busybox").resolve()
     assert "nobody:x:65534:65534" in (root / "etc/passwd").read_text()
     assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777
     assert await chroot_sh(root, "echo hi from $(id -u)") == b"hi from 0\n"
@@ -107,6 +123,21 @@ async def test_pull_by_tag_unpacks_a_runnable_busybox(service: ImageService, reg
     assert [(i.image_id, i.tags) for i in service.list_images()] == [(image.image_id, [busybox_ref])]
     for blob in (image.digest, image.config_digest, *[layer["digest"] for layer in manifest["layers"]]):
         assert (service.root / "blobs/sha256" / blob.split(":")[1]).is_file()
+
+
+def test_busybox_applets_come_from_the_binary_with_their_install_paths():
+    listing = "bin/busybox\nbin/sh\nbin/tar\nsbin/ip\nusr/bin/[\nusr/sbin/httpd\nlinuxrc\n"
+    assert busybox_applet_links(listing) == {
+        "bin/sh": "busybox",
+        "bin/tar": "busybox",
+        "sbin/ip": "../bin/busybox",
+        "usr/bin/[": "../../bin/busybox",
+        "usr/sbin/httpd": "../../bin/busybox",
+        "linuxrc": "bin/busybox",
+    }
+    if os.path.exists("/bin/busybox"):  # Debian's busybox-static: all of it, tar for kubectl cp included
+        links = busybox_applet_links(busybox_applet_listing())
+        assert len(links) > 200 and {"bin/tar", "bin/sh", "usr/sbin/httpd", "sbin/ip"} <= set(links)
 
 
 def test_an_unreadable_index_is_set_aside(tmp_path: Path):

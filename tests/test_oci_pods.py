@@ -25,7 +25,7 @@ from helpers import check_exec_tty_and_resize
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
-from images.build import busybox_files, push_image
+from images.build import BUSYBOX_PATH, busybox_files, push_image
 from images.local_registry import start_registry
 
 pytest_plugins = ["registry_fixture"]
@@ -41,7 +41,7 @@ ISOLATED = f"isolated-{SUFFIX}"  # RuntimeClass names are cluster-wide: one set 
 PROCS = f"procs-{SUFFIX}"
 LIGHT = f"light-{SUFFIX}"  # the isolated handler without overhead: 50 Pods fit on 2 cores
 OVERHEAD = {"cpu": "250m", "memory": "120Mi"}
-IMAGE_CONFIG = {"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin"]}
+IMAGE_CONFIG = {"Cmd": ["sh"], "Env": [f"PATH={BUSYBOX_PATH}"]}
 
 
 def config(runc_root: Path) -> str:
@@ -296,6 +296,21 @@ async def test_exec_and_port_forward_into_a_runc_pod(kubectl, node, busybox_ref)
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_kubectl_cp_into_and_out_of_a_runc_pod(kubectl, node, busybox_ref, tmp_path):
+    """kubectl cp runs tar in the container: the busybox image has all of busybox's applets."""
+    name, _, _ = node
+    box = {"image": busybox_ref, "command": ["sleep", "3600"]}
+    await kubectl.apply(pod("cp-me", name, ISOLATED, box))
+    await eventually(lambda: running(kubectl, "cp-me"), 60, what="cp-me Running")
+    data = os.urandom(300_000) + b"\x00\n end"
+    (tmp_path / "in.bin").write_bytes(data)
+    await kubectl("cp", str(tmp_path / "in.bin"), "cp-me:/tmp/in.bin", "-c", "c")
+    code, out, err = await kubectl.run("exec", "cp-me", "--", "sh", "-c", "wc -c < /tmp/in.bin; ls -l /bin/tar")
+    assert code == 0 and out.split()[0] == str(len(data)), (out, err)
+    await kubectl("cp", "cp-me:/tmp/in.bin", str(tmp_path / "out.bin"), "-c", "c")
+    assert (tmp_path / "out.bin").read_bytes() == data
 
 
 async def test_fifty_runc_pods_leave_no_namespace_veth_address_or_mount(kubectl, node, busybox_ref):
