@@ -63,6 +63,8 @@ async def request_certificate(kube: Kube, node_name: str, why: str) -> tuple[byt
         except ApiError as exc:
             if exc.not_found:
                 raise CSRFailed(f"certificate signing request {name} was deleted") from exc
+            if exc.status in (401, 403):
+                raise  # the credentials stopped working meanwhile (an expired token or certificate)
             continue  # the API server is away: keep waiting
         status = csr.get("status") or {}
         approved = False

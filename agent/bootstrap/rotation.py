@@ -84,11 +84,19 @@ class ClientCertRotator:
             )
             await asyncio.sleep(max(0.0, deadline - time.time()))
             attempt = 0
-            while not await self._rotate_once(info):
+            while not await self._try_rotate(info):
                 attempt += 1
                 left = info.not_after - time.time()
                 # Sooner while there is time left, never a busy loop once the certificate expired.
                 await asyncio.sleep(min(60.0, max(2.0, left / 10 if left > 0 else 2.0 * 2 ** min(attempt, 5))))
+
+    async def _try_rotate(self, previous: certinfo.CertInfo) -> bool:
+        """One attempt; a failure of any kind is logged and retried, never the end of the agent."""
+        try:
+            return await self._rotate_once(previous)
+        except (OSError, kubeconfig.KubeconfigError, certinfo.CertError) as exc:
+            log.warning("client certificate rotation failed; retrying", extra=kv(error=str(exc)))
+            return False
 
     async def _rotate_once(self, previous: certinfo.CertInfo) -> bool:
         expired = previous.expired()
