@@ -49,7 +49,7 @@ def test_certinfo_reads_what_cryptography_wrote():
 
 
 def test_rotation_deadline_is_70_to_90_percent_of_the_lifetime():
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)  # certificates keep whole seconds
     info = certinfo.first_certificate(_cert(now, now + dt.timedelta(days=10))[0])
     rng = random.Random(1)
     for _ in range(200):
@@ -63,7 +63,7 @@ def test_rotation_deadline_is_70_to_90_percent_of_the_lifetime():
 
 
 def test_store_writes_private_files_and_moves_the_current_link(tmp_path):
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)  # certificates keep whole seconds
     first = csr_client.store(tmp_path, *_cert(now, now + dt.timedelta(hours=1))[:2])
     second = csr_client.store(tmp_path, *_cert(now, now + dt.timedelta(hours=2))[:2])
     assert first != second and first.name.startswith("kubelet-client-")
