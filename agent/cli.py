@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="join the cluster as a Node and run the Pods bound to it")
     run.add_argument("--kubeconfig", required=True, help="kubeconfig with this node's identity")
+    run.add_argument(
+        "--bootstrap-kubeconfig",
+        help="bootstrap credentials (a bootstrap token) for a client certificate when --kubeconfig is missing "
+        "or its certificate expired: the agent requests one with a CSR and writes --kubeconfig (TLS bootstrap)",
+    )
     run.add_argument("--node-name", default=socket.gethostname().lower(), help="Node name (default: hostname)")
     run.add_argument("--config", help="agent configuration (TOML): handlers, node labels and taints")
     run.add_argument("--state-dir", default=_default_state_dir(), help="where the agent keeps its state")
@@ -33,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=None, help="kubelet API port (overrides [kubelet_api] port; default 10250)"
     )
     run.add_argument("-v", "--verbose", action="count", default=0, help="more log output (debug)")
+
+    from agent.bootstrap.join import add_join_parser
+
+    add_join_parser(sub, _default_state_dir())
 
     handlers = sub.add_parser("handlers", help="print and validate the runtime handler table")
     handlers.add_argument("--config", help="agent configuration (TOML)")
@@ -81,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     d_kubectl = dsub.add_parser("kubectl", help="run kubectl against the cluster: dev-cluster kubectl -- ARGS")
     d_kubectl.add_argument("--dir", type=Path, default=default_dir())
     d_kubectl.add_argument("args", nargs=argparse.REMAINDER)
+    d_up.add_argument(
+        "--cluster-signing-duration", default=None, help="lifetime of certificates signed for CSRs (default 8760h)"
+    )
+    d_token = dsub.add_parser("token", help="bootstrap tokens, as kubeadm token")
+    d_token_sub = d_token.add_subparsers(dest="token_command", required=True)
+    d_token_create = d_token_sub.add_parser("create", help="make a bootstrap token and print the join command")
+    d_token_create.add_argument("--dir", type=Path, default=default_dir())
+    d_token_create.add_argument(
+        "--ttl", default=None, help="how long the token is valid, e.g. 2h (default 24h; 0: forever)"
+    )
     d_node = dsub.add_parser("node-kubeconfig", help="mint a node identity and print its kubeconfig path")
     d_node.add_argument("--dir", type=Path, default=default_dir())
     d_node.add_argument("node")
@@ -124,11 +143,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         node_ip=args.node_ip,
         kubelet_port=args.port,
+        bootstrap_kubeconfig=args.bootstrap_kubeconfig,
     )
     try:
         return asyncio.run(run(opts))
     except KubeconfigError as exc:
         return _fail(str(exc), 2)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from agent.bootstrap.join import JoinError, discover_and_write
+
+    try:
+        if not discover_and_write(args):
+            return 0  # --write-only
+    except JoinError as exc:
+        return _fail(f"join refused: {exc}", 1)
+    return cmd_run(args)
 
 
 def cmd_handlers(args: argparse.Namespace) -> int:
@@ -205,11 +236,22 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
         if args.dev_command == "build":
             print(asyncio.run(manage.build()))
         elif args.dev_command == "up":
-            cluster = asyncio.run(manage.up(args.dir, args.port, args.node_monitor_grace_period))
+            cluster = asyncio.run(
+                manage.up(
+                    args.dir,
+                    args.port,
+                    args.node_monitor_grace_period,
+                    cluster_signing_duration=args.cluster_signing_duration,
+                )
+            )
             print(cluster.admin_kubeconfig)
         elif args.dev_command == "down":
             if not asyncio.run(manage.down(args.dir)):
                 print(f"no dev cluster was running in {args.dir}", file=sys.stderr)
+        elif args.dev_command == "token":
+            if manage.read_cluster(args.dir) is None:
+                return _fail(f"no dev cluster is running in {args.dir}: run `kubelet-emu dev-cluster up` first")
+            print(asyncio.run(manage.token_create(args.dir, args.ttl)))
         elif args.dev_command == "node-kubeconfig":
             print(asyncio.run(manage.node_kubeconfig(args.dir, args.node)))
         elif args.dev_command == "kubectl":
@@ -279,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "reset": cmd_reset,
         "dev-cluster": cmd_dev_cluster,
         "demo": cmd_demo,
+        "join": cmd_join,
     }
     try:
         return handlers[args.command](args)

@@ -149,6 +149,21 @@ class Kube:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    def switch_tls(self, ssl_context: ssl.SSLContext | bool) -> tuple[ssl.SSLContext | bool, Any]:
+        """New requests go out on new connections made with `ssl_context` (a rotated client
+        certificate, agent/bootstrap/rotation.py). Returns the TLS context and session in use
+        until now: close that session once its requests are done, or give both back to
+        switch_back()."""
+        previous = (self._ssl, self._session)
+        self._ssl, self._session = ssl_context, None
+        return previous
+
+    def switch_back(self, previous: tuple[ssl.SSLContext | bool, Any]) -> aiohttp.ClientSession | None:
+        """Undo switch_tls(); returns the session made meanwhile, for the caller to close."""
+        made = self._session
+        self._ssl, self._session = previous
+        return made
+
     async def _headers(self) -> dict[str, str]:
         if self._auth is None:
             return {}

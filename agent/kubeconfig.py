@@ -155,3 +155,28 @@ def cluster_ca(path: str) -> bytes | None:
         except OSError:
             return None
     return None
+
+
+def client_certificate(path: str) -> tuple[bytes | None, str | None]:
+    """(PEM, file path or None for inline data) of the current user's client certificate;
+    (None, path) when the kubeconfig names a file that cannot be read, (None, None) when the user
+    has no client certificate (or the kubeconfig cannot be read: load() reports that)."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        context = _named(doc.get("contexts"), doc.get("current-context", ""), "context", path)
+        user = _named(doc.get("users"), context.get("user", ""), "user", path) if context.get("user") else {}
+    except (OSError, yaml.YAMLError, AttributeError, KubeconfigError):
+        return None, None
+    if user.get("client-certificate"):
+        file = _resolve(Path(path).resolve().parent, user["client-certificate"])
+        try:
+            return Path(file).read_bytes(), file
+        except OSError:
+            return None, file
+    if user.get("client-certificate-data"):
+        try:
+            return base64.b64decode(user["client-certificate-data"]), None
+        except ValueError:
+            return None, None
+    return None, None

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import state_lock
+from agent.bootstrap.client import ensure_client_certificate
+from agent.bootstrap.rotation import ClientCertRotator, managed_pki_dir
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import EventRecorder
 from agent.hostinfo import address_toward, read_host_info
@@ -48,6 +50,7 @@ class RunOptions:
     node_ip: str | None = None
     kubelet_port: int | None = None  # --port: overrides [kubelet_api] port
     config_path: str | None = None  # re-read on SIGHUP
+    bootstrap_kubeconfig: str | None = None  # TLS bootstrap when the kubeconfig's certificate is missing or expired
 
 
 async def agent_main(node: NodeAgent, pods: PodController, services: list[Service]) -> None:
@@ -132,6 +135,7 @@ async def run(opts: RunOptions) -> int:
         log.error(f"cannot write to the state dir {opts.state_dir}: {exc}; make it writable or use another --state-dir")
         return 2
     shrink_tls_read_buffers()
+    await ensure_client_certificate(opts.kubeconfig, opts.bootstrap_kubeconfig, opts.node_name, opts.state_dir / "pki")
     kube = await Kube.from_kubeconfig(opts.kubeconfig)
     api_settings = opts.config.kubelet_api
     api: KubeletAPIServer | None = None
@@ -186,6 +190,10 @@ async def run(opts: RunOptions) -> int:
     # early return would be reported as never awaited.
     services = attach_services(opts.config, opts, kube, pods)
     services.append(Housekeeping(pods).run())  # what belongs to no current Pod: at start, then every minute
+    pki_dir = managed_pki_dir(opts.kubeconfig)
+    if pki_dir is not None:  # a bootstrapped identity: renewed before it expires
+        rotator = ClientCertRotator(kube, opts.kubeconfig, opts.node_name, pki_dir, opts.bootstrap_kubeconfig)
+        services.append(rotator.run())
     main = asyncio.create_task(agent_main(node, pods, services), name="agent")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:

@@ -18,7 +18,8 @@ import (
 )
 
 const usage = `usage:
-  devcluster up --dir DIR [--port N] [--node-monitor-grace-period DURATION]
+  devcluster up --dir DIR [--port N] [--node-monitor-grace-period DURATION] [--cluster-signing-duration DURATION]
+  devcluster token-create --dir DIR [--ttl DURATION]   (prints the join command)
   devcluster node-kubeconfig --dir DIR NODE
   devcluster kubectl [kubectl args...]      (or invoke this binary as "kubectl")
 `
@@ -41,6 +42,8 @@ func main() {
 		err = up(os.Args[2:])
 	case "node-kubeconfig":
 		err = nodeKubeconfigCmd(os.Args[2:])
+	case "token-create":
+		err = tokenCreateCmd(os.Args[2:])
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)

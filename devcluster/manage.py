@@ -242,6 +242,7 @@ async def up(
     quiet: bool = False,
     cluster_cidr: str = "10.244.0.0/16",
     fresh: bool = False,
+    cluster_signing_duration: str | None = None,
 ) -> Cluster:
     """Start the cluster in `directory`, or return the one running there. `fresh`: a cluster
     started here begins with an empty etcd (benchmarks: earlier runs' history neither fills
@@ -256,10 +257,11 @@ async def up(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "cluster.json").unlink(missing_ok=True)
     log_path = directory / "devcluster.log"
+    extra = ["--cluster-signing-duration", cluster_signing_duration] if cluster_signing_duration else []
     with open(log_path, "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             str(binary), "up", "--dir", str(directory), "--port", str(port),
-            "--node-monitor-grace-period", node_monitor_grace_period, "--cluster-cidr", cluster_cidr,
+            "--node-monitor-grace-period", node_monitor_grace_period, "--cluster-cidr", cluster_cidr, *extra,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True,  # outlives this command; `down` stops it
         )  # fmt: skip
@@ -314,6 +316,19 @@ async def node_kubeconfig(directory: Path, node: str) -> Path:
     if proc.returncode != 0:
         raise DevClusterError(err.decode(errors="replace").strip())
     return Path(out.decode().strip())
+
+
+async def token_create(directory: Path, ttl: str | None = None) -> str:
+    """A bootstrap token, as `kubeadm token create --print-join-command`: returns the join command."""
+    binary = await build(quiet=True)
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), "token-create", "--dir", str(directory.resolve()), *(["--ttl", ttl] if ttl else []),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise DevClusterError(err.decode(errors="replace").strip())
+    return out.decode().strip()
 
 
 def kubectl_argv(cluster: Cluster, args: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -74,6 +74,7 @@ func up(args []string) error {
 	port := fs.Int("port", 6443, "kube-apiserver secure port on 127.0.0.1")
 	grace := fs.Duration("node-monitor-grace-period", 50*time.Second, "how long the node lifecycle controller waits before marking a silent node Unknown")
 	fs.StringVar(&clusterCIDR, "cluster-cidr", clusterCIDR, "range the controller-manager splits into one /24 pod CIDR per node")
+	signing := fs.Duration("cluster-signing-duration", 365*24*time.Hour, "lifetime of the certificates the controller-manager signs for CSRs (short values for rotation tests)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -121,6 +122,10 @@ func up(args []string) error {
 		"--service-account-signing-key-file=" + p.saKey,
 		"--service-cluster-ip-range=" + serviceCIDR,
 		"--authorization-mode=Node,RBAC",
+		// As kubeadm: bootstrap tokens authenticate joining nodes, and anonymous requests may
+		// read what RBAC grants system:anonymous (only kube-public/cluster-info).
+		"--enable-bootstrap-token-auth=true",
+		"--anonymous-auth=true",
 		"--enable-admission-plugins=NodeRestriction,RuntimeClass",
 		"--kubelet-client-certificate=" + p.kubeletClientCert, "--kubelet-client-key=" + p.kubeletClientKey,
 		"--kubelet-preferred-address-types=InternalIP,Hostname",
@@ -135,9 +140,13 @@ func up(args []string) error {
 		return err
 	}
 
+	if err := bootstrapObjects(ctx, p.adminKubeconfig, server, p.caCert); err != nil {
+		return fmt.Errorf("bootstrap objects: %w", err)
+	}
+
 	compErr := make(chan error, 2)
 	go func() { compErr <- runScheduler(ctx, p.schedulerKubeconfig, schedPort) }()
-	go func() { compErr <- runControllerManager(ctx, p, cmPort, *grace) }()
+	go func() { compErr <- runControllerManager(ctx, p, cmPort, *grace, *signing) }()
 
 	state := clusterState{Server: server, AdminKubeconfig: p.adminKubeconfig, CACert: p.caCert, EtcdURL: etcdURL, Pid: os.Getpid()}
 	raw, _ := json.MarshalIndent(state, "", "  ")
@@ -214,7 +223,7 @@ func runScheduler(ctx context.Context, kubeconfig string, port int) error {
 	return schedapp.Run(ctx, cc, sched)
 }
 
-func runControllerManager(ctx context.Context, p *pkiPaths, port int, grace time.Duration) error {
+func runControllerManager(ctx context.Context, p *pkiPaths, port int, grace, signing time.Duration) error {
 	s, err := cmoptions.NewKubeControllerManagerOptions()
 	if err != nil {
 		return err
@@ -241,7 +250,10 @@ func runControllerManager(ctx context.Context, p *pkiPaths, port int, grace time
 		"--cluster-signing-cert-file=" + p.caCert,
 		"--cluster-signing-key-file=" + p.caKey,
 		"--node-monitor-grace-period=" + grace.String(),
-		"--controllers=*",
+		"--cluster-signing-duration=" + signing.String(),
+		// kubeadm turns these on (they are off by default): sign cluster-info with each bootstrap
+		// token, and delete expired tokens.
+		"--controllers=*,bootstrapsigner,tokencleaner",
 	}); err != nil {
 		return err
 	}

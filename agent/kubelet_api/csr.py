@@ -44,7 +44,7 @@ def issued_files(pki_dir: Path, names: ServingNames) -> tuple[Path, Path] | None
 
 
 def make_request(node_name: str, names: ServingNames) -> tuple[bytes, bytes]:
-    """(key PEM, CSR PEM) for this node's serving certificate."""
+    """(key PEM, CSR PEM) for this node's serving certificate, or with no names its client certificate."""
     import ipaddress
 
     from cryptography import x509
@@ -60,12 +60,10 @@ def make_request(node_name: str, names: ServingNames) -> tuple[bytes, bytes]:
         ]
     )
     alt = [x509.DNSName(n) for n in names.dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in names.ips]
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if alt:  # a client certificate (agent/bootstrap) names no hosts
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    csr = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
