@@ -125,7 +125,9 @@ async def node(
         CgroupManager(detect_mode(), root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)
 
 
-def pod_yaml(name: str, node: str, command: str, restart: str = "Always", container: str = "main") -> str:
+def pod_yaml(
+    name: str, node: str, command: str, restart: str = "Always", container: str = "main", uid: int = 65534
+) -> str:
     return f"""
 apiVersion: v1
 kind: Pod
@@ -134,6 +136,7 @@ spec:
   nodeName: {node}
   restartPolicy: {restart}
   terminationGracePeriodSeconds: 1
+  securityContext: {{runAsUser: {uid}}}
   containers:
   - name: {container}
     image: busybox
@@ -275,7 +278,8 @@ async def test_logs_previous_after_a_restart(kubectl, node, tmp_path):
     name = unique("p-restart")
     marker = tmp_path / "ran-once"
     command = f"if [ -e {marker} ]; then echo second-run; exec sleep 3600; fi; touch {marker}; echo first-run; exit 3"
-    await kubectl.apply(pod_yaml(name, node.name, command))
+    # Root: the marker lives in the test's own directory, which only root can enter.
+    await kubectl.apply(pod_yaml(name, node.name, command, uid=0))
 
     async def restarted() -> dict[str, Any] | None:
         obj = await kubectl.get("pod", name)

@@ -129,7 +129,10 @@ def _hide(path: str) -> None:
 
 
 def _fresh_dev() -> None:
-    """A /dev of the container's own (runc's devices), so host disks and the like are not there."""
+    """A /dev of the container's own (runc's devices), so host disks and the like are not there.
+    /dev/pts is the host's: the shim and exec open a container's terminal there before it enters
+    this namespace, and a new devpts instance would leave `tty` and ttyname() with no name for it."""
+    host_pts = os.open("/dev/pts", os.O_PATH | os.O_DIRECTORY)
     _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
     for name, major, minor in _DEVICES:
         os.mknod(f"/dev/{name}", 0o666 | 0o020000, os.makedev(major, minor))
@@ -139,7 +142,10 @@ def _fresh_dev() -> None:
         os.symlink(target, f"/dev/{name}")
     os.mkdir("/dev/pts", 0o755)
     os.mkdir("/dev/shm", 0o755)
-    _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    try:
+        _mount(f"/proc/self/fd/{host_pts}", "/dev/pts", None, MS_BIND)
+    finally:
+        os.close(host_pts)
     _mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
     _mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID, "mode=755,size=65536k")  # no mknod in it
 
