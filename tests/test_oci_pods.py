@@ -52,6 +52,7 @@ cgroup_root = "{CGROUP_ROOT}"
 backend = "oci"
 runtime_path = "{shutil.which("runc")}"
 runtime_root = "{runc_root}"
+allow_privileged = true
 [runtimes.procs]
 backend = "process"
 """
@@ -383,6 +384,32 @@ async def test_image_pull_secret_for_a_private_registry(kubectl, node, private_r
         assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
     finally:
         await kubectl.run("delete", "secret", "regcred", check=False)
+
+
+async def test_privileged_runc_container_gets_the_hosts_own_capabilities(kubectl, node, busybox_ref):
+    """Issue 17 item 13: a privileged container gets the capabilities the runtime itself holds (as
+    containerd grants them), not every capability the kernel knows: on a host whose bounding set
+    lacks one, runc would fail with "unable to apply caps"."""
+    name, _, _ = node
+    status = Path("/proc/self/status").read_text()
+    fields = (line.partition(":\t") for line in status.splitlines())
+    masks = {k: int(v, 16) for k, _, v in fields if k.startswith("Cap")}
+    container = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", "grep CapEff /proc/self/status; sleep 3600"],
+        "securityContext": {"privileged": True},
+    }
+    await kubectl.apply(pod("priv-box", name, ISOLATED, container))
+    await eventually(lambda: running(kubectl, "priv-box"), 60, what="priv-box Running")
+    text = await eventually(lambda: _logs_with(kubectl, "priv-box", "CapEff"), 20, what="CapEff in the log")
+    effective = int(text.split("CapEff:")[1].split()[0], 16)
+    assert effective == masks["CapBnd"] & masks["CapEff"]
+    await kubectl("delete", "pod", "priv-box", "--wait=true", "--timeout=60s")
+
+
+async def _logs_with(kubectl: Kubectl, pod_name: str, needle: str) -> str | None:
+    _, out, _ = await kubectl.run("logs", pod_name, check=False)
+    return out if needle in out else None
 
 
 async def test_secret_volume_on_tmpfs_and_config_private(kubectl, node, busybox_ref):
