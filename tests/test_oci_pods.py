@@ -24,6 +24,7 @@ from helpers import check_exec_tty_and_resize, exposed_files
 
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
+from cgroups.quantity import parse_quantity
 from devcluster import manage
 from images.build import BUSYBOX_PATH, busybox_files, push_image
 from images.local_registry import start_registry
@@ -405,6 +406,108 @@ async def test_privileged_runc_container_gets_the_hosts_own_capabilities(kubectl
     effective = int(text.split("CapEff:")[1].split()[0], 16)
     assert effective == masks["CapBnd"] & masks["CapEff"]
     await kubectl("delete", "pod", "priv-box", "--wait=true", "--timeout=60s")
+
+
+def _env_container(runtime_class: str, busybox_ref: str, env: list[dict]) -> dict:
+    container: dict = {"command": ["sh", "-c", "env; echo END-OF-ENV; sleep 3600"], "env": env}
+    if runtime_class == ISOLATED:
+        container["image"] = busybox_ref
+    else:
+        container["image"] = "host"  # the process backend runs commands on the host
+    return container
+
+
+async def _env_of(kubectl: Kubectl, pod_name: str) -> dict[str, str]:
+    text = await eventually(lambda: _logs_with(kubectl, pod_name, "END-OF-ENV"), 30, what=f"{pod_name}'s env")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_downward_api_limit_defaults_and_pod_ip(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 8: limits.cpu / limits.memory of a container without limits give the node's
+    allocatable; status.podIP is the Pod's own IP on both backends."""
+    name, _, _ = node
+    pod_name = f"downward-{'oci' if runtime_class == ISOLATED else 'proc'}"
+    env = [
+        {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+    ]
+    await kubectl.apply(pod(pod_name, name, runtime_class, _env_container(runtime_class, busybox_ref, env)))
+    obj = await eventually(lambda: running(kubectl, pod_name), 60, what=f"{pod_name} Running")
+    got = await _env_of(kubectl, pod_name)
+    allocatable = (await kubectl.get("node", name))["status"]["allocatable"]
+    assert got["CPU"] == str(int(parse_quantity(allocatable["cpu"]) * 1000))
+    assert got["MEM"] == str(int(parse_quantity(allocatable["memory"])))
+    assert got["POD_IP"] == obj["status"]["podIP"] != obj["status"]["hostIP"]
+    assert got["HOST_IP"] == obj["status"]["hostIP"]
+    await kubectl("delete", "pod", pod_name, "--wait=true", "--timeout=60s")
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_service_environment_variables(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 7: KUBERNETES_SERVICE_HOST and the docker-link variables of the Services in
+    the Pod's namespace (enableServiceLinks, the default); only the master Service's without it;
+    the spec's env wins and $(VAR) may refer to Service variables."""
+    name, _, _ = node
+    short = "oci" if runtime_class == ISOLATED else "proc"
+    ns = f"svc-{short}-{SUFFIX}"
+    await kubectl("create", "namespace", ns)
+    await kubectl.apply(json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-front", "namespace": ns},
+        "spec": {"selector": {"app": "none"}, "ports": [
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]},
+    }))  # fmt: skip
+    svc = await kubectl.get("service", "web-front", "-n", ns)
+    kube_ip = (await kubectl.get("service", "kubernetes", "-n", "default"))["spec"]["clusterIP"]
+    ip = svc["spec"]["clusterIP"]
+    env = [
+        {"name": "WEB_FRONT_SERVICE_PORT_HTTP", "value": "mine"},
+        {"name": "FRONT_URL", "value": "http://$(WEB_FRONT_SERVICE_HOST):$(WEB_FRONT_SERVICE_PORT)/"},
+    ]
+    linked = json.loads(pod("linked", name, runtime_class, _env_container(runtime_class, busybox_ref, env)))
+    unlinked = json.loads(pod("unlinked", name, runtime_class, _env_container(runtime_class, busybox_ref, [])))
+    unlinked["spec"]["enableServiceLinks"] = False
+    for obj in (linked, unlinked):
+        obj["metadata"]["namespace"] = ns
+        await kubectl.apply(json.dumps(obj))
+    for pod_name in ("linked", "unlinked"):
+        await eventually(lambda n=pod_name: _running_in(kubectl, ns, n), 60, what=f"{pod_name} Running")
+    got = await _env_of_ns(kubectl, ns, "linked")
+    assert got["KUBERNETES_SERVICE_HOST"] == kube_ip and got["KUBERNETES_SERVICE_PORT"] == "443"
+    assert got["KUBERNETES_PORT"] == f"tcp://{kube_ip}:443"
+    assert got["WEB_FRONT_SERVICE_HOST"] == ip
+    assert got["WEB_FRONT_SERVICE_PORT"] == "80"
+    assert got["WEB_FRONT_SERVICE_PORT_HTTP"] == "mine"  # the spec's env overrides
+    assert got["WEB_FRONT_SERVICE_PORT_DNS"] == "53"
+    assert got["WEB_FRONT_PORT"] == f"tcp://{ip}:80"
+    assert got["WEB_FRONT_PORT_80_TCP"] == f"tcp://{ip}:80"
+    assert got["WEB_FRONT_PORT_80_TCP_PROTO"] == "tcp"
+    assert got["WEB_FRONT_PORT_80_TCP_PORT"] == "80"
+    assert got["WEB_FRONT_PORT_80_TCP_ADDR"] == ip
+    assert got["WEB_FRONT_PORT_53_UDP"] == f"udp://{ip}:53"
+    assert got["FRONT_URL"] == f"http://{ip}:80/"
+    plain = await _env_of_ns(kubectl, ns, "unlinked")
+    assert plain["KUBERNETES_SERVICE_HOST"] == kube_ip
+    assert not [k for k in plain if k.startswith("WEB_FRONT")]
+    await kubectl("delete", "namespace", ns, "--wait=false")
+
+
+async def _running_in(kubectl: Kubectl, ns: str, pod_name: str) -> dict | None:
+    obj = await kubectl.get("pod", pod_name, "-n", ns)
+    return obj if obj and obj["status"].get("phase") == "Running" else None
+
+
+async def _env_of_ns(kubectl: Kubectl, ns: str, pod_name: str) -> dict[str, str]:
+    async def logs() -> str | None:
+        _, out, _ = await kubectl.run("logs", "-n", ns, pod_name, check=False)
+        return out if "END-OF-ENV" in out else None
+
+    text = await eventually(logs, 30, what=f"{pod_name}'s env")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
 async def _logs_with(kubectl: Kubectl, pod_name: str, needle: str) -> str | None:

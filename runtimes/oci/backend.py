@@ -53,7 +53,7 @@ from runtimes.base import (
     SandboxRecord,
     StreamingProcess,
 )
-from runtimes.container_env import EnvError, container_env
+from runtimes.container_env import EnvError, container_env, env_context
 from runtimes.crilog import read_logs
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.oci.cgroups import remove_everywhere
@@ -510,7 +510,7 @@ class OciBackend(Backend):
         try:
             env = await container_env(
                 pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, pod_ip,
-                pod_ips=list(sandbox.ips) or None,
+                pod_ips=list(sandbox.ips) or None, **env_context(self.context),
             )  # fmt: skip
         except EnvError as exc:
             raise CreateContainerConfigError(f"{where}: {exc}") from exc

@@ -38,7 +38,7 @@ from runtimes.base import (
     SandboxRecord,
     StreamingProcess,
 )
-from runtimes.container_env import EnvError, container_env, expand
+from runtimes.container_env import EnvError, container_env, env_context, expand
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.private_files import private_dir, remove_tree, write_private
 from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container, run_in_container
@@ -158,8 +158,11 @@ class ProcessBackend(Backend):
                 "(images are not unpacked by this backend)"
             )
         try:
+            # The Pod's own IP when it has its own network namespace, as status.podIP says.
+            pod_ip = sandbox.ips[0] if sandbox.ips else self.context.host_ip
             env_list = await container_env(
-                pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, self.context.host_ip,
+                pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, pod_ip,
+                pod_ips=list(sandbox.ips) or None, **env_context(self.context),
             )  # fmt: skip
         except EnvError as exc:
             raise CreateContainerConfigError(str(exc)) from exc
