@@ -496,6 +496,52 @@ async def test_service_environment_variables(kubectl, node, busybox_ref, runtime
     await kubectl("delete", "namespace", ns, "--wait=false")
 
 
+async def _terminated(kubectl: Kubectl, pod_name: str) -> dict | None:
+    obj = await kubectl.get("pod", pod_name)
+    for status in (obj or {}).get("status", {}).get("containerStatuses") or []:
+        if "terminated" in status.get("state", {}):
+            return status["state"]["terminated"]
+    return None
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 9: the message file is the container's own (on the process backend not the
+    host's /dev/termination-log), and FallbackToLogsOnError gives the log's tail (80 lines, 2048
+    bytes) when the file is empty and the container failed."""
+    name, _, _ = node
+    short = "oci" if runtime_class == ISOLATED else "proc"
+    host_log = Path("/dev/termination-log")
+    before = host_log.read_bytes() if host_log.exists() else None
+    words = f"last words {uuid.uuid4().hex}"
+    said = _env_container(runtime_class, busybox_ref, [])
+    said["command"] = ["sh", "-c", f"echo -n '{words}' > /dev/termination-log; exit 0"]
+    custom = _env_container(runtime_class, busybox_ref, [])
+    custom["command"] = ["sh", "-c", "echo -n custom > /dev/my-message; exit 1"]
+    custom["terminationMessagePath"] = "/dev/my-message"
+    tail = _env_container(runtime_class, busybox_ref, [])
+    tail["command"] = ["sh", "-c", "i=1; while [ $i -le 100 ]; do echo line-$i; i=$((i+1)); done; exit 3"]
+    tail["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    ok = _env_container(runtime_class, busybox_ref, [])
+    ok["command"] = ["sh", "-c", "echo fine; exit 0"]
+    ok["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    pods = {"said": said, "custom": custom, "tail": tail, "ok": ok}
+    for key, container in pods.items():
+        await kubectl.apply(pod(f"msg-{key}-{short}", name, runtime_class, container, restartPolicy="Never"))
+    got = {}
+    for key in pods:
+        got[key] = await eventually(lambda k=key: _terminated(kubectl, f"msg-{k}-{short}"), 60, what=f"{key} ended")
+    assert got["said"].get("message") == words and got["said"]["exitCode"] == 0
+    assert got["custom"].get("message") == "custom"
+    lines = [f"line-{i}" for i in range(21, 101)]
+    assert got["tail"].get("message") == "\n".join(lines) + "\n"
+    assert "message" not in got["ok"]  # succeeded: no fallback
+    after = host_log.read_bytes() if host_log.exists() else None
+    assert after == before, "the host's /dev/termination-log was written"
+    for key in pods:
+        await kubectl("delete", "pod", f"msg-{key}-{short}", "--wait=false")
+
+
 async def _running_in(kubectl: Kubectl, ns: str, pod_name: str) -> dict | None:
     obj = await kubectl.get("pod", pod_name, "-n", ns)
     return obj if obj and obj["status"].get("phase") == "Running" else None

@@ -51,6 +51,7 @@ from runtimes.sandbox_records import (
     scan,
     write_owner,
 )
+from runtimes.termination import DEFAULT_PATH, termination_message
 
 SHIM_START_TIMEOUT = 10.0
 
@@ -190,6 +191,15 @@ class ProcessBackend(Backend):
             except (CgroupError, OSError) as exc:
                 raise CreateContainerError(f"container {name}: cannot create its cgroup: {exc}") from exc
             cgroup_procs = self.cgroups.procs_paths(rel)
+        # The container's own termination log, bound at its terminationMessagePath in its
+        # mount view (runtimes/process/confine.py), never the host's /dev/termination-log.
+        message_file = run_dir / "termination-log"
+        message_file.touch(mode=0o666)
+        message_file.chmod(0o666)  # whatever user the container runs as may write its last words
+        security = {
+            **security,
+            "termination_log": [str(message_file), container.get("terminationMessagePath") or DEFAULT_PATH],
+        }
         spec = {
             "argv": argv,
             "env": full_env,
@@ -274,11 +284,16 @@ class ProcessBackend(Backend):
         reason = None
         if await asyncio.to_thread(self._oom_kills, handle) > state.get("oom_before", 0):  # a walk of the cgroup tree
             reason = "OOMKilled"
+        log_path = run_dir.parent / f"{run_dir.name}.log"
+        message = await asyncio.to_thread(
+            termination_message, handle.extra["container"], run_dir / "termination-log", log_path, result["exit_code"]
+        )
         return ContainerExit(
             exit_code=result["exit_code"],
             signal=result.get("signal"),
             finished_at=parse_time(result["finished_at"]),
             reason=reason,
+            message=message,
         )
 
     async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:
