@@ -519,3 +519,24 @@ async def test_exec_over_websockets(cluster, kubectl: Kubectl, node: str, protoc
         assert json.loads(got[3])["status"] == "Success"
     else:
         assert not got.get(3)
+
+
+@pytest.mark.cluster
+async def test_attach_over_websockets(cluster, kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "while true; do echo tick; sleep 0.2; done")
+    pki = cluster.dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_cert))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    url = f"{cluster.server}/api/v1/namespaces/default/pods/{pod}/attach?stdout=1&container=main"
+    seen = b""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.ws_connect(url.replace("https://", "wss://"), protocols=["base64.channel.k8s.io"]) as ws,
+    ):
+        assert ws.protocol == "base64.channel.k8s.io"
+        while b"tick" not in seen:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            if msg.data[0] == "1":
+                seen += base64.b64decode(msg.data[1:])
+    assert seen.startswith(b"tick\n")
