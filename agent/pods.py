@@ -40,6 +40,7 @@ SA_TOKEN_VOLUME_PREFIX = "kube-api-access-"
 # CONNECTIONS holds them), and each new connection a TLS handshake on both sides. 64 capped a
 # 5000-Pod start at ~320 writes a second, below the rate Pods were created.
 WRITE_CONCURRENCY = 128
+SERVICES_SYNC_WAIT = 30.0  # seconds a container waits for the first list of Services
 
 
 def slim_pod(pod: JSON) -> JSON:
@@ -68,6 +69,20 @@ def slim_pod(pod: JSON) -> JSON:
     # The status is left as decoded: for a running Pod it is our own echo, and the worker keeps
     # only the few conditions others own (shared there), so interning it would be wasted work.
     return {k: v if k == "status" else shared(v) for k, v in pod.items()}
+
+
+def slim_service(service: JSON) -> JSON:
+    """What the Service environment variables need of a Service."""
+    spec = service.get("spec") or {}
+    ports = [{k: p[k] for k in ("name", "port", "protocol") if k in p} for p in spec.get("ports") or []]
+    meta = service["metadata"]
+    slim_spec = {"clusterIP": spec.get("clusterIP", ""), "type": spec.get("type", "ClusterIP"), "ports": ports}
+    slim_meta = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta}
+    return {"metadata": slim_meta, "spec": slim_spec}
+
+
+def _ignore(_: JSON) -> None:
+    pass
 
 
 def _cgroup_manager(config: AgentConfig) -> CgroupManager | None:
@@ -109,6 +124,16 @@ class PodController:
             on_delete=self._runtime_class_changed,
             name="runtimeclasses",
         )
+        # Services for the containers' environment variables (the node authorizer lets a node
+        # list and watch them), slimmed to what the variables need.
+        self.services = Informer(
+            kube,
+            "/api/v1/services",
+            on_upsert=_ignore,
+            on_delete=_ignore,
+            name="services",
+            transform=slim_service,
+        )
         self.pods = Informer(
             kube,
             "/api/v1/pods",
@@ -123,6 +148,7 @@ class PodController:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.runtime_classes.run(), name="runtimeclass-watch")
+            tg.create_task(self.services.run(), name="service-watch")
             await self.runtime_classes.synced.wait()
             tg.create_task(self.pods.run(), name="pod-watch")
 
@@ -211,6 +237,8 @@ class PodController:
                 images=self.images,
                 network=self.network,
                 node_credentials=self.node_credentials,
+                allocatable=lambda: self._allocatable,
+                services=self.list_services,
             )
             backend = metrics.instrument_backend(backend_class(handler.backend)(handler, context))
             self.backends[handler_name] = backend
@@ -225,6 +253,17 @@ class PodController:
             if exc.not_found:
                 return None
             raise
+
+    async def list_services(self, namespace: str) -> list[JSON]:
+        """The Services of a namespace from the watch's cache. Like the kubelet, no environment
+        is built before the Services were read once."""
+        if not self.services.synced.is_set():
+            try:
+                await asyncio.wait_for(self.services.synced.wait(), SERVICES_SYNC_WAIT)
+            except TimeoutError:
+                raise RuntimeError("services have not yet been read at least once, cannot construct envvars") from None
+        prefix = f"{namespace}/"
+        return [svc for key, svc in self.services.store.items() if key.startswith(prefix)]
 
     # --- RuntimeClass resolution -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ small dataclasses below for what they report back.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -128,6 +128,7 @@ class StreamingProcess(abc.ABC):
 
 
 Lookup = Callable[[str, str, str], Awaitable[JSON | None]]  # (kind, namespace, name) -> object or None
+ServiceLister = Callable[[str], Awaitable[list[JSON]]]  # namespace -> its Services
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,10 @@ class BackendContext:
     images: Any = None  # images.service.ImageService: pulls and unpacks images (oci backend)
     network: Any = None  # network.pods.PodNetworks: per-Pod namespaces and IPs, or None when off
     node_credentials: tuple[str, ...] = ()  # files and directories Pods must not see (process backend)
+    # The node's allocatable resources now (the downward API's default for a limit a container
+    # does not set), and the Services whose variables a container's environment gets.
+    allocatable: Callable[[], Mapping[str, str]] | None = None
+    services: ServiceLister | None = None
 
 
 class Backend(abc.ABC):

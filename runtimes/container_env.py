@@ -1,22 +1,31 @@
 """A container's environment, built the way the kubelet builds it.
 
 Follows pkg/kubelet/kubelet_pods.go makeEnvironmentVariables (v1.36) and the $(VAR) expansion of
-third_party/forked/golang/expansion. Service-link variables (FOO_SERVICE_HOST...) are not produced.
+third_party/forked/golang/expansion, with the Service variables of getServiceEnvVarMap and
+pkg/kubelet/envvars (FOO_SERVICE_HOST, FOO_PORT_80_TCP_ADDR...). Only the IPs go into variables:
+nothing here ever sends traffic to a ClusterIP.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Mapping
+from collections import ChainMap
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgroups.quantity import parse_quantity
-from runtimes.base import CreateContainerConfigError
+from runtimes.base import CreateContainerConfigError, ServiceLister
+
+if TYPE_CHECKING:
+    from runtimes.base import BackendContext
 
 JSON = dict[str, Any]
 Lookup = Callable[[str, str, str], Awaitable[JSON | None]]  # (kind, namespace, name) -> object or None
+
+MASTER_SERVICE_NAMESPACE = "default"  # the kubelet's masterServiceNamespace
+MASTER_SERVICES = ("kubernetes",)
 
 
 class EnvError(CreateContainerConfigError):
@@ -56,6 +65,80 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return "".join(out)
 
 
+# --- Service variables ---------------------------------------------------------------------------
+
+
+def _env_name(name: str) -> str:
+    return name.replace("-", "_").upper()  # envvars.makeEnvVariableName
+
+
+def _ip_set(service: JSON) -> bool:
+    ip = (service.get("spec") or {}).get("clusterIP") or ""
+    return ip not in ("", "None")
+
+
+def service_env_vars(services: Iterable[JSON]) -> dict[str, str]:
+    """envvars.FromServices: for each Service with a cluster IP, FOO_SERVICE_HOST, FOO_SERVICE_PORT
+    (the first port), FOO_SERVICE_PORT_<NAME> for named ports, and Docker's link variables."""
+    env: dict[str, str] = {}
+    for service in services:
+        spec = service.get("spec") or {}
+        ports = spec.get("ports") or []
+        if not _ip_set(service) or not ports:
+            continue
+        ip = spec["clusterIP"]
+        prefix = _env_name(service["metadata"]["name"])
+        env[f"{prefix}_SERVICE_HOST"] = ip
+        env[f"{prefix}_SERVICE_PORT"] = str(ports[0].get("port"))
+        for port in ports:
+            if port.get("name"):
+                env[f"{prefix}_SERVICE_PORT_{_env_name(port['name'])}"] = str(port.get("port"))
+        host = f"[{ip}]" if ":" in ip else ip  # net.JoinHostPort
+        for i, port in enumerate(ports):
+            protocol = port.get("protocol") or "TCP"
+            number = str(port.get("port"))
+            url = f"{protocol.lower()}://{host}:{number}"
+            if i == 0:
+                env[f"{prefix}_PORT"] = url
+            port_prefix = f"{prefix}_PORT_{number}_{protocol.upper()}"
+            env[port_prefix] = url
+            env[f"{port_prefix}_PROTO"] = protocol.lower()
+            env[f"{port_prefix}_PORT"] = number
+            env[f"{port_prefix}_ADDR"] = ip
+    return env
+
+
+async def service_env(pod: JSON, services: ServiceLister) -> dict[str, str]:
+    """getServiceEnvVarMap: the master Services (`kubernetes` in `default`) always, and with
+    enableServiceLinks (the default) every Service of the Pod's namespace, which wins over a
+    master Service of the same name. ExternalName and headless Services give nothing."""
+    namespace = pod.get("metadata", {}).get("namespace") or "default"
+    links = (pod.get("spec") or {}).get("enableServiceLinks") is not False
+    master = await services(MASTER_SERVICE_NAMESPACE)
+    own = (master if namespace == MASTER_SERVICE_NAMESPACE else await services(namespace)) if links else []
+
+    def usable(service: JSON) -> bool:
+        return _ip_set(service) and (service.get("spec") or {}).get("type") != "ExternalName"
+
+    chosen: dict[str, JSON] = {}
+    for service in master:
+        if usable(service) and service["metadata"]["name"] in MASTER_SERVICES:
+            chosen[service["metadata"]["name"]] = service
+    for service in own:
+        if usable(service):
+            chosen[service["metadata"]["name"]] = service
+    kept = list(chosen.values())
+    return service_env_vars(sorted(kept, key=lambda s: s["metadata"]["name"]))
+
+
+def env_context(context: BackendContext) -> dict[str, Any]:
+    """container_env's keyword arguments from what the agent hands a backend."""
+    return {
+        "node_allocatable": context.allocatable() if context.allocatable is not None else None,
+        "services": context.services,
+    }
+
+
 # --- the environment -----------------------------------------------------------------------------
 
 
@@ -77,8 +160,11 @@ async def container_env(
     node_allocatable: Mapping[str, str] | None = None,
     host_ips: list[str] | None = None,
     pod_ips: list[str] | None = None,
+    services: ServiceLister | None = None,
 ) -> list[tuple[str, str]]:
-    """The container's environment as (name, value) pairs: envFrom first, then env in order."""
+    """The container's environment as (name, value) pairs: envFrom first, then env in order, then
+    the Service variables (when `services` is given) the spec does not set itself. $(VAR) in env
+    values may refer to Service variables too, as in the kubelet."""
     namespace = pod.get("metadata", {}).get("namespace") or "default"
     objects: dict[tuple[str, str], JSON | None] = {}  # one lookup per object, as the kubelet caches them
 
@@ -94,6 +180,15 @@ async def container_env(
 
     def not_found(kind: str, name: str) -> EnvError:
         return EnvError(f'{kind.lower()} "{name}" not found')  # the apiserver's NotFound wording
+
+    svc_env: dict[str, str] = {}
+    if services is not None:
+        try:
+            svc_env = await service_env(pod, services)
+        except EnvError:
+            raise
+        except Exception as e:
+            raise EnvError(str(e) or type(e).__name__) from e
 
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
@@ -116,7 +211,7 @@ async def container_env(
         value = var.get("value") or ""
         source = var.get("valueFrom")
         if value:
-            value = expand(value, env)
+            value = expand(value, ChainMap(env, svc_env))
         elif source:
             if "fieldRef" in source:
                 value = _field_ref(source["fieldRef"], pod, node_name, host_ip, pod_ip, host_ips, pod_ips)
@@ -142,7 +237,7 @@ async def container_env(
                     raise EnvError(f"couldn't find key {ref.get('key')} in {kind} {namespace}/{ref.get('name')}")
                 value = data[ref["key"]]
         env[name] = value
-    return list(env.items())
+    return list(env.items()) + [(k, v) for k, v in svc_env.items() if k not in env]
 
 
 def _data(obj: JSON, kind: str) -> dict[str, str]:

@@ -311,3 +311,48 @@ async def test_resource_defaults_to_allocatable_and_errors() -> None:
         await env_of({"name": "c", "env": [res("X", "limits.gpu")]})
     with pytest.raises(EnvError, match="container ghost not found"):
         await env_of({"name": "c", "env": [res("X", "limits.cpu", container="ghost")]})
+
+
+# --- Service variables (issue 17 item 7) -------------------------------------------------------
+
+
+def svc(name: str, namespace: str, ip: str, *ports: dict[str, Any], kind: str = "ClusterIP") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterIP": ip, "type": kind, "ports": list(ports)},
+    }
+
+
+SERVICES = [
+    svc("kubernetes", "default", "10.96.0.1", {"name": "https", "port": 443}),
+    svc("db", "default", "10.96.0.9", {"port": 5432}),
+    svc("web-front", "shop", "10.96.3.4", {"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}),
+    svc("headless", "shop", "None", {"port": 80}),
+    svc("ext", "shop", "10.96.3.5", {"port": 80}, kind="ExternalName"),
+    svc("v6", "shop", "fd00::5", {"port": 8080}),
+]
+
+
+async def list_services(namespace: str) -> list[dict[str, Any]]:
+    return [s for s in SERVICES if s["metadata"]["namespace"] == namespace]
+
+
+async def test_service_links_like_the_kubelet() -> None:
+    container = {"name": "c", "env": [{"name": "V6_SERVICE_PORT", "value": "mine"},
+                                      {"name": "URL", "value": "$(WEB_FRONT_PORT)/x"}]}  # fmt: skip
+    pod = make_pod(container)
+    pod["metadata"]["namespace"] = "shop"
+    env = await env_of(container, pod=pod, services=list_services)
+    assert env["KUBERNETES_SERVICE_HOST"] == "10.96.0.1" and env["KUBERNETES_SERVICE_PORT_HTTPS"] == "443"
+    assert "DB_SERVICE_HOST" not in env  # another namespace's
+    assert env["WEB_FRONT_SERVICE_HOST"] == "10.96.3.4" and env["WEB_FRONT_SERVICE_PORT"] == "80"
+    assert env["WEB_FRONT_PORT_53_UDP"] == "udp://10.96.3.4:53" and env["WEB_FRONT_PORT_53_UDP_PROTO"] == "udp"
+    assert env["WEB_FRONT_PORT_80_TCP_ADDR"] == "10.96.3.4" and env["WEB_FRONT_PORT_80_TCP_PORT"] == "80"
+    assert not [k for k in env if k.startswith(("HEADLESS", "EXT_"))]
+    assert env["V6_PORT"] == "tcp://[fd00::5]:8080" and env["V6_SERVICE_PORT"] == "mine"
+    assert env["URL"] == "tcp://10.96.3.4:80/x"
+
+    pod["spec"]["enableServiceLinks"] = False
+    env = await env_of(container, pod=pod, services=list_services)
+    assert sorted(k for k in env if k.endswith("_SERVICE_HOST")) == ["KUBERNETES_SERVICE_HOST"]
+    assert env["URL"] == "$(WEB_FRONT_PORT)/x"

@@ -24,6 +24,7 @@ from helpers import check_exec_tty_and_resize, exposed_files
 
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
+from cgroups.quantity import parse_quantity
 from devcluster import manage
 from images.build import BUSYBOX_PATH, busybox_files, push_image
 from images.local_registry import start_registry
@@ -52,6 +53,7 @@ cgroup_root = "{CGROUP_ROOT}"
 backend = "oci"
 runtime_path = "{shutil.which("runc")}"
 runtime_root = "{runc_root}"
+allow_privileged = true
 [runtimes.procs]
 backend = "process"
 """
@@ -383,6 +385,180 @@ async def test_image_pull_secret_for_a_private_registry(kubectl, node, private_r
         assert await eventually(lambda: running(kubectl, "with-secret"), 60, what="Running with the pull secret")
     finally:
         await kubectl.run("delete", "secret", "regcred", check=False)
+
+
+async def test_privileged_runc_container_gets_the_hosts_own_capabilities(kubectl, node, busybox_ref):
+    """Issue 17 item 13: a privileged container gets the capabilities the runtime itself holds (as
+    containerd grants them), not every capability the kernel knows: on a host whose bounding set
+    lacks one, runc would fail with "unable to apply caps"."""
+    name, _, _ = node
+    status = Path("/proc/self/status").read_text()
+    fields = (line.partition(":\t") for line in status.splitlines())
+    masks = {k: int(v, 16) for k, _, v in fields if k.startswith("Cap")}
+    container = {
+        "image": busybox_ref,
+        "command": ["sh", "-c", "grep CapEff /proc/self/status; sleep 3600"],
+        "securityContext": {"privileged": True},
+    }
+    await kubectl.apply(pod("priv-box", name, ISOLATED, container))
+    await eventually(lambda: running(kubectl, "priv-box"), 60, what="priv-box Running")
+    text = await eventually(lambda: _logs_with(kubectl, "priv-box", "CapEff"), 20, what="CapEff in the log")
+    effective = int(text.split("CapEff:")[1].split()[0], 16)
+    assert effective == masks["CapBnd"] & masks["CapEff"]
+    await kubectl("delete", "pod", "priv-box", "--wait=true", "--timeout=60s")
+
+
+def _env_container(runtime_class: str, busybox_ref: str, env: list[dict]) -> dict:
+    container: dict = {"command": ["sh", "-c", "env; echo END-OF-ENV; sleep 3600"], "env": env}
+    if runtime_class == ISOLATED:
+        container["image"] = busybox_ref
+    else:
+        container["image"] = "host"  # the process backend runs commands on the host
+    return container
+
+
+async def _env_of(kubectl: Kubectl, pod_name: str) -> dict[str, str]:
+    text = await eventually(lambda: _logs_with(kubectl, pod_name, "END-OF-ENV"), 30, what=f"{pod_name}'s env")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_downward_api_limit_defaults_and_pod_ip(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 8: limits.cpu / limits.memory of a container without limits give the node's
+    allocatable; status.podIP is the Pod's own IP on both backends."""
+    name, _, _ = node
+    pod_name = f"downward-{'oci' if runtime_class == ISOLATED else 'proc'}"
+    env = [
+        {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+    ]
+    await kubectl.apply(pod(pod_name, name, runtime_class, _env_container(runtime_class, busybox_ref, env)))
+    obj = await eventually(lambda: running(kubectl, pod_name), 60, what=f"{pod_name} Running")
+    got = await _env_of(kubectl, pod_name)
+    allocatable = (await kubectl.get("node", name))["status"]["allocatable"]
+    assert got["CPU"] == str(int(parse_quantity(allocatable["cpu"]) * 1000))
+    assert got["MEM"] == str(int(parse_quantity(allocatable["memory"])))
+    assert got["POD_IP"] == obj["status"]["podIP"] != obj["status"]["hostIP"]
+    assert got["HOST_IP"] == obj["status"]["hostIP"]
+    await kubectl("delete", "pod", pod_name, "--wait=true", "--timeout=60s")
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_service_environment_variables(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 7: KUBERNETES_SERVICE_HOST and the docker-link variables of the Services in
+    the Pod's namespace (enableServiceLinks, the default); only the master Service's without it;
+    the spec's env wins and $(VAR) may refer to Service variables."""
+    name, _, _ = node
+    short = "oci" if runtime_class == ISOLATED else "proc"
+    ns = f"svc-{short}-{SUFFIX}"
+    await kubectl("create", "namespace", ns)
+    await kubectl.apply(json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-front", "namespace": ns},
+        "spec": {"selector": {"app": "none"}, "ports": [
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]},
+    }))  # fmt: skip
+    svc = await kubectl.get("service", "web-front", "-n", ns)
+    kube_ip = (await kubectl.get("service", "kubernetes", "-n", "default"))["spec"]["clusterIP"]
+    ip = svc["spec"]["clusterIP"]
+    env = [
+        {"name": "WEB_FRONT_SERVICE_PORT_HTTP", "value": "mine"},
+        {"name": "FRONT_URL", "value": "http://$(WEB_FRONT_SERVICE_HOST):$(WEB_FRONT_SERVICE_PORT)/"},
+    ]
+    linked = json.loads(pod("linked", name, runtime_class, _env_container(runtime_class, busybox_ref, env)))
+    unlinked = json.loads(pod("unlinked", name, runtime_class, _env_container(runtime_class, busybox_ref, [])))
+    unlinked["spec"]["enableServiceLinks"] = False
+    for obj in (linked, unlinked):
+        obj["metadata"]["namespace"] = ns
+        await kubectl.apply(json.dumps(obj))
+    for pod_name in ("linked", "unlinked"):
+        await eventually(lambda n=pod_name: _running_in(kubectl, ns, n), 60, what=f"{pod_name} Running")
+    got = await _env_of_ns(kubectl, ns, "linked")
+    assert got["KUBERNETES_SERVICE_HOST"] == kube_ip and got["KUBERNETES_SERVICE_PORT"] == "443"
+    assert got["KUBERNETES_PORT"] == f"tcp://{kube_ip}:443"
+    assert got["WEB_FRONT_SERVICE_HOST"] == ip
+    assert got["WEB_FRONT_SERVICE_PORT"] == "80"
+    assert got["WEB_FRONT_SERVICE_PORT_HTTP"] == "mine"  # the spec's env overrides
+    assert got["WEB_FRONT_SERVICE_PORT_DNS"] == "53"
+    assert got["WEB_FRONT_PORT"] == f"tcp://{ip}:80"
+    assert got["WEB_FRONT_PORT_80_TCP"] == f"tcp://{ip}:80"
+    assert got["WEB_FRONT_PORT_80_TCP_PROTO"] == "tcp"
+    assert got["WEB_FRONT_PORT_80_TCP_PORT"] == "80"
+    assert got["WEB_FRONT_PORT_80_TCP_ADDR"] == ip
+    assert got["WEB_FRONT_PORT_53_UDP"] == f"udp://{ip}:53"
+    assert got["FRONT_URL"] == f"http://{ip}:80/"
+    plain = await _env_of_ns(kubectl, ns, "unlinked")
+    assert plain["KUBERNETES_SERVICE_HOST"] == kube_ip
+    assert not [k for k in plain if k.startswith("WEB_FRONT")]
+    await kubectl("delete", "namespace", ns, "--wait=false")
+
+
+async def _terminated(kubectl: Kubectl, pod_name: str) -> dict | None:
+    obj = await kubectl.get("pod", pod_name)
+    for status in (obj or {}).get("status", {}).get("containerStatuses") or []:
+        if "terminated" in status.get("state", {}):
+            return status["state"]["terminated"]
+    return None
+
+
+@pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
+async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
+    """Issue 17 item 9: the message file is the container's own (on the process backend not the
+    host's /dev/termination-log), and FallbackToLogsOnError gives the log's tail (80 lines, 2048
+    bytes) when the file is empty and the container failed."""
+    name, _, _ = node
+    short = "oci" if runtime_class == ISOLATED else "proc"
+    host_log = Path("/dev/termination-log")
+    before = host_log.read_bytes() if host_log.exists() else None
+    words = f"last words {uuid.uuid4().hex}"
+    said = _env_container(runtime_class, busybox_ref, [])
+    said["command"] = ["sh", "-c", f"echo -n '{words}' > /dev/termination-log; exit 0"]
+    custom = _env_container(runtime_class, busybox_ref, [])
+    custom["command"] = ["sh", "-c", "echo -n custom > /dev/my-message; exit 1"]
+    custom["terminationMessagePath"] = "/dev/my-message"
+    tail = _env_container(runtime_class, busybox_ref, [])
+    tail["command"] = ["sh", "-c", "i=1; while [ $i -le 100 ]; do echo line-$i; i=$((i+1)); done; exit 3"]
+    tail["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    ok = _env_container(runtime_class, busybox_ref, [])
+    ok["command"] = ["sh", "-c", "echo fine; exit 0"]
+    ok["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    pods = {"said": said, "custom": custom, "tail": tail, "ok": ok}
+    for key, container in pods.items():
+        await kubectl.apply(pod(f"msg-{key}-{short}", name, runtime_class, container, restartPolicy="Never"))
+    got = {}
+    for key in pods:
+        got[key] = await eventually(lambda k=key: _terminated(kubectl, f"msg-{k}-{short}"), 60, what=f"{key} ended")
+    assert got["said"].get("message") == words and got["said"]["exitCode"] == 0
+    assert got["custom"].get("message") == "custom"
+    lines = [f"line-{i}" for i in range(21, 101)]
+    assert got["tail"].get("message") == "\n".join(lines) + "\n"
+    assert "message" not in got["ok"]  # succeeded: no fallback
+    after = host_log.read_bytes() if host_log.exists() else None
+    assert after == before, "the host's /dev/termination-log was written"
+    for key in pods:
+        await kubectl("delete", "pod", f"msg-{key}-{short}", "--wait=false")
+
+
+async def _running_in(kubectl: Kubectl, ns: str, pod_name: str) -> dict | None:
+    obj = await kubectl.get("pod", pod_name, "-n", ns)
+    return obj if obj and obj["status"].get("phase") == "Running" else None
+
+
+async def _env_of_ns(kubectl: Kubectl, ns: str, pod_name: str) -> dict[str, str]:
+    async def logs() -> str | None:
+        _, out, _ = await kubectl.run("logs", "-n", ns, pod_name, check=False)
+        return out if "END-OF-ENV" in out else None
+
+    text = await eventually(logs, 30, what=f"{pod_name}'s env")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+async def _logs_with(kubectl: Kubectl, pod_name: str, needle: str) -> str | None:
+    _, out, _ = await kubectl.run("logs", pod_name, check=False)
+    return out if needle in out else None
 
 
 async def test_secret_volume_on_tmpfs_and_config_private(kubectl, node, busybox_ref):

@@ -18,6 +18,7 @@ from runtimes.oci.spec import (
     SpecInput,
     build_spec,
     capabilities,
+    host_capabilities,
     hosts_file,
     merge_env,
     pod_hostname,
@@ -198,14 +199,28 @@ def test_default_capabilities_in_every_set() -> None:
     ],
 )
 def test_capabilities_add_and_drop(add, drop, check) -> None:
-    assert check(capabilities({"capabilities": {"add": add, "drop": drop}}, privileged=False))
+    assert check(capabilities({"capabilities": {"add": add, "drop": drop}}, privileged=False, host=ALL_CAPABILITIES))
+
+
+def test_privileged_and_all_get_the_hosts_own_capabilities() -> None:
+    # containerd grants the runtime's own set: a host without CAP_SYS_RESOURCE (bit 24) in its
+    # bounding set gives none, and runc never fails with "unable to apply caps".
+    status = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\nCapEff:\t000001fffeffffff\n"
+    status += "CapBnd:\t000001fffeffffff\nCapAmb:\t0000000000000000\n"
+    host = host_capabilities(status)
+    assert host == [c for c in ALL_CAPABILITIES if c != "CAP_SYS_RESOURCE"]
+    assert host_capabilities(status.replace("CapEff:\t000001fffeffffff", "CapEff:\t0000000000000001")) == ["CAP_CHOWN"]
+    assert capabilities({}, privileged=True, host=host) == host
+    assert capabilities({"capabilities": {"add": ["ALL"]}}, privileged=False, host=host) == host
+    assert "CAP_SYS_RESOURCE" in capabilities({"capabilities": {"add": ["SYS_RESOURCE"]}}, privileged=False, host=host)
+    assert capabilities({}, privileged=True) == host_capabilities()
 
 
 def test_privileged_refused_unless_the_handler_allows_it() -> None:
     with pytest.raises(CreateContainerConfigError, match="privileged containers are not allowed on runtime handler"):
         build_spec(make({"securityContext": {"privileged": True}}))
     spec = build_spec(make({"securityContext": {"privileged": True}}, allow_privileged=True))
-    assert spec["process"]["capabilities"]["bounding"] == list(ALL_CAPABILITIES)
+    assert spec["process"]["capabilities"]["bounding"] == host_capabilities()
     assert "maskedPaths" not in spec["linux"] and "readonlyPaths" not in spec["linux"]
     assert "ro" not in mount(spec, "/sys")["options"]
     assert mount(spec, "/dev")["source"] == "/dev"

@@ -8,18 +8,22 @@ these tests drive the agent's SPDY server, streaming protocols and the process b
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import random
 import re
+import ssl
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
@@ -458,3 +462,81 @@ async def test_v2_tty_needs_no_resize_stream(exec_server: int) -> None:
     error, _, stdout = c.open("error"), c.open("stdin"), c.open("stdout")
     await c.until_finished(error, stdout)
     assert c.data[stdout].startswith(b"/dev/pts/") and c.data.get(error, b"") == b""
+
+
+# --- WebSocket clients (issue 17 item 10) ------------------------------------------------------
+
+
+async def ws_exec(cluster: manage.Cluster, pod: str, command: list[str], protocol: str, stdin: bytes | None = None):
+    """exec through the API server as a WebSocket client speaking `protocol`: the frames by channel."""
+    pki = cluster.dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_cert))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    query = urlencode([("command", c) for c in command] + [("stdout", "1"), ("stderr", "1")]
+                      + ([("stdin", "1")] if stdin is not None else []))  # fmt: skip
+    url = f"{cluster.server}/api/v1/namespaces/default/pods/{pod}/exec?{query}".replace("https://", "wss://")
+    text = protocol.startswith("base64")
+    channels: dict[int, bytes] = {}
+    timeout = aiohttp.ClientWSTimeout(ws_close=10)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.ws_connect(url, protocols=[protocol], timeout=timeout) as ws,
+    ):
+        assert ws.protocol == protocol
+        if stdin is not None:
+            if text:
+                await ws.send_str("0" + base64.b64encode(stdin).decode())
+            else:
+                await ws.send_bytes(b"\x00" + stdin)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                channel, data = msg.data[0], msg.data[1:]
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                channel, data = int(msg.data[0]), base64.b64decode(msg.data[1:])
+            else:
+                break
+            channels[channel] = channels.get(channel, b"") + data
+    return channels
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    "protocol", ["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io", "base64.channel.k8s.io"]
+)
+async def test_exec_over_websockets(cluster, kubectl: Kubectl, node: str, protocol: str) -> None:
+    pod = await run_pod(kubectl, node, "sleep 3600")
+    got = await asyncio.wait_for(ws_exec(cluster, pod, ["sh", "-c", "echo hi; echo oops >&2; exit 3"], protocol), 30)
+    assert got.get(1) == b"hi\n" and got.get(2) == b"oops\n", got
+    if protocol.startswith(("v4", "v5")):
+        status = json.loads(got[3])
+        assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode", status
+        assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    else:
+        assert b"exit" in got.get(3, b""), got  # before v4: only a failure's message
+    got = await asyncio.wait_for(ws_exec(cluster, pod, ["sh", "-c", "head -c 5; echo ok"], protocol, b"hello"), 30)
+    assert got.get(1) == b"hellook\n", got
+    if protocol.startswith(("v4", "v5")):
+        assert json.loads(got[3])["status"] == "Success"
+    else:
+        assert not got.get(3)
+
+
+@pytest.mark.cluster
+async def test_attach_over_websockets(cluster, kubectl: Kubectl, node: str) -> None:
+    pod = await run_pod(kubectl, node, "while true; do echo tick; sleep 0.2; done")
+    pki = cluster.dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_cert))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    url = f"{cluster.server}/api/v1/namespaces/default/pods/{pod}/attach?stdout=1&container=main"
+    seen = b""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.ws_connect(url.replace("https://", "wss://"), protocols=["base64.channel.k8s.io"]) as ws,
+    ):
+        assert ws.protocol == "base64.channel.k8s.io"
+        while b"tick" not in seen:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            if msg.data[0] == "1":
+                seen += base64.b64decode(msg.data[1:])
+    assert seen.startswith(b"tick\n")

@@ -4,7 +4,9 @@ In Kubernetes v1.36 the API server reaches these over SPDY/3.1 for every client:
 WebSocket (v5.channel.k8s.io, or SPDY/3.1+portforward.k8s.io tunnelled in WebSocket) to the API
 server, which translates exec/attach to SPDY (StreamTranslatorHandler) and tunnels port-forward's
 SPDY (TunnelingHandler) toward the kubelet, unless the Node declares the ExtendWebSocketsToKubelet
-feature in status.declaredFeatures, which this agent does not. So SPDY is all a node must accept.
+feature in status.declaredFeatures, which this agent does not. Clients of the older WebSocket
+subprotocols (channel.k8s.io, base64.channel.k8s.io, v4...) are proxied to the node as they are:
+exec and attach serve those over WebSocket (wsstream.py).
 
 Paths and queries as the API server builds them (pkg/registry/core/pod/strategy.go):
     /exec/{namespace}/{pod}[/{uid}]/{container}?command=..&command=..&input=1&output=1&error=1&tty=1
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from agent.kubelet_api import portforward, remotecommand
+from agent.kubelet_api import portforward, remotecommand, wsstream
 from agent.kubelet_api.remotecommand import StreamOptions
 
 if TYPE_CHECKING:
@@ -89,7 +91,8 @@ class StreamingRoutes:
         assert backend is not None and sandbox is not None
         what = f"exec in {worker.key}/{container}"
         log.info("%s: %s (tty=%s stdin=%s)", what, command, opts.tty, opts.stdin)
-        return await remotecommand.serve(
+        serve = wsstream.serve if wsstream.is_websocket(request) else remotecommand.serve
+        return await serve(
             request, opts, lambda: backend.exec_stream(sandbox, handle, command, opts.tty, opts.stdin), what
         )
 
@@ -101,9 +104,8 @@ class StreamingRoutes:
         backend, sandbox = worker.backend, worker.sandbox
         assert backend is not None and sandbox is not None
         what = f"attach to {worker.key}/{container}"
-        return await remotecommand.serve(
-            request, opts, lambda: backend.attach(sandbox, handle, opts.tty, opts.stdin), what
-        )
+        serve = wsstream.serve if wsstream.is_websocket(request) else remotecommand.serve
+        return await serve(request, opts, lambda: backend.attach(sandbox, handle, opts.tty, opts.stdin), what)
 
     async def port_forward(self, request: web.Request) -> web.StreamResponse:
         worker = self._pod(request)

@@ -53,8 +53,7 @@ from runtimes.base import (
     SandboxRecord,
     StreamingProcess,
 )
-from runtimes.container_env import EnvError, container_env
-from runtimes.crilog import read_logs
+from runtimes.container_env import EnvError, container_env, env_context
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.oci.cgroups import remove_everywhere
 from runtimes.oci.seccomp import profile_type
@@ -70,15 +69,13 @@ from runtimes.sandbox_records import (
     scan,
     write_owner,
 )
+from runtimes.termination import termination_message
 
 log = logging.getLogger("runtimes.oci")  # the name it logged under as runtimes/oci.py
 
 SHIM_START_TIMEOUT = 30.0  # `runc create` on a loaded 2-core host can take seconds
 PAUSE_CGROUP = "_pause"  # not a valid container name (DNS label), so it cannot clash with one
 RUNTIME_TIMEOUT = 30.0
-TERMINATION_MESSAGE_MAX = 4096
-TERMINATION_LOG_LINES = 80
-TERMINATION_LOG_BYTES = 2048
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_SECCOMP_DIR = "/var/lib/kubelet/seccomp"
 
@@ -510,7 +507,7 @@ class OciBackend(Backend):
         try:
             env = await container_env(
                 pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, pod_ip,
-                pod_ips=list(sandbox.ips) or None,
+                pod_ips=list(sandbox.ips) or None, **env_context(self.context),
             )  # fmt: skip
         except EnvError as exc:
             raise CreateContainerConfigError(f"{where}: {exc}") from exc
@@ -680,20 +677,9 @@ class OciBackend(Backend):
 
     @staticmethod
     def _termination_message(handle: ContainerHandle, exit_code: int) -> str | None:
-        """What the container wrote to its terminationMessagePath (up to 4096 bytes), or with
-        FallbackToLogsOnError after a failure, the tail of its log (80 lines, 2048 bytes): the kubelet's rules."""
         run_dir = Path(handle.extra["run_dir"])
-        try:
-            with open(run_dir / "termination-log", "rb") as f:
-                message = f.read(TERMINATION_MESSAGE_MAX).decode(errors="replace")
-        except OSError:
-            message = ""
-        policy = handle.extra["container"].get("terminationMessagePolicy")
-        if not message and exit_code != 0 and policy == "FallbackToLogsOnError":
-            log_path = run_dir.parent / f"{run_dir.name}.log"
-            tail = read_logs(str(log_path), tail_lines=TERMINATION_LOG_LINES)
-            message = tail[-TERMINATION_LOG_BYTES:].decode(errors="replace")
-        return message or None
+        log_path = run_dir.parent / f"{run_dir.name}.log"
+        return termination_message(handle.extra["container"], run_dir / "termination-log", log_path, exit_code)
 
     def _exited(self, handle: ContainerHandle) -> bool:
         return (Path(handle.extra["run_dir"]) / "exit.json").exists()

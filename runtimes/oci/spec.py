@@ -234,17 +234,44 @@ def _cap_name(name: str) -> str:
     return name if name.startswith("CAP_") else f"CAP_{name}"
 
 
-def capabilities(security_context: Mapping[str, Any], privileged: bool) -> list[str]:
-    """The default set with securityContext.capabilities applied; "ALL" in add or drop first,
-    so add [ALL] + drop [CHOWN] is everything but CHOWN, and drop [ALL] + add [CHOWN] only CHOWN."""
-    if privileged:
+def host_capabilities(status: str | None = None) -> list[str]:
+    """The capabilities this process holds and may hand on: those in both its bounding set (CapBnd)
+    and its effective set (CapEff) of /proc/self/status, in kernel order. containerd grants a
+    privileged container the runtime's own set (oci.WithAllCurrentCapabilities) rather than every
+    capability the kernel knows, so runc never asks for one the host took away ("unable to apply
+    caps"). All known capabilities when the status cannot be read."""
+    if status is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                status = f.read()
+        except OSError:
+            return list(ALL_CAPABILITIES)
+    masks: dict[str, int] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapBnd", "CapEff"):
+            masks[key] = int(value.strip(), 16)
+    if len(masks) != 2:
         return list(ALL_CAPABILITIES)
+    held = masks["CapBnd"] & masks["CapEff"]
+    return [name for bit, name in enumerate(ALL_CAPABILITIES) if held >> bit & 1]
+
+
+def capabilities(security_context: Mapping[str, Any], privileged: bool, host: Sequence[str] | None = None) -> list[str]:
+    """The default set with securityContext.capabilities applied; "ALL" in add or drop first,
+    so add [ALL] + drop [CHOWN] is everything but CHOWN, and drop [ALL] + add [CHOWN] only CHOWN.
+    Privileged and "ALL" mean the host's own set (`host`, read from /proc/self/status when None),
+    as containerd grants them."""
+    if host is None:
+        host = host_capabilities()
+    if privileged:
+        return list(host)
     spec = security_context.get("capabilities") or {}
     add = [_cap_name(c) for c in spec.get("add") or []]
     drop = [_cap_name(c) for c in spec.get("drop") or []]
     caps = list(DEFAULT_CAPABILITIES)
     if "CAP_ALL" in add:
-        caps = list(ALL_CAPABILITIES)
+        caps = list(host)
     if "CAP_ALL" in drop:
         caps = []
     for cap in add:

@@ -38,7 +38,7 @@ from runtimes.base import (
     SandboxRecord,
     StreamingProcess,
 )
-from runtimes.container_env import EnvError, container_env, expand
+from runtimes.container_env import EnvError, container_env, env_context, expand
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.private_files import private_dir, remove_tree, write_private
 from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container, run_in_container
@@ -51,6 +51,7 @@ from runtimes.sandbox_records import (
     scan,
     write_owner,
 )
+from runtimes.termination import DEFAULT_PATH, termination_message
 
 SHIM_START_TIMEOUT = 10.0
 
@@ -158,8 +159,11 @@ class ProcessBackend(Backend):
                 "(images are not unpacked by this backend)"
             )
         try:
+            # The Pod's own IP when it has its own network namespace, as status.podIP says.
+            pod_ip = sandbox.ips[0] if sandbox.ips else self.context.host_ip
             env_list = await container_env(
-                pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, self.context.host_ip,
+                pod, container, self.context.lookup, self.context.node_name, self.context.host_ip, pod_ip,
+                pod_ips=list(sandbox.ips) or None, **env_context(self.context),
             )  # fmt: skip
         except EnvError as exc:
             raise CreateContainerConfigError(str(exc)) from exc
@@ -187,6 +191,15 @@ class ProcessBackend(Backend):
             except (CgroupError, OSError) as exc:
                 raise CreateContainerError(f"container {name}: cannot create its cgroup: {exc}") from exc
             cgroup_procs = self.cgroups.procs_paths(rel)
+        # The container's own termination log, bound at its terminationMessagePath in its
+        # mount view (runtimes/process/confine.py), never the host's /dev/termination-log.
+        message_file = run_dir / "termination-log"
+        message_file.touch(mode=0o666)
+        message_file.chmod(0o666)  # whatever user the container runs as may write its last words
+        security = {
+            **security,
+            "termination_log": [str(message_file), container.get("terminationMessagePath") or DEFAULT_PATH],
+        }
         spec = {
             "argv": argv,
             "env": full_env,
@@ -271,11 +284,16 @@ class ProcessBackend(Backend):
         reason = None
         if await asyncio.to_thread(self._oom_kills, handle) > state.get("oom_before", 0):  # a walk of the cgroup tree
             reason = "OOMKilled"
+        log_path = run_dir.parent / f"{run_dir.name}.log"
+        message = await asyncio.to_thread(
+            termination_message, handle.extra["container"], run_dir / "termination-log", log_path, result["exit_code"]
+        )
         return ContainerExit(
             exit_code=result["exit_code"],
             signal=result.get("signal"),
             finished_at=parse_time(result["finished_at"]),
             reason=reason,
+            message=message,
         )
 
     async def stop_container(self, handle: ContainerHandle, grace_seconds: float) -> None:

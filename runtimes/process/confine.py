@@ -128,10 +128,11 @@ def _hide(path: str) -> None:
         _remount(path, MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV)
 
 
-def _fresh_dev() -> None:
-    """A /dev of the container's own (runc's devices), so host disks and the like are not there.
-    /dev/pts is the host's: the shim and exec open a container's terminal there before it enters
-    this namespace, and a new devpts instance would leave `tty` and ttyname() with no name for it."""
+def _fresh_dev(security: dict[str, Any] | None = None) -> None:
+    """A /dev of the container's own (runc's devices), so host disks and the like are not there;
+    the container's termination log in it. /dev/pts is the host's: the shim and exec open a
+    container's terminal there before it enters this namespace, and a new devpts instance would
+    leave `tty` and ttyname() with no name for it."""
     host_pts = os.open("/dev/pts", os.O_PATH | os.O_DIRECTORY)
     _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
     for name, major, minor in _DEVICES:
@@ -147,7 +148,31 @@ def _fresh_dev() -> None:
     finally:
         os.close(host_pts)
     _mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
+    if security is not None:
+        _bind_termination_log(security, fresh_dev=True)
     _mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID, "mode=755,size=65536k")  # no mknod in it
+
+
+def _bind_termination_log(security: dict[str, Any], fresh_dev: bool) -> None:
+    """The container's own message file (in its state directory) bound at its
+    terminationMessagePath. The mount point is made only in the container's own /dev (a tmpfs of
+    its mount view): elsewhere the host's file system is shared, so a path that does not exist
+    there is left alone rather than created on the host."""
+    fd = security.get("termination_log_fd")
+    target = (security.get("termination_log") or (None, None))[1]
+    if fd is None or not target or not os.path.isabs(target):
+        return
+    in_own_dev = fresh_dev and target.startswith("/dev/") and ".." not in target.split("/")
+    if in_own_dev and not os.path.lexists(target):
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666))
+    if os.path.isfile(target) and not os.path.islink(target):
+        with contextlib.suppress(OSError):
+            _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+            _remount(target, MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _outside(point: str, hidden: tuple[str, ...]) -> bool:
@@ -165,10 +190,15 @@ def setup_mount_view(security: dict[str, Any]) -> None:
     """A private mount namespace for the container."""
     _check(_c().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host, nor back
+    source = (security.get("termination_log") or [None])[0]
+    if source:  # held open: the state directory it lives in is about to be hidden
+        with contextlib.suppress(OSError):
+            security = {**security, "termination_log_fd": os.open(source, os.O_PATH | os.O_CLOEXEC)}
     for path in security.get("hidden_paths") or []:
         with contextlib.suppress(FileNotFoundError):
             _hide(path)
     if security.get("privileged"):
+        _bind_termination_log(security, fresh_dev=False)
         return
     hidden = tuple(p.rstrip("/") + "/" for p in security.get("hidden_paths") or [])
     for point, flags in _mounts():
@@ -182,7 +212,7 @@ def setup_mount_view(security: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             _hide(path)
     _bind_readonly("/sys")
-    _fresh_dev()
+    _fresh_dev(security)
 
 
 def enter_mount_namespace(fd: int) -> None:
