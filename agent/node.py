@@ -107,6 +107,15 @@ class NodeAgent:
         if node_status_drifted(node, conditions(datetime.now(UTC))):
             self.wakeup.set()  # post_status sees the difference and posts ours again
 
+    async def reread(self) -> None:
+        """Read the Node from the API server now (its watch may lag behind a change a moment old)."""
+        try:
+            node = await self.kube.get(self.path)
+        except ApiError as exc:
+            log.warning("cannot read the node", extra=kv(node=self.name, error=exc.describe()))
+            return
+        self._node_seen(node)
+
     def _node_deleted(self, _: dict[str, Any]) -> None:
         log.warning("the Node object was deleted; restart the agent to register it again", extra=kv(node=self.name))
 

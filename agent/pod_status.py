@@ -6,6 +6,7 @@ getPhase, pkg/kubelet/status generate.go).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -55,7 +56,9 @@ class ContainerRecord:
         self.finished_at = self.exit_code = self.signal = None
         # With probes, ready/started wait for their first success, as the kubelet does.
         self.startup_passed = not startup_probe
-        self.ready = not readiness_probe and not startup_probe
+        # A regular init container is ready only once it has succeeded (the kubelet's prober
+        # manager); a sidecar is ready like an app container.
+        self.ready = not readiness_probe and not startup_probe and not (self.init and not self.sidecar)
         self.has_started = True
 
     def terminated(
@@ -66,7 +69,7 @@ class ContainerRecord:
         self.exit_code, self.finished_at, self.signal = exit_code, finished_at, signal
         self.reason = reason or ("Completed" if exit_code == 0 else "Error")
         self.message = message
-        self.ready = False
+        self.ready = self.init and not self.sidecar and exit_code == 0  # a finished init container is ready
 
     def terminated_json(self) -> JSON:
         out: JSON = {"exitCode": self.exit_code, "reason": self.reason}
@@ -130,13 +133,23 @@ class PodRecord:
     @classmethod
     def for_pod(cls, pod: JSON, host_ip: str, qos_class: str) -> PodRecord:
         spec = pod["spec"]
+        # The kubelet's default waiting reason, for init and app containers alike
+        # (kubelet_pods.go convertToAPIContainerStatuses).
+        waiting = "PodInitializing" if spec.get("initContainers") else "ContainerCreating"
         inits = [
             ContainerRecord(
-                name=c["name"], image=c.get("image", ""), init=True, sidecar=c.get("restartPolicy") == "Always"
+                name=c["name"],
+                image=c.get("image", ""),
+                init=True,
+                sidecar=c.get("restartPolicy") == "Always",
+                reason=waiting,
             )
             for c in spec.get("initContainers") or []
         ]
-        apps = [ContainerRecord(name=c["name"], image=c.get("image", "")) for c in spec.get("containers") or []]
+        apps = [
+            ContainerRecord(name=c["name"], image=c.get("image", ""), reason=waiting)
+            for c in spec.get("containers") or []
+        ]
         return cls(
             uid=pod["metadata"]["uid"],
             host_ip=host_ip,
@@ -197,7 +210,10 @@ class PodRecord:
         return "Pending"
 
 
-def _condition(rec: PodRecord, ctype: str, ok: bool, now: datetime, reason: str | None, message: str | None) -> JSON:
+def _condition(
+    rec: PodRecord, ctype: str, ok: bool, now: datetime, reason: str | None, message: str | None,
+    true_reason: str | None = None,
+) -> JSON:  # fmt: skip
     status = "True" if ok else "False"
     previous = rec.transitions.get(ctype)
     if previous is None or previous[0] != status:
@@ -208,6 +224,8 @@ def _condition(rec: PodRecord, ctype: str, ok: bool, now: datetime, reason: str 
         "lastProbeTime": None,
         "lastTransitionTime": rfc3339(rec.transitions[ctype][1]),
     }
+    if ok and true_reason:
+        out["reason"] = true_reason
     if not ok and reason:
         out["reason"] = reason
     if not ok and message:
@@ -227,7 +245,38 @@ def _foreign_conditions(pod: JSON, rec: PodRecord, now: datetime) -> list[JSON]:
     return kept
 
 
-def conditions(rec: PodRecord, phase: str, now: datetime) -> list[JSON]:
+def readiness_gates_message(pod: JSON, held: Sequence[JSON]) -> str | None:
+    """Why the Pod's readiness gates keep it from Ready, in the kubelet's words
+    (status/generate.go GeneratePodReadyCondition); None when every gate is met."""
+    gates = (pod.get("spec") or {}).get("readinessGates") or ()
+    if not gates:
+        return None
+    by_type = {c.get("type"): c for c in held}
+    unmet = []
+    for gate in gates:
+        ctype = gate.get("conditionType", "")
+        found = by_type.get(ctype)
+        if found is None:
+            unmet.append(f'corresponding condition of pod readiness gate "{ctype}" does not exist.')
+        elif found.get("status") != "True":
+            unmet.append(f'the status of pod readiness gate "{ctype}" is not "True", but {found.get("status", "")}')
+    return ", ".join(unmet) or None
+
+
+def gate_conditions(pod: JSON) -> tuple[tuple[str, str], ...]:
+    """The statuses of the conditions the Pod's readiness gates name (what a change must be noticed of)."""
+    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or ()}
+    if not gates:
+        return ()
+    held = (pod.get("status") or {}).get("conditions") or ()
+    return tuple(sorted((c.get("type", ""), c.get("status", "")) for c in held if c.get("type") in gates))
+
+
+def conditions(
+    rec: PodRecord, phase: str, now: datetime, pod: JSON | None = None, held: Sequence[JSON] = ()
+) -> list[JSON]:
+    """The conditions the kubelet owns (status/generate.go); `held` are the others' conditions,
+    read for the Pod's readiness gates."""
     incomplete_init = [c.name for c in rec.init_containers if not (c.has_started if c.sidecar else c.succeeded)]
     unready = [c.name for c in rec.containers if not c.ready]
     if phase == "Succeeded":
@@ -241,17 +290,24 @@ def conditions(rec: PodRecord, phase: str, now: datetime) -> list[JSON]:
         )
     else:
         ready_reason, ready_message = "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
-    all_ready = not unready and phase == "Running"
-    init_ok = not incomplete_init or phase == "Succeeded"
-    init_reason = "PodCompleted" if phase in ("Succeeded", "Failed") and incomplete_init else "ContainersNotInitialized"
-    init_message = (
-        None if init_reason == "PodCompleted" else f"containers with incomplete status: [{' '.join(incomplete_init)}]"
-    )
+    containers_ready = not unready and phase == "Running"
+    pod_ready, pod_reason, pod_message = containers_ready, ready_reason, ready_message
+    if containers_ready and pod is not None:
+        gates_message = readiness_gates_message(pod, held)
+        if gates_message:
+            pod_ready, pod_reason, pod_message = False, "ReadinessGatesNotReady", gates_message
+    # Initialized: True once every init container succeeded (or a sidecar started), once an app
+    # container ran (a restarting sidecar does not undo it), and for a Succeeded Pod (PodCompleted);
+    # otherwise ContainersNotInitialized, a Failed Pod included.
+    app_started = any(c.has_started for c in rec.containers)
+    init_ok = not incomplete_init or phase == "Succeeded" or app_started
+    init_true_reason = "PodCompleted" if phase == "Succeeded" and rec.init_containers else None
+    init_message = f"containers with incomplete status: [{' '.join(incomplete_init)}]"
     return [
         _condition(rec, "PodReadyToStartContainers", rec.sandbox_ready, now, None, None),
-        _condition(rec, "Initialized", init_ok, now, init_reason, init_message),
-        _condition(rec, "ContainersReady", all_ready, now, ready_reason, ready_message),
-        _condition(rec, "Ready", all_ready, now, ready_reason, ready_message),
+        _condition(rec, "Initialized", init_ok, now, "ContainersNotInitialized", init_message, init_true_reason),
+        _condition(rec, "ContainersReady", containers_ready, now, ready_reason, ready_message),
+        _condition(rec, "Ready", pod_ready, now, pod_reason, pod_message),
     ]
 
 
@@ -261,7 +317,7 @@ def build_status(pod: JSON, rec: PodRecord, now: datetime) -> JSON:
     foreign = _foreign_conditions(pod, rec, now)
     status: JSON = {
         "phase": phase,
-        "conditions": foreign + conditions(rec, phase, now),
+        "conditions": foreign + conditions(rec, phase, now, pod, foreign),
         "hostIP": rec.host_ip,
         "hostIPs": [{"ip": rec.host_ip}],
         "qosClass": rec.qos_class,
@@ -294,5 +350,25 @@ def rejected_status(pod: JSON, rec: PodRecord, reason: str, message: str, now: d
         "hostIPs": [{"ip": rec.host_ip}],
         "qosClass": rec.qos_class,
         "startTime": rfc3339(rec.start_time or now),
-        "conditions": foreign + conditions(rec, "Failed", now),
+        "conditions": foreign + conditions(rec, "Failed", now, pod, foreign),
     }
+
+
+def status_patch(status: JSON, pod: JSON) -> JSON:
+    """`status` as a strategic merge patch that touches only what the agent owns.
+
+    Conditions merge by type, so a condition someone else owns (a readiness gate's, set by its
+    controller while this write was on its way) is never overwritten with an older copy; the
+    agent's own conditions name every field (null clears a reason that no longer applies). The
+    container status lists are atomic lists (no merge key): a patch replaces them whole.
+    """
+    held = {c.get("type") for c in (pod.get("status") or {}).get("conditions") or ()}
+    out = dict(status)
+    conds = []
+    for c in status.get("conditions") or ():
+        if c.get("type") in OWNED_CONDITIONS:
+            conds.append({"reason": None, "message": None, **c})
+        elif c.get("type") not in held:
+            conds.append(c)  # added by the agent: PodScheduled of a Pod bound by its nodeName
+    out["conditions"] = conds
+    return out

@@ -18,12 +18,20 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from agent import metrics
-from agent.admission import Rejection
+from agent.admission import NODE_AFFINITY, Rejection
 from agent.config import AgentConfig
 from agent.image_pull import ImageGate, PullSite
 from agent.interning import shared
 from agent.kube import ApiError, Kube
-from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
+from agent.pod_status import (
+    OWNED_CONDITIONS,
+    ContainerRecord,
+    PodRecord,
+    build_status,
+    gate_conditions,
+    rejected_status,
+    status_patch,
+)
 from agent.probes import ProbeWorker
 from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
@@ -42,6 +50,9 @@ DEFAULT_GRACE = 30
 PASSING_STATUS_SETTLE = 1.0  # seconds a "sandbox ready, containers creating" status waits for the next
 STATUS_CORRECTION_SETTLE = 0.5  # seconds before a status changed by someone else is written again
 STATUS_CORRECTION_WINDOW = 10.0  # ...or this long when it was corrected within the last this long
+# pkg/kubelet/active_deadline.go
+DEADLINE_REASON = "DeadlineExceeded"
+DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class PodHost(PullSite, Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
     async def resolve(self, pod: JSON) -> tuple[str, Backend] | Unresolved: ...
     def admit(self, worker: PodWorker) -> Rejection | None: ...
+    async def reread_node(self) -> None: ...
     def unadmit(self, worker: PodWorker) -> None: ...
     async def write_status(self, namespace: str, name: str, body: bytes) -> None: ...
     def release(self, worker: PodWorker) -> None: ...
@@ -77,9 +89,9 @@ class PodHost(PullSite, Protocol):
 class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
-        "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_spent_sandbox",
-        "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone", "handler_name",
-        "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
+        "_corrected_at", "_deadline", "_flush_pending", "_last_written", "_override", "_recent_writes",
+        "_spent_sandbox", "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone",
+        "handler_name", "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -109,6 +121,7 @@ class PodWorker:
         self._recent_writes: tuple[int, ...] = ()  # summaries of the last writes, to tell our echo from drift
         self._corrected_at = -STATUS_CORRECTION_WINDOW  # loop time of the last correction
         self._override: JSON | None = None  # a rejected Pod's fixed status
+        self._deadline: asyncio.Timeout | None = None  # activeDeadlineSeconds, while the Pod runs
         self.task: asyncio.Task[None] | None = None
 
     # --- inputs from the controller ------------------------------------------------------------
@@ -117,12 +130,17 @@ class PodWorker:
         status = pod.get("status")
         if pod_status_drifted(status, self._recent_writes) and not pod["metadata"].get("deletionTimestamp"):
             self._correct_status(status)
+        gates_before = gate_conditions(self.pod)
         if status and self.rec.start_time is not None:
             # Once running, the status in the API is our own echo: only the conditions others
             # own are still read from it, so the rest (most of it) is not kept for every Pod.
             foreign = [shared(c) for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
             pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
         self.pod = pod
+        if gate_conditions(pod) != gates_before:
+            self.mark_dirty()  # a readiness gate's condition changed: Ready follows it
+        if self._deadline is not None:
+            self._deadline.reschedule(self._deadline_at())  # activeDeadlineSeconds may be changed
         if pod["metadata"].get("deletionTimestamp"):
             self._request_deletion()
 
@@ -176,7 +194,7 @@ class PodWorker:
             self._flush_pending = False
             if self.gone:
                 return
-            status = self._override or build_status(self.pod, self.rec, now())
+            status = status_patch(self._override or build_status(self.pod, self.rec, now()), self.pod)
             encoded = json.dumps(status, sort_keys=True)
             fingerprint = hash(encoded)  # a hash, not a copy: memory per Pod
             if fingerprint == self._last_written:
@@ -235,19 +253,60 @@ class PodWorker:
         if self.deletion_requested.done() and not await backend.has_sandbox(self.pod):
             return  # deleted before anything of it ran here: nothing to adopt, nothing to start
         rejection = self.host.admit(self)
+        if rejection and rejection.reason == NODE_AFFINITY:
+            # The Node's labels may have changed a moment ago (the scheduler saw the change, the
+            # watch has not brought it yet): decide on the Node as the API server holds it now.
+            await self.host.reread_node()
+            rejection = self.host.admit(self)
         if rejection:
-            self._reject(rejection.reason, rejection.message, event_reason=rejection.reason)
+            await self._reject(rejection.reason, rejection.message, event_reason=rejection.reason)
             return
         self.admitted = True
         self.backend = backend
         self.rec.start_time = _parse_time(status.get("startTime")) or now()
+        self._deadline = asyncio.timeout_at(self._deadline_at())
+        try:
+            async with self._deadline:
+                await self._run_pod(backend)
+            return
+        except TimeoutError:
+            if not self._deadline.expired():
+                raise
+        finally:
+            self._deadline = None
+        await self._deadline_exceeded()
+
+    def _deadline_at(self) -> float | None:
+        """activeDeadlineSeconds as a loop time, counted from the Pod's startTime (the kubelet's)."""
+        seconds = self.pod["spec"].get("activeDeadlineSeconds")
+        if seconds is None or self.rec.start_time is None:
+            return None
+        left = (self.rec.start_time - now()).total_seconds() + float(seconds)
+        return asyncio.get_running_loop().time() + left
+
+    async def _deadline_exceeded(self) -> None:
+        """The kubelet's active deadline handler: a Normal event, the Pod Failed, its containers killed."""
+        log.info("pod past its active deadline", extra=kv(pod=self.key))
+        self.host.events.pod_event(self.pod, "Normal", DEADLINE_REASON, DEADLINE_MESSAGE)
+        self.rec.phase, self.rec.reason, self.rec.message = "Failed", DEADLINE_REASON, DEADLINE_MESSAGE
+        for c in self.rec.init_containers + self.rec.containers:
+            if c.state == "running":
+                c.ready = False
+        self.mark_dirty()
+        self._adoption_done()
+        await self._stop_and_collect(self._grace())
+        await self._release_sandbox()
+        self.host.unadmit(self)
+        self.mark_dirty()
+
+    async def _run_pod(self, backend: Backend) -> None:
+        """From the sandbox to the end of the Pod's last container."""
         try:
             self.sandbox = await backend.create_sandbox(self.pod)
         except BackendError as exc:
-            self.host.events.pod_event(
-                self.pod, "Warning", "FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}"
+            await self._reject(
+                "FailedCreatePodSandBox", str(exc), "FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}"
             )
-            self._reject("FailedCreatePodSandBox", str(exc), event_reason=None)
             return
         self.rec.sandbox_ready = True
         self.rec.pod_ips = self.sandbox.ips
@@ -302,26 +361,27 @@ class PodWorker:
             if not isinstance(outcome, Unresolved):
                 self.handler_name, backend = outcome
                 return backend
-            self.host.events.pod_event(self.pod, "Warning", "FailedCreatePodSandBox", outcome.event)
             if self.host.config.missing_handler != "retry":
-                self._reject(outcome.reason, outcome.message, event_reason=None)
+                await self._reject(outcome.reason, outcome.message, "FailedCreatePodSandBox", outcome.event)
                 return None
+            self.host.events.pod_event(self.pod, "Warning", "FailedCreatePodSandBox", outcome.event)
             # The upstream behaviour, on request: stay Pending and try again (nothing runs to adopt).
             self._adoption_done()
-            for c in self.rec.containers:
-                c.waiting("ContainerCreating")
+            for c in self.rec.init_containers + self.rec.containers:
+                c.waiting("PodInitializing" if self.rec.init_containers else "ContainerCreating")
             self.mark_dirty()
             self.wake = asyncio.Event()  # created only here: most Pods never wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), RETRY_MISSING_HANDLER)
             self.wake = None
 
-    def _reject(self, reason: str, message: str, event_reason: str | None) -> None:
-        if event_reason:
-            self.host.events.pod_event(self.pod, "Warning", event_reason, message)
+    async def _reject(self, reason: str, message: str, event_reason: str, event_message: str | None = None) -> None:
+        """Fail the Pod: the Failed status is written first, then the Warning event, so whoever
+        saw the event finds the Pod Failed."""
         self._override = rejected_status(self.pod, self.rec, reason, message, now())
         log.info("pod rejected", extra=kv(pod=self.key, reason=reason))
-        self.mark_dirty()
+        await self.flush()
+        self.host.events.pod_event(self.pod, "Warning", event_reason, event_message or message)
 
     async def _adopt_running(self) -> None:
         """After an agent restart, carry on with the containers that run. The backend's records on
@@ -542,9 +602,8 @@ class PodWorker:
         except Exception:
             log.exception("removing the pod's state failed; housekeeping retries", extra=kv(pod=self.key))
 
-    async def _terminate(self) -> None:
-        """Graceful deletion: stop with the Pod's grace period, release, delete the object."""
-        grace = self._grace() if not self.gone else 0.0
+    async def _stop_and_collect(self, grace: float) -> None:
+        """Stop every container, wait for its exit and record it."""
         handles = dict(self.handles)
         await self._stop_all(grace)
         if self.backend:
@@ -558,6 +617,10 @@ class PodWorker:
                         rec.terminated(137, now(), "Error", "did not stop in time")
                 await self.backend.remove_container(handle)
         self.handles.clear()
+
+    async def _terminate(self) -> None:
+        """Graceful deletion: stop with the Pod's grace period, release, delete the object."""
+        await self._stop_and_collect(self._grace() if not self.gone else 0.0)
         await self._release_sandbox(deleting=True)
         await self._purge()
         self.host.unadmit(self)

@@ -16,7 +16,7 @@ from agent.config import AgentConfig
 from agent.events import EventRecorder
 from agent.informer import Informer
 from agent.interning import shared
-from agent.kube import MERGE_PATCH, ApiError, Kube
+from agent.kube import STRATEGIC_MERGE_PATCH, ApiError, Kube
 from agent.node_status import allocatable
 from agent.pod_worker import PodWorker, Unresolved
 from cgroups.manager import CgroupError, CgroupManager
@@ -187,12 +187,15 @@ class PodController:
                 worker.wake.set()
 
     async def write_status(self, namespace: str, name: str, body: bytes) -> None:
-        """A worker's status patch (a merge patch with the uid precondition in `body`)."""
+        """A worker's status patch (a strategic merge patch with the uid precondition in `body`)."""
         async with self.write_slots:
             # The answer is not kept: the watch delivers the same object, and one
             # copy of each Pod is what keeps memory flat at thousands of Pods.
             await self.kube.patch(
-                f"/api/v1/namespaces/{namespace}/pods/{name}/status", body, content_type=MERGE_PATCH, parse=False
+                f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+                body,
+                content_type=STRATEGIC_MERGE_PATCH,
+                parse=False,
             )
         self.status_writes += 1
 
@@ -319,6 +322,10 @@ class PodController:
         if rejection is None:
             self.usage.add(worker.pod)
         return rejection
+
+    async def reread_node(self) -> None:
+        """Admission failed on the node's labels: decide again on the Node the API server holds."""
+        await self.node.reread()
 
     def unadmit(self, worker: PodWorker) -> None:
         worker.admitted = False

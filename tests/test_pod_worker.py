@@ -7,6 +7,7 @@ import json
 from collections.abc import Coroutine
 from typing import Any
 
+from agent.admission import NODE_AFFINITY, Rejection
 from agent.config import AgentConfig, NodeSettings
 from agent.pod_worker import PodHost, PodWorker, Unresolved
 
@@ -40,6 +41,7 @@ class FakeHost:
         self.written = asyncio.Event()
         self.admitted: list[PodWorker] = []
         self.released: list[PodWorker] = []
+        self.node_rereads = 0
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -55,6 +57,9 @@ class FakeHost:
 
     def unadmit(self, worker: PodWorker) -> None:
         pass
+
+    async def reread_node(self) -> None:
+        self.node_rereads += 1
 
     async def write_status(self, namespace: str, name: str, body: bytes) -> None:
         self.statuses.append(json.loads(body))
@@ -90,3 +95,49 @@ async def test_an_unresolved_pod_fails_through_the_host_alone() -> None:
     worker.object_deleted()
     await asyncio.wait_for(worker.task, 5)
     assert host.released == [worker]
+
+
+async def test_a_rejection_writes_the_failed_status_before_the_event() -> None:
+    """Issue 17 item 12: whoever saw the Warning event must find the Pod Failed."""
+    host = FakeHost()
+    order: list[str] = []
+    post = host.events.pod_event
+    host.events.pod_event = lambda *a, **k: (order.append("event"), post(*a, **k))
+    write = host.write_status
+
+    async def write_status(namespace: str, name: str, body: bytes) -> None:
+        order.append("status")
+        await write(namespace, name, body)
+
+    host.write_status = write_status  # type: ignore[method-assign]
+    worker = PodWorker(host, json.loads(json.dumps(POD)))
+    worker.task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(host.written.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert order == ["status", "event"]
+    worker.object_deleted()
+    await asyncio.wait_for(worker.task, 5)
+
+
+class NodeLabelsLagHost(FakeHost):
+    """Admission refuses on the node's labels until the Node is read again from the API server."""
+
+    async def resolve(self, pod: JSON) -> Any:
+        return "h", object()
+
+    def admit(self, worker: PodWorker) -> Any:
+        if self.node_rereads == 0:
+            return Rejection(NODE_AFFINITY, "stale labels")
+        return Rejection("OutOfcpu", "fresh labels, no room")
+
+
+async def test_a_node_affinity_refusal_is_decided_again_on_the_node_read_afresh() -> None:
+    """Issue 17 item 1: the watch of the Node may lag behind a label the scheduler already saw."""
+    host = NodeLabelsLagHost()
+    worker = PodWorker(host, json.loads(json.dumps(POD)))
+    worker.task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(host.written.wait(), 5)
+    assert host.node_rereads == 1
+    assert host.statuses[-1]["status"]["reason"] == "OutOfcpu"
+    worker.object_deleted()
+    await asyncio.wait_for(worker.task, 5)

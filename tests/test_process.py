@@ -428,3 +428,59 @@ async def test_processes_survive_agent_restart_and_are_adopted(kubectl, node, st
     assert pids_in(cgroups, rel) == pids
     await kubectl("delete", "pod", p, "--wait=true", "--timeout=30s")
     assert not any(running(pid) for pid in pids)
+
+
+async def test_init_container_statuses_as_the_kubelet_reports_them(kubectl, node):
+    """Issue 17 item 4 on real processes: PodInitializing while waiting, ready once finished,
+    ContainersNotInitialized when an init container fails with restartPolicy Never."""
+    name, _, _ = node
+    p = unique("p-init")
+    inits = (
+        "  initContainers:\n"
+        "  - {name: first, image: busybox, command: [sh, -c, 'sleep 3']}\n"
+        "  - {name: second, image: busybox, command: [sh, -c, 'exit 0']}"
+    )
+    await kubectl.apply(pod_yaml(p, name, "exec sleep 3600", extra_spec=inits))
+
+    async def first_running():
+        obj = await kubectl.get("pod", p)
+        statuses = (obj or {}).get("status", {}).get("initContainerStatuses") or []
+        return obj if statuses and "running" in statuses[0]["state"] else None
+
+    obj = await eventually(first_running, 15, interval=0.2, what="first init container running")
+    first, second = obj["status"]["initContainerStatuses"]
+    assert first["ready"] is False
+    assert second["state"]["waiting"]["reason"] == "PodInitializing"
+    assert obj["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
+    assert condition(obj, "Initialized")["reason"] == "ContainersNotInitialized"
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 20, what="Running")
+    assert [s["ready"] for s in obj["status"]["initContainerStatuses"]] == [True, True]
+
+    failing = unique("p-initfail")
+    inits = "  restartPolicy: Never\n  initContainers:\n  - {name: first, image: busybox, command: [sh, -c, 'exit 2']}"
+    await kubectl.apply(pod_yaml(failing, name, "exec sleep 3600", extra_spec=inits))
+    obj = await eventually(lambda: phase(kubectl, failing, "Failed"), 15, what="Failed")
+    assert obj["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 2
+    assert obj["status"]["initContainerStatuses"][0]["ready"] is False
+    initialized = condition(obj, "Initialized")
+    assert initialized["status"] == "False" and initialized["reason"] == "ContainersNotInitialized"
+    assert initialized["message"] == "containers with incomplete status: [first]"
+
+
+async def test_active_deadline_kills_the_processes_and_fails_the_pod(kubectl, node, cgroups):
+    """Issue 17 item 6 on real processes: past activeDeadlineSeconds the process is killed, the Pod
+    is Failed with reason DeadlineExceeded and a DeadlineExceeded event."""
+    name, _, _ = node
+    p = unique("p-deadline")
+    await kubectl.apply(pod_yaml(p, name, "exec sleep 3600", extra_spec="  activeDeadlineSeconds: 4"))
+    obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
+    rel = cgroups.container_path(obj, "main")
+    pids = await eventually(lambda: asyncio.sleep(0, pids_in(cgroups, rel)), 5, what="the process")
+    obj = await eventually(lambda: phase(kubectl, p, "Failed"), 20, what="Failed past the deadline")
+    assert obj["status"]["reason"] == "DeadlineExceeded"
+    assert obj["status"]["message"] == "Pod was active on the node longer than the specified deadline"
+    assert "terminated" in obj["status"]["containerStatuses"][0]["state"]
+    for pid in pids:
+        assert not running(pid), f"process {pid} survived the deadline"
+    events = (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={p}"))["items"]
+    assert any(e["reason"] == "DeadlineExceeded" and e["type"] == "Normal" for e in events)
