@@ -462,8 +462,11 @@ class PodWorker:
             return await backend.exec(handle, command, timeout)
 
         def launch(kind: str) -> None:
-            worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change)
+            worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change, on_warning)
             tasks.append(asyncio.create_task(worker.run(), name=f"probe:{self.key}:{name}:{kind}"))
+
+        def on_warning(kind: str, message: str) -> None:
+            self.host.events.pod_event(self.pod, "Warning", "ProbeWarning", message, name)
 
         def on_change(kind: str, ok: bool, message: str) -> None:
             if not ok:

@@ -1,8 +1,9 @@
 """Liveness, readiness and startup probes with the kubelet's semantics.
 
-One attempt (run_probe) follows pkg/probe and pkg/kubelet/prober/prober.go: exec, httpGet, tcpSocket,
-with the kubelet's success rules and failure wording. ProbeWorker follows prober/worker.go: the
-initial delay, the period, and the success/failure thresholds that turn attempts into a result.
+One attempt (run_probe) follows pkg/probe and pkg/kubelet/prober/prober.go: exec, httpGet, tcpSocket
+and grpc (the standard health checking protocol), with the kubelet's success rules and failure
+wording. ProbeWorker follows prober/worker.go: the initial delay, the period, and the success/failure
+thresholds that turn attempts into a result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -43,6 +49,9 @@ class ProbeResult:
     # The probe could not be run at all (unknown port name, no exec support...). The kubelet throws
     # such results away: they count neither as success nor as failure.
     error: bool = False
+    # A success with a warning (probe.Warning: an httpGet probe redirected to another host). It counts
+    # as a success, and the kubelet posts a ProbeWarning event for every such attempt.
+    warning: bool = False
 
 
 class _ProbeError(Exception):
@@ -70,8 +79,8 @@ async def _attempt(probe: JSON, container: JSON, pod_ip: str, exec_: Exec | None
         return await _http_get(action, container, pod_ip, timeout)
     if (action := probe.get("tcpSocket")) is not None:
         return await _tcp(action, container, pod_ip, timeout)
-    if probe.get("grpc") is not None:
-        return ProbeResult(False, "gRPC probes are not supported by kubelet-emu")
+    if (action := probe.get("grpc")) is not None:
+        return await _grpc(action, pod_ip, timeout)
     raise _ProbeError(f"missing probe handler for container {container.get('name')}")
 
 
@@ -214,9 +223,65 @@ def _http_result(status: int, body: bytes) -> ProbeResult:
     if 200 <= status < 300:
         return ProbeResult(True, body.decode("utf-8", "replace"))
     if 300 <= status < 400:
-        return ProbeResult(True, f"Probe terminated redirects, Response body: {body.decode('utf-8', 'replace')}")
+        text = body.decode("utf-8", "replace")
+        return ProbeResult(True, f"Probe terminated redirects, Response body: {text}", warning=True)
     # Never the body: the kubelet keeps response bodies out of events (kubernetes issue 99425).
     return ProbeResult(False, f"HTTP probe failed with statuscode: {status}")
+
+
+# --- grpc ----------------------------------------------------------------------------------------------
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+async def _grpc(action: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+    """grpc.health.v1.Health/Check on the Pod's IP, as pkg/probe/grpc: SERVING is a success, any other
+    answer or error a failure, in the kubelet's wording. No TLS (the kubelet's probe has none either)."""
+    port = action.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise _ProbeError(f"invalid port number: {port}")
+    service = action.get("service") or ""
+    address = _host_port(pod_ip, port)
+    channel = Channel(pod_ip, port)
+    within = _go_duration(timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            reply = await HealthStub(channel).Check(HealthCheckRequest(service=service))
+    except TimeoutError:
+        return ProbeResult(False, f"timeout: health rpc did not complete within {within}")
+    except GRPCError as e:
+        if e.status == Status.UNIMPLEMENTED:
+            return ProbeResult(
+                False,
+                "error: this server does not implement the grpc health protocol (grpc.health.v1.Health): "
+                f"{e.message or ''}",
+            )
+        if e.status == Status.DEADLINE_EXCEEDED:
+            return ProbeResult(False, f"timeout: health rpc did not complete within {within}")
+        code = _grpc_code(e.status)
+        return ProbeResult(False, f"error: health rpc probe failed: rpc error: code = {code} desc = {e.message}")
+    except OSError as e:
+        # The kubelet dials with WithBlock: a refused address is retried until the timeout, and what
+        # it reports then is a failure to connect within it (here at once, with the cause).
+        detail = _dial_error(address, pod_ip, e)
+        return ProbeResult(False, f'timeout: failed to connect service "{address}" within {within}: {detail}')
+    except (StreamTerminatedError, ProtocolError) as e:
+        return ProbeResult(False, f"error: health rpc probe failed: {e}")
+    finally:
+        channel.close()
+    if reply.status != HealthCheckResponse.SERVING:
+        name = HealthCheckResponse.ServingStatus.Name(reply.status)
+        return ProbeResult(False, f'service unhealthy (responded with "{name}")')
+    return ProbeResult(True, "service healthy")
+
+
+def _grpc_code(status: Status) -> str:
+    """Go's codes.Code.String(): DEADLINE_EXCEEDED -> DeadlineExceeded (OK, Canceled as in grpc-go)."""
+    if status == Status.CANCELLED:
+        return "Canceled"
+    return "".join(part.capitalize() for part in status.name.split("_"))
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -227,7 +292,8 @@ class ProbeWorker:
 
     The thresholded result starts as the kubelet's: readiness False until a success, liveness True
     until failureThreshold failures in a row, startup unknown (None) until either threshold is met.
-    on_change(kind, ok, message) is called when that result changes. After a liveness or startup
+    on_change(kind, ok, message) is called when that result changes; on_warning(kind, message) for
+    each attempt that succeeded with a warning. After a liveness or startup
     failure the worker stops probing (the container is going to be restarted), and a startup probe
     stops once it has succeeded; run() then idles until cancelled. The caller starts liveness and
     readiness workers only once the startup probe, if any, has succeeded, as the kubelet does.
@@ -241,11 +307,12 @@ class ProbeWorker:
         pod_ip: str,
         exec_: Exec | None,
         on_change: Callable[[str, bool, str], None],
+        on_warning: Callable[[str, str], None] | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"probe kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.kind, self.probe, self.container, self.pod_ip = kind, probe, container, pod_ip
-        self.exec_, self.on_change = exec_, on_change
+        self.exec_, self.on_change, self.on_warning = exec_, on_change, on_warning
         self.initial_delay = float(probe.get("initialDelaySeconds") or 0)
         self.period = float(probe.get("periodSeconds") or 10)
         self.failure_threshold = int(probe.get("failureThreshold") or 3)
@@ -276,6 +343,12 @@ class ProbeWorker:
         if result.error:
             log.debug("%s probe of %s errored: %s", self.kind, self.container.get("name"), result.message)
             return True
+        if result.warning and self.on_warning is not None:
+            # Every attempt that succeeds with a warning is reported, as prober.go's ProbeWarning event.
+            try:
+                self.on_warning(self.kind, f"{self.kind.capitalize()} probe warning: {result.message}")
+            except Exception:
+                log.exception("%s probe warning callback failed", self.kind)
         if result.success == self._last_success:
             self._run_length += 1
         else:
