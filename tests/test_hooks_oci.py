@@ -116,10 +116,15 @@ async def test_runc_container_lifecycle_hooks(kubectl, node, busybox_ref):
             lambda: _restarted(kubectl, failing), 60, what="the container killed and restarted after the failed hook"
         )
         assert "running" not in status.get("state", {})
+        assert status["lastState"]["terminated"]["exitCode"] != 0
+        # Deleted while backing off: nothing is being created (a deletion racing a container's
+        # creation can leave its rootfs mounted, an older window this test does not aim at).
+        await kubectl.run("delete", "pod", failing, "--wait=true", "--timeout=60s")
     finally:
         await runner.cleanup()
 
 
 async def _restarted(kubectl: Kubectl, name: str) -> dict[str, Any] | None:
     status = await main_state(kubectl, name)
-    return status if status.get("restartCount", 0) >= 1 else None
+    waiting = status.get("state", {}).get("waiting") or {}
+    return status if status.get("restartCount", 0) >= 1 and waiting.get("reason") == "CrashLoopBackOff" else None
