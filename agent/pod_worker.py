@@ -20,6 +20,8 @@ from typing import Any, Protocol
 from agent import metrics
 from agent.admission import NODE_AFFINITY, Rejection
 from agent.config import AgentConfig
+from agent.hooks import Exec as HookExec
+from agent.hooks import run_hook
 from agent.image_pull import ImageGate, PullSite
 from agent.interning import shared
 from agent.kube import ApiError, Kube
@@ -47,6 +49,7 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off afresh
 RETRY_MISSING_HANDLER = 10.0
 DEFAULT_GRACE = 30
+MIN_GRACE_AFTER_PRE_STOP = 2.0  # the kubelet's minimumGracePeriodInSeconds, left after a preStop hook
 PASSING_STATUS_SETTLE = 1.0  # seconds a "sandbox ready, containers creating" status waits for the next
 STATUS_CORRECTION_SETTLE = 0.5  # seconds before a status changed by someone else is written again
 STATUS_CORRECTION_WINDOW = 10.0  # ...or this long when it was corrected within the last this long
@@ -463,18 +466,26 @@ class PodWorker:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 self.handles[name] = handle
-                rec.running(
-                    backend.container_id(handle),
-                    handle.started_at or now(),
-                    handle.image_id,
-                    readiness_probe=self._probes_run(spec, "readiness"),
-                    startup_probe=self._probes_run(spec, "startup"),
-                )
                 self.host.events.pod_event(self.pod, "Normal", "Started", f"Started container {name}", name)
-                if rec.restart_count == 0:
-                    metrics.pod_container_started(self.handler_name, self.pod, self.rec)
-                self.mark_dirty()
-            probes = self._start_probes(spec, rec, handle)
+                # The kubelet runs postStart before it reports the container (its sync is blocked in
+                # startContainer meanwhile): until the hook returns, the container is not Running.
+                hook_error = await self._post_start(spec, handle)
+                if hook_error is None:
+                    rec.running(
+                        backend.container_id(handle),
+                        handle.started_at or now(),
+                        handle.image_id,
+                        readiness_probe=self._probes_run(spec, "readiness"),
+                        startup_probe=self._probes_run(spec, "startup"),
+                    )
+                    if rec.restart_count == 0:
+                        metrics.pod_container_started(self.handler_name, self.pod, self.rec)
+                    self.mark_dirty()
+                else:
+                    rec.container_id, rec.started_at = backend.container_id(handle), handle.started_at or now()
+            else:
+                hook_error = None
+            probes = self._start_probes(spec, rec, handle) if hook_error is None else []
             try:
                 exit_ = await backend.wait_container(handle)
             finally:
@@ -490,6 +501,8 @@ class PodWorker:
             if ran >= BACKOFF_RESET_AFTER:
                 backoff, first_failure = BACKOFF_INITIAL, True
             rec.last_terminated = rec.terminated_json()
+            if hook_error is not None:  # the kubelet's reason cache: waiting with the start error
+                rec.waiting("PostStartHookError", hook_error)
             if first_failure:
                 first_failure = False  # the kubelet restarts at once the first time
             else:
@@ -522,12 +535,13 @@ class PodWorker:
             return await backend.exec(handle, command, timeout)
 
         def launch(kind: str) -> None:
-            worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change)
+            worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change, on_attempt)
             tasks.append(asyncio.create_task(worker.run(), name=f"probe:{self.key}:{name}:{kind}"))
 
+        def on_attempt(kind: str, reason: str, message: str) -> None:  # Unhealthy or ProbeWarning
+            self.host.events.pod_event(self.pod, "Warning", reason, message, name)
+
         def on_change(kind: str, ok: bool, message: str) -> None:
-            if not ok:
-                self.host.events.pod_event(self.pod, "Warning", "Unhealthy", message, name)
             if kind == "readiness":
                 rec.ready = ok and rec.startup_passed
             elif kind == "startup" and ok:
@@ -539,10 +553,8 @@ class PodWorker:
             elif not ok:  # a failed liveness or startup probe: the container is restarted
                 probe = spec[f"{kind}Probe"]
                 grace = float(probe.get("terminationGracePeriodSeconds") or self._grace())
-                self.host.events.pod_event(
-                    self.pod, "Normal", "Killing", f"Container {name} failed {kind} probe, will be restarted", name
-                )
-                self.host.spawn(backend.stop_container(handle, grace))
+                message = f"Container {name} failed {kind} probe, will be restarted"
+                self.host.spawn(self._kill(name, handle, grace, message))
             self.mark_dirty()
 
         if "startup" in kinds:
@@ -568,13 +580,64 @@ class PodWorker:
     async def _stop_all(self, grace: float) -> None:
         if not self.backend or not self.handles:
             return
+        await asyncio.gather(*(self._kill(n, h, grace) for n, h in list(self.handles.items())))
+
+    # --- lifecycle hooks -------------------------------------------------------------------------------
+
+    def _spec_of(self, name: str) -> JSON:
+        spec = self.pod["spec"]
+        return next((c for c in (spec.get("initContainers") or []) + spec["containers"] if c["name"] == name), {})
+
+    def _hook_exec(self, handle: ContainerHandle) -> HookExec:
         backend = self.backend
+        assert backend is not None
 
-        async def stop(name: str, handle: ContainerHandle) -> None:
-            self.host.events.pod_event(self.pod, "Normal", "Killing", f"Stopping container {name}", name)
-            await backend.stop_container(handle, grace)
+        async def exec_(command: list[str]) -> tuple[int, bytes]:
+            return await backend.exec(handle, command)
 
-        await asyncio.gather(*(stop(n, h) for n, h in list(self.handles.items())))
+        return exec_
+
+    async def _post_start(self, spec: JSON, handle: ContainerHandle) -> str | None:
+        """Run the postStart hook; on failure kill the container as the kubelet does and return its message."""
+        hook = (spec.get("lifecycle") or {}).get("postStart")
+        if not hook or self.backend is None or not self.backend.runs_probes:
+            return None
+        name = spec["name"]
+        pod_ip = (self.rec.pod_ips or (self.rec.host_ip,))[0]
+        error = await run_hook(hook, spec, self.pod, pod_ip, self._hook_exec(handle))
+        if error is None:
+            return None
+        log.info("postStart hook failed", extra=kv(pod=self.key, container=name, error=error))
+        # No message in the event, so that no secret leaks from the server (the kubelet's words).
+        self.host.events.pod_event(self.pod, "Warning", "FailedPostStartHook", "PostStartHook failed", name)
+        await self._kill(name, handle, self._grace(), "FailedPostStartHook", running=True)
+        return error
+
+    async def _kill(
+        self, name: str, handle: ContainerHandle, grace: float, message: str | None = None, running: bool = False
+    ) -> None:
+        """killContainer: the Killing event, the preStop hook within the grace period, then the stop
+        with what is left of it (at least MIN_GRACE_AFTER_PRE_STOP once a hook ran)."""
+        backend = self.backend
+        assert backend is not None
+        self.host.events.pod_event(self.pod, "Normal", "Killing", message or f"Stopping container {name}", name)
+        spec = self._spec_of(name)
+        hook = (spec.get("lifecycle") or {}).get("preStop")
+        rec = self.rec.container(name) if spec else None
+        if hook and grace > 0 and backend.runs_probes and (running or (rec is not None and rec.state == "running")):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            pod_ip = (self.rec.pod_ips or (self.rec.host_ip,))[0]
+            try:
+                error = await asyncio.wait_for(run_hook(hook, spec, self.pod, pod_ip, self._hook_exec(handle)), grace)
+            except TimeoutError:
+                error = None  # not completed in the grace period: the stop goes on
+                log.info("preStop hook not completed in grace period", extra=kv(pod=self.key, container=name))
+            if error is not None:
+                log.info("preStop hook failed", extra=kv(pod=self.key, container=name, error=error))
+                self.host.events.pod_event(self.pod, "Warning", "FailedPreStopHook", "PreStopHook failed", name)
+            grace = max(grace - int(loop.time() - started), MIN_GRACE_AFTER_PRE_STOP)
+        await backend.stop_container(handle, grace)
 
     async def _release_sandbox(self, deleting: bool = False) -> None:
         """Free the sandbox; the Pod's files (logs) stay until the Pod is deleted: backends see that

@@ -1,8 +1,9 @@
 """Liveness, readiness and startup probes with the kubelet's semantics.
 
-One attempt (run_probe) follows pkg/probe and pkg/kubelet/prober/prober.go: exec, httpGet, tcpSocket,
-with the kubelet's success rules and failure wording. ProbeWorker follows prober/worker.go: the
-initial delay, the period, and the success/failure thresholds that turn attempts into a result.
+One attempt (run_probe) follows pkg/probe and pkg/kubelet/prober/prober.go: exec, httpGet, tcpSocket
+and grpc (the standard health checking protocol), with the kubelet's success rules and failure
+wording. ProbeWorker follows prober/worker.go: the initial delay, the period, and the success/failure
+thresholds that turn attempts into a result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -32,6 +38,7 @@ USER_AGENT = "kube-probe/1.36"  # the kubelet sends kube-probe/<major>.<minor>; 
 MAX_OUTPUT = 10 * 1024  # pkg/probe keeps at most 10 KiB of exec output or response body
 MAX_RETRIES = 3  # prober.go retries an attempt that errored (not one that failed)
 MAX_REDIRECTS = 10
+REPORT_REPEAT = 60.0  # seconds before the same probe event is reported again
 EXEC_GRACE = 1.0  # the backend enforces the exec timeout; this only guards against one that does not
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -43,6 +50,9 @@ class ProbeResult:
     # The probe could not be run at all (unknown port name, no exec support...). The kubelet throws
     # such results away: they count neither as success nor as failure.
     error: bool = False
+    # A success with a warning (probe.Warning: an httpGet probe redirected to another host). It counts
+    # as a success, and the kubelet posts a ProbeWarning event for every such attempt.
+    warning: bool = False
 
 
 class _ProbeError(Exception):
@@ -70,8 +80,8 @@ async def _attempt(probe: JSON, container: JSON, pod_ip: str, exec_: Exec | None
         return await _http_get(action, container, pod_ip, timeout)
     if (action := probe.get("tcpSocket")) is not None:
         return await _tcp(action, container, pod_ip, timeout)
-    if probe.get("grpc") is not None:
-        return ProbeResult(False, "gRPC probes are not supported by kubelet-emu")
+    if (action := probe.get("grpc")) is not None:
+        return await _grpc(action, pod_ip, timeout)
     raise _ProbeError(f"missing probe handler for container {container.get('name')}")
 
 
@@ -152,12 +162,12 @@ async def _tcp(action: JSON, container: JSON, pod_ip: str, timeout: float) -> Pr
     return ProbeResult(True)
 
 
-def _headers(action: JSON) -> tuple[CIMultiDict[str], set[str]]:
+def _headers(action: JSON, user_agent: str = USER_AGENT) -> tuple[CIMultiDict[str], set[str]]:
     headers: CIMultiDict[str] = CIMultiDict()
     for h in action.get("httpHeaders") or []:
         headers.add(h.get("name", ""), h.get("value", ""))
     skip: set[str] = set()
-    for name, default in (("User-Agent", USER_AGENT), ("Accept", "*/*")):
+    for name, default in (("User-Agent", user_agent), ("Accept", "*/*")):
         if name not in headers:
             headers[name] = default
         elif not any(headers.getall(name)):
@@ -167,15 +177,33 @@ def _headers(action: JSON) -> tuple[CIMultiDict[str], set[str]]:
     return headers, skip
 
 
-async def _http_get(action: JSON, container: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+def http_request(
+    action: JSON, container: JSON, pod_ip: str, user_agent: str = USER_AGENT
+) -> tuple[str, CIMultiDict[str], set[str]]:
+    """The URL, headers and headers not to send of an HTTPGetAction (probes and lifecycle hooks)."""
     scheme = (action.get("scheme") or "HTTP").lower()
     host = action.get("host") or pod_ip
     port = resolve_port(action.get("port"), container)
     path = action.get("path") or ""
     if path and not path.startswith("/"):
         path = "/" + path
-    url = f"{scheme}://{_host_port(host, port)}{path}"
-    headers, skip = _headers(action)
+    headers, skip = _headers(action, user_agent)
+    return f"{scheme}://{_host_port(host, port)}{path}", headers, skip
+
+
+def http_error(url: str, e: BaseException) -> str:
+    """Go's wording for a failed GET: 'Get "http://...": dial tcp ...: connect: connection refused'."""
+    if isinstance(e, TimeoutError):
+        return f'Get "{url}": context deadline exceeded (Client.Timeout exceeded while awaiting headers)'
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f'Get "{url}": {_dial_error(_host_port(e.host, e.port), e.host, e.os_error)}'
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return f'Get "{url}": EOF'
+    return f'Get "{url}": {e}'
+
+
+async def _http_get(action: JSON, container: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+    url, headers, skip = http_request(action, container, pod_ip)
     current = url
     # No keep-alive and no certificate checks, as the kubelet's prober transport.
     connector = aiohttp.TCPConnector(ssl=False, force_close=True)
@@ -199,24 +227,73 @@ async def _http_get(action: JSON, container: JSON, pod_ip: str, timeout: float) 
                     body = await resp.content.read(MAX_OUTPUT)
                     return _http_result(resp.status, body)
             return ProbeResult(False, f'Get "{current}": stopped after {MAX_REDIRECTS} redirects')
-    except TimeoutError:
-        message = "context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-        return ProbeResult(False, f'Get "{current}": {message}')
-    except aiohttp.ClientConnectorError as e:
-        return ProbeResult(False, f'Get "{current}": {_dial_error(_host_port(e.host, e.port), e.host, e.os_error)}')
-    except aiohttp.ServerDisconnectedError:
-        return ProbeResult(False, f'Get "{current}": EOF')
-    except (aiohttp.ClientError, OSError, ValueError) as e:
-        return ProbeResult(False, f'Get "{current}": {e}')
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+        return ProbeResult(False, http_error(current, e))
 
 
 def _http_result(status: int, body: bytes) -> ProbeResult:
     if 200 <= status < 300:
         return ProbeResult(True, body.decode("utf-8", "replace"))
     if 300 <= status < 400:
-        return ProbeResult(True, f"Probe terminated redirects, Response body: {body.decode('utf-8', 'replace')}")
+        text = body.decode("utf-8", "replace")
+        return ProbeResult(True, f"Probe terminated redirects, Response body: {text}", warning=True)
     # Never the body: the kubelet keeps response bodies out of events (kubernetes issue 99425).
     return ProbeResult(False, f"HTTP probe failed with statuscode: {status}")
+
+
+# --- grpc ----------------------------------------------------------------------------------------------
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+async def _grpc(action: JSON, pod_ip: str, timeout: float) -> ProbeResult:
+    """grpc.health.v1.Health/Check on the Pod's IP, as pkg/probe/grpc: SERVING is a success, any other
+    answer or error a failure, in the kubelet's wording. No TLS (the kubelet's probe has none either)."""
+    port = action.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise _ProbeError(f"invalid port number: {port}")
+    service = action.get("service") or ""
+    address = _host_port(pod_ip, port)
+    channel = Channel(pod_ip, port)
+    within = _go_duration(timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            reply = await HealthStub(channel).Check(HealthCheckRequest(service=service))
+    except TimeoutError:
+        return ProbeResult(False, f"timeout: health rpc did not complete within {within}")
+    except GRPCError as e:
+        if e.status == Status.UNIMPLEMENTED:
+            return ProbeResult(
+                False,
+                "error: this server does not implement the grpc health protocol (grpc.health.v1.Health): "
+                f"{e.message or ''}",
+            )
+        if e.status == Status.DEADLINE_EXCEEDED:
+            return ProbeResult(False, f"timeout: health rpc did not complete within {within}")
+        code = _grpc_code(e.status)
+        return ProbeResult(False, f"error: health rpc probe failed: rpc error: code = {code} desc = {e.message}")
+    except OSError as e:
+        # The kubelet dials with WithBlock: a refused address is retried until the timeout, and what
+        # it reports then is a failure to connect within it (here at once, with the cause).
+        detail = _dial_error(address, pod_ip, e)
+        return ProbeResult(False, f'timeout: failed to connect service "{address}" within {within}: {detail}')
+    except (StreamTerminatedError, ProtocolError) as e:
+        return ProbeResult(False, f"error: health rpc probe failed: {e}")
+    finally:
+        channel.close()
+    if reply.status != HealthCheckResponse.SERVING:
+        name = HealthCheckResponse.ServingStatus.Name(reply.status)
+        return ProbeResult(False, f'service unhealthy (responded with "{name}")')
+    return ProbeResult(True, "service healthy")
+
+
+def _grpc_code(status: Status) -> str:
+    """Go's codes.Code.String(): DEADLINE_EXCEEDED -> DeadlineExceeded (OK, Canceled as in grpc-go)."""
+    if status == Status.CANCELLED:
+        return "Canceled"
+    return "".join(part.capitalize() for part in status.name.split("_"))
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -227,10 +304,12 @@ class ProbeWorker:
 
     The thresholded result starts as the kubelet's: readiness False until a success, liveness True
     until failureThreshold failures in a row, startup unknown (None) until either threshold is met.
-    on_change(kind, ok, message) is called when that result changes. After a liveness or startup
-    failure the worker stops probing (the container is going to be restarted), and a startup probe
-    stops once it has succeeded; run() then idles until cancelled. The caller starts liveness and
-    readiness workers only once the startup probe, if any, has succeeded, as the kubelet does.
+    on_change(kind, ok, message) is called when that result changes; on_attempt(kind, reason,
+    message) for an attempt that failed (Unhealthy) or succeeded with a warning (ProbeWarning).
+    After a liveness or startup failure the worker stops probing (the container is going to be
+    restarted), and a startup probe stops once it has succeeded; run() then idles until cancelled.
+    The caller starts liveness and readiness workers only once the startup probe, if any, has
+    succeeded, as the kubelet does.
     """
 
     def __init__(
@@ -241,11 +320,14 @@ class ProbeWorker:
         pod_ip: str,
         exec_: Exec | None,
         on_change: Callable[[str, bool, str], None],
+        on_attempt: Callable[[str, str, str], None] | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"probe kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.kind, self.probe, self.container, self.pod_ip = kind, probe, container, pod_ip
-        self.exec_, self.on_change = exec_, on_change
+        self.exec_, self.on_change, self.on_attempt = exec_, on_change, on_attempt
+        self._reported: tuple[str, str] | None = None  # the last event reported, and when
+        self._reported_at = 0.0
         self.initial_delay = float(probe.get("initialDelaySeconds") or 0)
         self.period = float(probe.get("periodSeconds") or 10)
         self.failure_threshold = int(probe.get("failureThreshold") or 3)
@@ -269,6 +351,21 @@ class ProbeWorker:
             await asyncio.sleep(next_at - now)
         await asyncio.Future()  # nothing more to do for this container: wait to be cancelled
 
+    def _report(self, reason: str, message: str) -> None:
+        """prober.go posts an event for every failed attempt (Unhealthy) and every success with a
+        warning (ProbeWarning); the kubelet's event correlator then folds repeats into a count. Here
+        a repeat of the same event is reported again only after REPORT_REPEAT seconds."""
+        if self.on_attempt is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._reported == (reason, message) and now - self._reported_at < REPORT_REPEAT:
+            return
+        self._reported, self._reported_at = (reason, message), now
+        try:
+            self.on_attempt(self.kind, reason, message)
+        except Exception:
+            log.exception("%s probe event callback failed", self.kind)
+
     async def probe_once(self) -> bool:
         """One attempt and its effect on the result; False when this worker should stop probing."""
         result = await run_probe(self.probe, self.container, self.pod_ip, self.exec_)
@@ -276,6 +373,10 @@ class ProbeWorker:
         if result.error:
             log.debug("%s probe of %s errored: %s", self.kind, self.container.get("name"), result.message)
             return True
+        if result.warning:
+            self._report("ProbeWarning", f"{self.kind.capitalize()} probe warning: {result.message}")
+        elif not result.success:
+            self._report("Unhealthy", f"{self.kind.capitalize()} probe failed: {result.message}")
         if result.success == self._last_success:
             self._run_length += 1
         else:

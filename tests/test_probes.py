@@ -187,7 +187,9 @@ async def test_http_connection_refused_timeout_and_redirects(server: Server) -> 
     local = await run_probe(http(server.port, "/redirect?to=/healthz"), CONTAINER, HOST, None)
     assert local == ProbeResult(True, "status 200")  # followed on the same host
     remote = await run_probe(http(server.port, "/redirect?to=http://192.0.2.1/"), CONTAINER, HOST, None)
-    assert remote.success and remote.message.startswith("Probe terminated redirects")  # not followed
+    assert remote.success and remote.warning  # not followed: a success with a warning
+    assert remote.message.startswith("Probe terminated redirects, Response body: ")
+    assert not local.warning
     looping = await run_probe(http(server.port, "/loop"), CONTAINER, HOST, None)
     assert not looping.success and looping.message.endswith("stopped after 10 redirects")
 
@@ -240,8 +242,33 @@ async def test_exec() -> None:
 
 
 async def test_grpc_and_missing_handler() -> None:
-    grpc = await run_probe({"grpc": {"port": 9000}}, CONTAINER, HOST, None)
-    assert not grpc.success and not grpc.error and "not supported" in grpc.message
+    from grpclib.health.v1.health_grpc import HealthBase
+    from grpclib.health.v1.health_pb2 import HealthCheckResponse
+    from grpclib.server import Server as GrpcServer
+
+    class Health(HealthBase):
+        async def Check(self, stream: Any) -> None:
+            request = await stream.recv_message()
+            serving = HealthCheckResponse.SERVING if request.service in ("", "up") else HealthCheckResponse.NOT_SERVING
+            await stream.send_message(HealthCheckResponse(status=serving))
+
+        async def Watch(self, stream: Any) -> None:
+            raise NotImplementedError
+
+    server = GrpcServer([Health()])
+    await server.start(HOST, 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        assert await run_probe({"grpc": {"port": port}}, CONTAINER, HOST, None) == ProbeResult(True, "service healthy")
+        down = await run_probe({"grpc": {"port": port, "service": "down"}}, CONTAINER, HOST, None)
+        assert down == ProbeResult(False, 'service unhealthy (responded with "NOT_SERVING")')
+    finally:
+        server.close()
+        await server.wait_closed()
+    closed = closed_port()
+    refused = await run_probe({"grpc": {"port": closed}}, CONTAINER, HOST, None)
+    assert not refused.success and not refused.error
+    assert refused.message.startswith(f'timeout: failed to connect service "{HOST}:{closed}" within 1s')
     assert (await run_probe({}, CONTAINER, HOST, None)).error
 
 

@@ -689,10 +689,7 @@ class OciBackend(Backend):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_seconds
-        pre_stop = ((handle.extra["container"].get("lifecycle") or {}).get("preStop") or {}).get("exec")
-        if pre_stop and grace_seconds > 0:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.exec(handle, pre_stop.get("command") or []), grace_seconds)
+        # The preStop hook is the agent's (agent/hooks.py), run before this, as the kubelet runs it.
         if not self._exited(handle):
             await self._run("kill", handle.id, "TERM")
         while not self._exited(handle) and loop.time() < deadline:

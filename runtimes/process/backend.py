@@ -302,10 +302,7 @@ class ProcessBackend(Backend):
             return
         pid, ticks = state["pid"], state["start_ticks"]
         deadline = asyncio.get_running_loop().time() + grace_seconds
-        pre_stop = ((handle.extra["container"].get("lifecycle") or {}).get("preStop") or {}).get("exec")
-        if pre_stop and alive(pid, ticks) and grace_seconds > 0:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.exec(handle, pre_stop.get("command") or []), grace_seconds)
+        # The preStop hook is the agent's (agent/hooks.py), run before this, as the kubelet runs it.
         if alive(pid, ticks):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
