@@ -215,7 +215,7 @@ class ProcessBackend(Backend):
         """The container's cgroup, made, and its OOM kill count so far (a restart reuses the
         cgroup): one thread hop for both, as a mass start makes many at once."""
         assert self.cgroups is not None
-        rel = self.cgroups.ensure_container(pod, name, container_resource_config(container))
+        rel = self.cgroups.ensure_container(pod, name, container_resource_config(container, pod=pod))
         try:
             return rel, self.cgroups.oom_kills(rel)
         except (CgroupError, OSError):
