@@ -25,6 +25,7 @@ from agent.interning import shared
 from agent.kube import ApiError, Kube
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
+from agent.resize import Resizer, resize_after_restart, resize_on_update
 from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from common.logfmt import kv
@@ -79,7 +80,7 @@ class PodWorker:
     __slots__ = (
         "_corrected_at", "_flush_pending", "_last_written", "_override", "_recent_writes", "_spent_sandbox",
         "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone", "handler_name",
-        "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
+        "handles", "host", "key", "pod", "rec", "resizer", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -110,6 +111,7 @@ class PodWorker:
         self._corrected_at = -STATUS_CORRECTION_WINDOW  # loop time of the last correction
         self._override: JSON | None = None  # a rejected Pod's fixed status
         self.task: asyncio.Task[None] | None = None
+        self.resizer: Resizer | None = resize_after_restart(self)
 
     # --- inputs from the controller ------------------------------------------------------------
 
@@ -122,7 +124,8 @@ class PodWorker:
             # own are still read from it, so the rest (most of it) is not kept for every Pod.
             foreign = [shared(c) for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
             pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
-        self.pod = pod
+        previous, self.pod = self.pod, pod
+        self.resizer = resize_on_update(self, previous, self.resizer)
         if pod["metadata"].get("deletionTimestamp"):
             self._request_deletion()
 
@@ -151,7 +154,11 @@ class PodWorker:
 
     def current_status(self) -> JSON:
         """The status as the agent sees it now (what the next write would say)."""
-        return self._override or build_status(self.pod, self.rec, now())
+        return self._override or self._status()
+
+    def _status(self) -> JSON:
+        status = build_status(self.pod, self.rec, now())
+        return self.resizer.decorate(status, now()) if self.resizer else status
 
     # --- status writing --------------------------------------------------------------------------
 
@@ -176,7 +183,7 @@ class PodWorker:
             self._flush_pending = False
             if self.gone:
                 return
-            status = self._override or build_status(self.pod, self.rec, now())
+            status = self._override or self._status()
             encoded = json.dumps(status, sort_keys=True)
             fingerprint = hash(encoded)  # a hash, not a copy: memory per Pod
             if fingerprint == self._last_written:
@@ -211,6 +218,8 @@ class PodWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await life
             await self._terminate()
+            if self.resizer:
+                self.resizer.forget()
         finally:
             life.cancel()
             self.host.release(self)
