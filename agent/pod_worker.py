@@ -25,7 +25,7 @@ from agent.interning import shared
 from agent.kube import ApiError, Kube
 from agent.pod_status import OWNED_CONDITIONS, ContainerRecord, PodRecord, build_status, rejected_status
 from agent.probes import ProbeWorker
-from agent.resize import Resizer, resize_after_restart, resize_on_update
+from agent.resize import Resizer, decorate_unresized, resize_after_restart, resize_on_update
 from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from common.logfmt import kv
@@ -158,7 +158,7 @@ class PodWorker:
 
     def _status(self) -> JSON:
         status = build_status(self.pod, self.rec, now())
-        return self.resizer.decorate(status, now()) if self.resizer else status
+        return self.resizer.decorate(status, now()) if self.resizer else decorate_unresized(status, self.pod)
 
     # --- status writing --------------------------------------------------------------------------
 

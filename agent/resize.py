@@ -288,3 +288,17 @@ def resize_on_update(worker: PodWorker, previous: JSON, resizer: Resizer | None)
     if not worker.pod["metadata"].get("deletionTimestamp"):
         resizer.poke()
     return resizer
+
+
+def decorate_unresized(status: JSON, pod: JSON) -> JSON:
+    """allocatedResources and resources (= the spec's) for a Pod never resized: the API server
+    refuses a resize of a running Pod whose statuses lack `resources` (a node without support)."""
+    specs = resources_of(pod)
+    for cs in status.get("containerStatuses") or []:
+        res = specs.get(cs.get("name"))
+        if res is None:
+            continue
+        cs["allocatedResources"] = dict(res.get("requests") or {})
+        if "running" in (cs.get("state") or {}):
+            cs["resources"] = {k: dict(v) for k, v in res.items() if v}
+    return status

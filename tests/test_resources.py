@@ -407,3 +407,23 @@ def test_containers_without_limits_share_the_pod_level_budget() -> None:
     assert (b.cpu_quota, b.memory_limit) == (30000, 256 * MI)
     # Without the pod, the container's own values only (as before).
     assert container_resource_config(p["spec"]["containers"][0]).memory_limit is None
+
+
+def test_resize_order_and_infeasible_message() -> None:
+    from agent.resize import infeasible
+    from cgroups.resize import POD, resize_steps
+
+    small, big = (
+        ResourceConfig(cpu_shares=512, cpu_quota=75000, cpu_period=100000, memory_limit=100),
+        ResourceConfig(cpu_shares=1024, cpu_quota=125000, cpu_period=100000, memory_limit=50),
+    )
+    steps = resize_steps(small, big, {"main": ResourceConfig(cpu_quota=100000)})
+    # cpu grows: the Pod first with the new cpu but the old memory; memory shrinks: containers first.
+    assert [k for k, _ in steps] == [POD, "main", POD]
+    assert (steps[0][1].cpu_quota, steps[0][1].memory_limit) == (125000, 100)
+    assert steps[-1][1] == big
+    p = pod([ctr("a", {"cpu": "3"}, {"cpu": "3"})], overhead={"cpu": "250m"})
+    assert (
+        infeasible(p, {"cpu": "2", "memory": "1Gi"})
+        == "Node didn't have enough capacity: cpu, requested: 3250, capacity: 2000"
+    )
