@@ -400,6 +400,8 @@ class PodWorker:
                         self.gates = {}
                     gate = self.gates.setdefault(name, ImageGate())
                     rec.image_id = (await gate.ensure(self.host, self, spec, rec)).image_id
+                if self.resizer:  # a (re)start takes the allocated resources, resized or not
+                    spec = self.resizer.container_spec(spec)
                 try:
                     handle = await backend.create_container(self.sandbox, self.pod, spec, rec.restart_count)
                     self.host.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)

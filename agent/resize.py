@@ -223,6 +223,13 @@ class Resizer:
                 await backend.stop_container(handle, 0)
         return True
 
+    def container_spec(self, spec: JSON) -> JSON:
+        """`spec` with the allocated cpu/memory, for a container about to be (re)created."""
+        if spec.get("name") not in self.allocated:
+            return spec
+        pod = {"metadata": {}, "spec": {"containers": [spec]}}
+        return with_resources(pod, self.allocated)["spec"]["containers"][0]
+
     # --- status
 
     def _condition(self, ctype: str, reason: str | None, message: str | None, now: datetime) -> JSON:

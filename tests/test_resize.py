@@ -228,3 +228,24 @@ async def test_memory_decrease_below_usage_waits(kubectl, node, cgroups, tmp_pat
         return cgroups.read_values(ctr_rel)["memory.limit_in_bytes"] == str(64 * MI) or None
 
     await eventually(applied, 15, what="the lower limit once usage dropped")
+
+
+async def test_memory_increase_with_restart_container(kubectl, node, cgroups):
+    name, _, _ = node
+    rc = await overhead_class(kubectl)
+    p = unique("p-rst")
+    await kubectl.apply(resize_pod(p, name, rc, policy="RestartContainer"))
+    before = await eventually(lambda: running(kubectl, p), 20, what="Running")
+    ctr_rel = cgroups.container_path(before, "main")
+    await patch_resize(kubectl, p, "500m", "256Mi")
+
+    async def restarted():
+        obj = await kubectl.get("pod", p)
+        cs = obj["status"]["containerStatuses"][0]
+        if cs["restartCount"] == 1 and "running" in cs["state"] and not condition(obj, "PodResizeInProgress"):
+            return obj
+        return None
+
+    await eventually(restarted, 20, what="restartCount 1, running")
+    assert cgroups.read_values(ctr_rel)["memory.limit_in_bytes"] == str(256 * MI)
+    assert cgroups.read_values(cgroups.pod_path(before))["memory.limit_in_bytes"] == str(376 * MI)
