@@ -16,7 +16,7 @@ from typing import Any
 
 from cgroups.detect import CgroupError
 from cgroups.manager import CgroupManager, v1_settings, v2_settings
-from cgroups.resources import pod_limits, pod_requests, pod_resource_config, qos_class
+from cgroups.resources import pod_level_values, pod_limits, pod_requests, pod_resource_config, qos_class
 
 RESOURCES = ("cpu", "memory")
 # The files shown, in order; the CFS pair is one line on v1 as it is one file (cpu.max) on v2.
@@ -63,6 +63,13 @@ def breakdown(pod: Mapping[str, Any], pod_pids_limit: int = -1) -> dict[str, Any
                 }
             )
     overhead = _cpu_memory(pod_requests({"spec": {"overhead": spec.get("overhead") or {}}}))
+    level_requests, level_limits = pod_level_values(pod)
+    # spec.resources: replaces the containers' sum for the resources it sets (overhead still added).
+    pod_level = (
+        {"requests": _cpu_memory(level_requests), "limits": _cpu_memory(level_limits)}
+        if level_requests or level_limits
+        else None
+    )
     config = pod_resource_config(pod, pod_pids_limit)
     totals = {"requests": _cpu_memory(pod_requests(pod)), "limits": _cpu_memory(pod_limits(pod))}
     return {
@@ -72,6 +79,7 @@ def breakdown(pod: Mapping[str, Any], pod_pids_limit: int = -1) -> dict[str, Any
         "qos": qos_class(pod),
         "containers": containers,
         "overhead": overhead,
+        "pod_level": pod_level,
         "totals": totals,
         "resource_config": {**asdict(config), "cpu_weight": config.cpu_weight},
         "expected": {"v1": v1_settings(config), "v2": v2_settings(config)},
@@ -323,6 +331,12 @@ def format_table(reports: Iterable[Mapping[str, Any]]) -> str:
             label = c["name"] + (" (sidecar)" if c["sidecar"] else " (init)" if c["init"] else "")
             rows.append(_resource_row(label, c["requests"], c["limits"]))
         totals = report["totals"]
+        if report.get("pod_level"):
+            rows.append(
+                _resource_row(
+                    "pod-level (spec.resources)", report["pod_level"]["requests"], report["pod_level"]["limits"]
+                )
+            )
         # Overhead is added to a limit only where the containers' limits add up to one.
         overhead = report["overhead"]
         overhead_limits = {r: overhead[r] if totals["limits"].get(r) else None for r in RESOURCES}

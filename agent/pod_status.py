@@ -16,7 +16,10 @@ from agent.node_status import rfc3339
 JSON = dict[str, Any]
 
 # Conditions this agent owns; any other (PodScheduled, readiness gates, DisruptionTarget) is kept.
-OWNED_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+# The resize conditions are the agent's too (agent/resize.py adds them).
+OWNED_CONDITIONS = (
+    "PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodResizePending", "PodResizeInProgress",
+)  # fmt: skip
 
 
 @dataclass(slots=True)

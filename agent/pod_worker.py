@@ -35,6 +35,7 @@ from agent.pod_status import (
     status_patch,
 )
 from agent.probes import ProbeWorker
+from agent.resize import Resizer, decorate_unresized, resize_after_restart, resize_on_update
 from agent.status_reconcile import corrections, pod_status_drifted, pod_status_summary, remember_write
 from cgroups.resources import qos_class
 from common.logfmt import kv
@@ -94,7 +95,7 @@ class PodWorker:
     __slots__ = (
         "_corrected_at", "_deadline", "_flush_pending", "_last_written", "_override", "_recent_writes",
         "_spent_sandbox", "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone",
-        "handler_name", "handles", "host", "key", "pod", "rec", "sandbox", "task", "uid", "wake",
+        "handler_name", "handles", "host", "key", "pod", "rec", "resizer", "sandbox", "task", "uid", "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -126,6 +127,7 @@ class PodWorker:
         self._override: JSON | None = None  # a rejected Pod's fixed status
         self._deadline: asyncio.Timeout | None = None  # activeDeadlineSeconds, while the Pod runs
         self.task: asyncio.Task[None] | None = None
+        self.resizer: Resizer | None = resize_after_restart(self)
 
     # --- inputs from the controller ------------------------------------------------------------
 
@@ -139,7 +141,8 @@ class PodWorker:
             # own are still read from it, so the rest (most of it) is not kept for every Pod.
             foreign = [shared(c) for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
             pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
-        self.pod = pod
+        previous, self.pod = self.pod, pod
+        self.resizer = resize_on_update(self, previous, self.resizer)
         if gate_conditions(pod) != gates_before:
             self.mark_dirty()  # a readiness gate's condition changed: Ready follows it
         if self._deadline is not None:
@@ -172,7 +175,11 @@ class PodWorker:
 
     def current_status(self) -> JSON:
         """The status as the agent sees it now (what the next write would say)."""
-        return self._override or build_status(self.pod, self.rec, now())
+        return self._override or self._status()
+
+    def _status(self) -> JSON:
+        status = build_status(self.pod, self.rec, now())
+        return self.resizer.decorate(status, now()) if self.resizer else decorate_unresized(status, self.pod)
 
     # --- status writing --------------------------------------------------------------------------
 
@@ -197,7 +204,7 @@ class PodWorker:
             self._flush_pending = False
             if self.gone:
                 return
-            status = status_patch(self._override or build_status(self.pod, self.rec, now()), self.pod)
+            status = status_patch(self._override or self._status(), self.pod)
             encoded = json.dumps(status, sort_keys=True)
             fingerprint = hash(encoded)  # a hash, not a copy: memory per Pod
             if fingerprint == self._last_written:
@@ -232,6 +239,8 @@ class PodWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await life
             await self._terminate()
+            if self.resizer:
+                self.resizer.forget()
         finally:
             life.cancel()
             self.host.release(self)
@@ -454,6 +463,8 @@ class PodWorker:
                         self.gates = {}
                     gate = self.gates.setdefault(name, ImageGate())
                     rec.image_id = (await gate.ensure(self.host, self, spec, rec)).image_id
+                if self.resizer:  # a (re)start takes the allocated resources, resized or not
+                    spec = self.resizer.container_spec(spec)
                 try:
                     handle = await backend.create_container(self.sandbox, self.pod, spec, rec.restart_count)
                     self.host.events.pod_event(self.pod, "Normal", "Created", f"Created container {name}", name)

@@ -19,6 +19,7 @@ from agent.interning import shared
 from agent.kube import STRATEGIC_MERGE_PATCH, ApiError, Kube
 from agent.node_status import allocatable
 from agent.pod_worker import PodWorker, Unresolved
+from agent.resize import infeasible
 from cgroups.manager import CgroupError, CgroupManager
 from common.logfmt import kv
 from runtimes.base import Backend, BackendContext
@@ -326,6 +327,20 @@ class PodController:
     async def reread_node(self) -> None:
         """Admission failed on the node's labels: decide again on the Node the API server holds."""
         await self.node.reread()
+
+    def resize_fits(self, worker: PodWorker, desired: JSON) -> tuple[str, str] | None:
+        """canResizePod: None when the resized Pod fits (its requests then count), else
+        ("Infeasible" | "Deferred", the kubelet's message)."""
+        message = infeasible(desired, self._allocatable)
+        if message:
+            return "Infeasible", message
+        node_obj = self.node.node or {}
+        labels = node_obj.get("metadata", {}).get("labels") or {}
+        rejection = self.usage.admit(desired, self.node.name, labels, self._allocatable)
+        if rejection is not None:
+            return "Deferred", rejection.message.removeprefix("Pod was rejected: ")
+        self.usage.add(desired)
+        return None
 
     def unadmit(self, worker: PodWorker) -> None:
         worker.admitted = False

@@ -4,7 +4,8 @@ Mirrors pkg/kubelet/cm/helpers_linux.go (ResourceConfigForPod, MilliCPUToShares,
 MilliCPUToQuota, CpuSharesToCpuWeight), component-helpers resource/helpers.go
 (PodRequests, PodLimits) and pkg/apis/core/v1/helper/qos (GetPodQOS).
 Pods are plain dicts as the API server serves them (camelCase keys).
-Pod-level resources (spec.resources, PodLevelResources gate) are not handled.
+Pod-level resources (spec.resources, PodLevelResources gate, on by default since 1.34) replace
+the containers' aggregate for cpu and memory (IsSupportedPodLevelResource), before overhead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ MAX_WEIGHT = 10000
 
 # Only these count for QoS, exactly as upstream (hugepages, ephemeral-storage are ignored).
 _QOS_RESOURCES = ("cpu", "memory")
+# What spec.resources may set (component-helpers IsSupportedPodLevelResource; hugepages aside).
+POD_LEVEL_RESOURCES = ("cpu", "memory")
 
 Resources = dict[str, Fraction]  # exact quantities in base units (cores, bytes, ...)
 
@@ -164,18 +167,46 @@ def _aggregate(pod: Mapping[str, Any], index: int) -> tuple[Resources, list[Reso
     return total, seen
 
 
+def pod_level(pod: Mapping[str, Any]) -> tuple[Resources, Resources]:
+    """spec.resources (requests, limits), supported resources only; requests defaulted as the
+    API server does (defaultPodRequests): to the limit when no container requests that resource."""
+    resources = _spec(pod).get("resources") or {}
+    requests = {n: q for n, q in _parse_list(resources.get("requests")).items() if n in POD_LEVEL_RESOURCES}
+    limits = {n: q for n, q in _parse_list(resources.get("limits")).items() if n in POD_LEVEL_RESOURCES}
+    if limits:
+        containers = [*(_spec(pod).get("containers") or []), *(_spec(pod).get("initContainers") or [])]
+        for name, quantity in limits.items():
+            if name not in requests and not any(name in _container_resources(c)[0] for c in containers):
+                requests[name] = quantity
+    return requests, limits
+
+
+def pod_level_values(pod: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """pod_level() in reporting units (cpu millicores, memory bytes)."""
+    requests, limits = pod_level(pod)
+    return _to_ints(requests), _to_ints(limits)
+
+
+def has_pod_level_resources(pod: Mapping[str, Any]) -> bool:
+    """IsPodLevelResourcesSet: spec.resources sets a supported request or limit."""
+    requests, limits = pod_level(pod)
+    return bool(requests or limits)
+
+
 def _overhead(pod: Mapping[str, Any]) -> Resources:
     return _parse_list(_spec(pod).get("overhead"))
 
 
 def _pod_requests_exact(pod: Mapping[str, Any]) -> Resources:
     total, _ = _aggregate(pod, 0)
+    total.update(pod_level(pod)[0])  # pod-level values replace the aggregate, overhead still on top
     _add(total, _overhead(pod))
     return total
 
 
 def _pod_limits_exact(pod: Mapping[str, Any]) -> tuple[Resources, list[Resources]]:
     total, seen = _aggregate(pod, 1)
+    total.update(pod_level(pod)[1])
     for name, quantity in _overhead(pod).items():
         # A zero/absent limit means "unlimited"; adding overhead would invent a limit.
         if total.get(name):
@@ -206,6 +237,16 @@ def qos_class(pod: Mapping[str, Any]) -> str:
     requests: Resources = {}
     limits: Resources = {}
     guaranteed = True
+    if has_pod_level_resources(pod):
+        # ComputePodQOS: the pod-level values alone decide when they are set.
+        level_requests, level_limits = pod_level(pod)
+        requests = {n: q for n, q in level_requests.items() if n in _QOS_RESOURCES and q > 0}
+        limits = {n: q for n, q in level_limits.items() if n in _QOS_RESOURCES and q > 0}
+        if level_limits and len(limits) != len(_QOS_RESOURCES):
+            guaranteed = False
+        if not requests and not limits:
+            return BEST_EFFORT
+        return GUARANTEED if guaranteed and requests == limits else BURSTABLE
     containers: Iterable[Mapping[str, Any]] = [
         *(spec.get("containers") or []),
         *(spec.get("initContainers") or []),
@@ -312,6 +353,10 @@ def pod_resource_config(
     guaranteed = qos == GUARANTEED
     cpu_declared = guaranteed or all(lims.get("cpu", 0) > 0 for lims in seen)
     memory_declared = guaranteed or all(lims.get("memory", 0) > 0 for lims in seen)
+    # A pod-level limit caps the Pod cgroup whatever its containers declare.
+    level_limits = pod_level(pod)[1]
+    cpu_declared = cpu_declared or level_limits.get("cpu", 0) > 0
+    memory_declared = memory_declared or level_limits.get("memory", 0) > 0
 
     quota = period = memory = None
     cpu_limit = limits.get("cpu", 0)
@@ -328,9 +373,19 @@ def pod_resource_config(
     )
 
 
-def container_resource_config(container: Mapping[str, Any], enforce_cpu_limits: bool = True) -> ResourceConfig:
-    """One container's own cgroup settings (kuberuntime calculateLinuxResources)."""
+def container_resource_config(
+    container: Mapping[str, Any], enforce_cpu_limits: bool = True, pod: Mapping[str, Any] | None = None
+) -> ResourceConfig:
+    """One container's own cgroup settings (kuberuntime calculateLinuxResources).
+
+    With `pod` and pod-level limits, a container without its own cpu/memory limit gets the
+    Pod-level one (kuberuntime getCPULimit/getMemoryLimit): it shares the Pod's budget.
+    """
     requests, limits = map(_to_ints, _container_resources(container))
+    if pod is not None:
+        for name, quantity in _to_ints(pod_level(pod)[1]).items():
+            if not limits.get(name):
+                limits[name] = quantity
     cpu_request, cpu_limit = requests.get("cpu", 0), limits.get("cpu", 0)
     # An explicit zero request with a limit still gets shares from the limit, as upstream.
     shares = milli_cpu_to_shares(cpu_request if cpu_request > 0 else cpu_limit)

@@ -55,6 +55,13 @@ class InvalidImageNameError(BackendError):
     reason = "InvalidImageName"
 
 
+class ResizeError(BackendError):
+    """A resize could not be applied yet (a memory limit below current usage, a failed write):
+    the Pod stays PodResizeInProgress with this message and the agent tries again."""
+
+    reason = "Error"
+
+
 class NotSupportedError(BackendError):
     """The backend does not offer this optional operation (exec on the emulated backend, say)."""
 
@@ -270,6 +277,12 @@ class Backend(abc.ABC):
         """Open a TCP connection to `port` on the Pod's loopback (inside its network namespace);
         returns an asyncio (StreamReader, StreamWriter) pair."""
         raise NotSupportedError(f"the {self.name} backend cannot forward ports")
+
+    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+        """Apply an admitted in-place resize to the running Pod: `before` and `after` are the Pod
+        with the resources in force and the allocated ones; `containers` are the running
+        containers to update in place. Raises ResizeError when it cannot be applied now."""
+        raise ResizeError(f"in-place resize is not supported by the {self.name} backend")
 
     def container_id(self, handle: ContainerHandle) -> str:
         return f"{self.name}://{handle.id}"

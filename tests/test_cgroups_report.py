@@ -367,3 +367,23 @@ def test_cli_without_pods(tmp_path: Path) -> None:
     assert empty.stdout == f"no Pods with cgroups in {tmp_path}\n"
     as_json = run_cli("--json", "--state-dir", str(tmp_path))
     assert json.loads(as_json.stdout) == []
+
+
+def test_breakdown_and_table_show_pod_level_resources() -> None:
+    pod = make_pod([ctr("a"), ctr("b")], overhead={"cpu": "250m", "memory": "120Mi"})
+    pod["spec"]["resources"] = {"limits": {"cpu": "1", "memory": "256Mi"}}
+    b = breakdown(pod)
+    assert b["pod_level"] == {
+        "requests": {"cpu": 1000, "memory": 256 * MI},
+        "limits": {"cpu": 1000, "memory": 256 * MI},
+    }
+    assert b["totals"]["limits"] == {"cpu": 1250, "memory": 376 * MI}
+    assert b["expected"]["v1"]["cpu.cfs_quota_us"] == "125000"
+    assert b["expected"]["v1"]["memory.limit_in_bytes"] == str(376 * MI)
+    assert b["notes"] == []
+    b.update(cgroup_path="/sys/fs/cgroup/memory/x", cgroup_version=1, values=None, differs=[], handler="procs")
+    text = format_table([b])
+    assert "pod-level (spec.resources)  1        1        256Mi    256Mi" in text
+    assert "total                       1250m    1250m    376Mi    376Mi" in text
+    assert "overhead                    250m     250m     120Mi    120Mi" in text
+    assert breakdown(worked_example())["pod_level"] is None

@@ -346,3 +346,84 @@ def test_pod_cgroup_parent_errors() -> None:
         pod_cgroup_parent(worked_example(), "lxc")
     with pytest.raises(ValueError, match="uid"):
         pod_cgroup_parent({"spec": {"containers": []}})
+
+
+# --- pod-level resources (spec.resources) -------------------------------------------------
+
+
+def pod_level_example() -> dict:
+    """The issue's worked example: Pod-level limits 1 CPU / 256Mi, two containers without limits,
+    RuntimeClass overhead 250m/120Mi."""
+    p = pod([ctr("a"), ctr("b")], overhead={"cpu": "250m", "memory": "120Mi"})
+    p["spec"]["resources"] = {"limits": {"cpu": "1", "memory": "256Mi"}}
+    return p
+
+
+def test_pod_level_limits_replace_the_aggregate_and_keep_the_overhead() -> None:
+    p = pod_level_example()
+    assert pod_limits(p) == {"cpu": 1250, "memory": 376 * MI}
+    # Requests default to the pod-level limits (no container requests anything), overhead on top.
+    assert pod_requests(p) == {"cpu": 1250, "memory": 376 * MI}
+    config = pod_resource_config(p)
+    assert (config.cpu_quota, config.cpu_period, config.memory_limit) == (125000, 100000, 376 * MI)
+    assert config.cpu_shares == 1280
+    assert config.v1_files()["memory.limit_in_bytes"] == str(394264576)
+    assert config.v2_files() == {
+        "cpu.weight": "49",
+        "cpu.max": "125000 100000",
+        "memory.max": "394264576",
+        "pids.max": "max",
+    }
+
+
+def test_pod_level_qos() -> None:
+    assert qos_class(pod_level_example()) == "Guaranteed"  # requests defaulted to the limits
+    p = pod_level_example()
+    p["spec"]["resources"]["requests"] = {"cpu": "500m", "memory": "256Mi"}
+    assert qos_class(p) == "Burstable"
+    only_cpu = pod([ctr("a", {"cpu": "1", "memory": "1Gi"}, {"cpu": "1", "memory": "1Gi"})])
+    only_cpu["spec"]["resources"] = {"limits": {"cpu": "1"}, "requests": {"cpu": "1"}}
+    assert qos_class(only_cpu) == "Burstable"  # pod-level values alone decide: no memory limit
+    p = pod_level_example()
+    p["status"] = {"qosClass": "Burstable"}
+    assert qos_class(p) == "Burstable"  # the API server's answer wins
+
+
+def test_pod_level_requests_replace_only_what_they_set() -> None:
+    p = pod([ctr("a", {"cpu": "100m", "memory": "64Mi"}), ctr("b", {"cpu": "200m"})])
+    p["spec"]["resources"] = {"requests": {"cpu": "1"}}
+    assert pod_requests(p) == {"cpu": 1000, "memory": 64 * MI}
+    # No limits anywhere: no quota, no memory cap.
+    config = pod_resource_config(p)
+    assert config.cpu_quota is None and config.memory_limit is None and config.cpu_shares == 1024
+
+
+def test_containers_without_limits_share_the_pod_level_budget() -> None:
+    p = pod_level_example()
+    p["spec"]["containers"][1]["resources"] = {"limits": {"cpu": "300m"}}
+    a = container_resource_config(p["spec"]["containers"][0], pod=p)
+    b = container_resource_config(p["spec"]["containers"][1], pod=p)
+    assert (a.cpu_quota, a.memory_limit, a.cpu_shares) == (100000, 256 * MI, 1024)
+    assert (b.cpu_quota, b.memory_limit) == (30000, 256 * MI)
+    # Without the pod, the container's own values only (as before).
+    assert container_resource_config(p["spec"]["containers"][0]).memory_limit is None
+
+
+def test_resize_order_and_infeasible_message() -> None:
+    from agent.resize import infeasible
+    from cgroups.resize import POD, resize_steps
+
+    small, big = (
+        ResourceConfig(cpu_shares=512, cpu_quota=75000, cpu_period=100000, memory_limit=100),
+        ResourceConfig(cpu_shares=1024, cpu_quota=125000, cpu_period=100000, memory_limit=50),
+    )
+    steps = resize_steps(small, big, {"main": ResourceConfig(cpu_quota=100000)})
+    # cpu grows: the Pod first with the new cpu but the old memory; memory shrinks: containers first.
+    assert [k for k, _ in steps] == [POD, "main", POD]
+    assert (steps[0][1].cpu_quota, steps[0][1].memory_limit) == (125000, 100)
+    assert steps[-1][1] == big
+    p = pod([ctr("a", {"cpu": "3"}, {"cpu": "3"})], overhead={"cpu": "250m"})
+    assert (
+        infeasible(p, {"cpu": "2", "memory": "1Gi"})
+        == "Node didn't have enough capacity: cpu, requested: 3250, capacity: 2000"
+    )

@@ -65,6 +65,9 @@ class EmulatedBackend(Backend):
 
     _ids = itertools.count(1)
 
+    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+        """Nothing to apply: an emulated Pod has no cgroups; the resize is state (status) only."""
+
     async def create_sandbox(self, pod: JSON) -> Sandbox:
         return Sandbox(id=f"sandbox-{pod['metadata']['uid']}", pod_uid=pod["metadata"]["uid"])
 

@@ -543,7 +543,7 @@ class OciBackend(Backend):
             rootfs=str(rootfs),
             hostname=record["hostname"],
             cgroups_path="/" + cgroup_rel,
-            resources=container_resource_config(container),
+            resources=container_resource_config(container, pod=pod),
             namespaces=PodNamespaces(network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"]),
             volumes=volumes,
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
-from cgroups.resources import container_resource_config, pod_resource_config
+from cgroups.resize import POD, memory_below_usage, resize_steps
+from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
 from runtimes.base import (
     JSON,
     Backend,
@@ -32,6 +33,7 @@ from runtimes.base import (
     ContainerHandle,
     CreateContainerConfigError,
     CreateContainerError,
+    ResizeError,
     RunContainerError,
     Sandbox,
     SandboxError,
@@ -228,7 +230,7 @@ class ProcessBackend(Backend):
         """The container's cgroup, made, and its OOM kill count so far (a restart reuses the
         cgroup): one thread hop for both, as a mass start makes many at once."""
         assert self.cgroups is not None
-        rel = self.cgroups.ensure_container(pod, name, container_resource_config(container))
+        rel = self.cgroups.ensure_container(pod, name, container_resource_config(container, pod=pod))
         try:
             return rel, self.cgroups.oom_kills(rel)
         except (CgroupError, OSError):
@@ -350,6 +352,57 @@ class ProcessBackend(Backend):
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec, state=state)
         handle.started_at = parse_time(state["started_at"])
         return handle
+
+    # --- in-place resize ---------------------------------------------------------------------------
+
+    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+        if self.cgroups is None:
+            raise ResizeError("no cgroups to resize")
+        await asyncio.to_thread(self._resize_cgroups, before, after, containers)
+        # `kubelet-emu cgroups` explains the values from this record: it follows the resize.
+        pod_dir = self.pods_dir / pod_dir_name(after)
+        record = {
+            "pod": after,
+            "handler": self.handler.name,
+            "backend": self.name,
+            "cgroup": self.cgroups.pod_path(after),
+        }
+        await asyncio.to_thread((pod_dir / "pod.json").write_text, json.dumps(record))
+
+    def _resize_cgroups(self, before: JSON, after: JSON, containers: list[str]) -> None:
+        manager = self.cgroups
+        assert manager is not None
+        pids = self.context.pod_pids_limit
+        specs = {c["name"]: c for c in after["spec"].get("containers") or []}
+        old_specs = {c["name"]: c for c in before["spec"].get("containers") or []}
+        pod_before, pod_after = pod_resource_config(before, pids), pod_resource_config(after, pids)
+        targets: dict[str, ResourceConfig] = {}
+        for name in containers:
+            new = container_resource_config(specs[name], pod=after)
+            old = container_resource_config(old_specs.get(name, specs[name]), pod=before)
+            rel = manager.container_path(after, name)
+            if new != old:
+                self._check_memory(rel, new.memory_limit, old.memory_limit, f"container {name}")
+                targets[name] = new
+        self._check_memory(manager.pod_path(after), pod_after.memory_limit, pod_before.memory_limit, "pod")
+        try:
+            for key, config in resize_steps(pod_before, pod_after, targets):
+                if key == POD:
+                    manager.ensure_pod(after, config)
+                else:
+                    manager.ensure_container(after, key, config)
+        except (CgroupError, OSError) as exc:
+            raise ResizeError(str(exc)) from exc
+
+    def _check_memory(self, rel: str, new: int | None, old: int | None, what: str) -> None:
+        if new is None or (old is not None and new >= old):
+            return
+        try:
+            usage = self.cgroups.usage(rel)["memory_usage_bytes"]  # type: ignore[union-attr]
+        except (CgroupError, OSError, KeyError):
+            return
+        if memory_below_usage(new, usage):
+            raise ResizeError(f"attempting to set {what} memory limit ({new}) below current usage ({usage})")
 
     async def exec(
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None
