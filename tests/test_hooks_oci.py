@@ -47,7 +47,7 @@ runtime_root = "{tmp_path / "runc"}"
     await wait_node_ready(kubectl, name)
     yield name
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--wait=true", "--timeout=90s",
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=true", "--timeout=90s",
         check=False,
     )  # fmt: skip
     await kubectl.run("delete", "runtimeclass", CLASS, check=False)

@@ -112,7 +112,7 @@ async def node(
         yield Node(name, agent, port, state)
     finally:
         await kubectl.run(
-            "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+            "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
             "--wait=true", "--timeout=60s", check=False,
         )  # fmt: skip
         if agent is not None:

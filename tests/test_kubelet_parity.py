@@ -78,7 +78,7 @@ async def node(kubectl, start_agent):
     await wait_node_ready(kubectl, name)
     yield name, agent
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
     )
 
 

@@ -196,7 +196,7 @@ async def test_api_server_outage_node_and_pods_recover_within_15s(kubectl, start
     finally:
         await proxy.close()
         await kubectl.run(
-            "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
+            "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
         )
 
 

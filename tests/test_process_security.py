@@ -62,7 +62,7 @@ async def node(kubectl, start_agent, tmp_path):
     await wait_node_ready(kubectl, name)
     yield name, agent, state
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
         "--wait=true", "--timeout=60s", check=False,
     )  # fmt: skip
 

@@ -716,7 +716,7 @@ async def process_node(kubectl, start_agent, tmp_path):
     manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
     yield SimpleNamespace(name=name, agent=agent, state=state, cgroups=manager, port=port, proxied=ip is not None)
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
         "--wait=true", "--timeout=60s", check=False,
     )  # fmt: skip
     # Stop the agent before killing what is left in the cgroups: a running agent would restart a

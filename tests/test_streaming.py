@@ -75,7 +75,7 @@ async def node(kubectl: Kubectl, start_agent) -> AsyncIterator[str]:  # type: ig
     yield name
     # Process containers outlive a stopped agent by design: delete the Pods while it runs.
     await kubectl.run(
-        "delete", "pods", "--all", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
         "--wait=true", "--timeout=60s", check=False,
     )  # fmt: skip
 
