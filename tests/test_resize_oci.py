@@ -185,3 +185,27 @@ async def test_runc_cpu_and_memory_increase_in_place(kubectl, node, cgroups, run
     print("conditions seen by a watch:", *seen, sep="\n  ")
     assert any("PodResizeInProgress" in line for line in seen), seen  # appeared, then cleared
     assert "PodResizeInProgress" not in seen[-1]
+
+
+async def test_runc_memory_increase_with_restart_container(kubectl, node, cgroups, runtime_class, busybox_ref):
+    name, runc_root = node
+    p = unique("rsz-runc-rst")
+    await kubectl.apply(resize_pod(p, name, runtime_class, busybox_ref, policy="RestartContainer"))
+    before = await eventually(lambda: running(kubectl, p), 60, what="Running")
+    ctr_rel = cgroups.container_path(before, "main")
+    old_id = before["status"]["containerStatuses"][0]["containerID"]
+    await patch_resize(kubectl, p, "500m", "256Mi")
+
+    async def restarted():
+        obj = await kubectl.get("pod", p)
+        cs = obj["status"]["containerStatuses"][0]
+        if cs["restartCount"] == 1 and "running" in cs["state"] and not condition(obj, "PodResizeInProgress"):
+            return cs
+        return None
+
+    cs = await eventually(restarted, 30, what="restartCount 1, running")
+    assert cs["containerID"] != old_id  # a new runc container, created with the allocated values
+    assert cgroups.read_values(ctr_rel)["memory.limit_in_bytes"] == str(256 * MI)
+    assert runc_state(runc_root, cs["containerID"].removeprefix("oci://"))["config"]["cgroups"]["memory"] == 256 * MI
+    assert cgroups.read_values(cgroups.pod_path(before))["memory.limit_in_bytes"] == str(376 * MI)
+    assert cs["resources"]["limits"] == {"cpu": "500m", "memory": "256Mi"}
