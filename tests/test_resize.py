@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -416,3 +417,43 @@ async def test_memory_increase_with_restart_container(kubectl, node, cgroups):
     await eventually(restarted, 20, what="restartCount 1, running")
     assert cgroups.read_values(ctr_rel)["memory.limit_in_bytes"] == str(256 * MI)
     assert cgroups.read_values(cgroups.pod_path(before))["memory.limit_in_bytes"] == str(376 * MI)
+
+
+async def test_cgroups_watch_shows_a_resize(kubectl, node, cgroups):
+    name, _, state = node
+    rc = await overhead_class(kubectl)
+    p = unique("p-watch")
+    await kubectl.apply(resize_pod(p, name, rc))
+    await eventually(lambda: running(kubectl, p), 20, what="Running")
+    config = state.parent / "watch.toml"
+    config.write_text(CONFIG)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "cgroups", "--watch", f"default/{p}",
+        "--state-dir", str(state), "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+
+    async def read_until(text: str) -> str:
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().rstrip()
+            assert line, "the watch ended"
+            lines.append(line)
+            if text in line:
+                return line
+
+    try:
+        first = await read_until(" main ")  # after the Pod cgroup's line
+        assert " (pod) " in lines[0] and "cfs=75000/100000 (750m)" in lines[0]  # 500m + 250m
+        assert "cfs=50000/100000 (500m)" in first and "memory=134217728 (128Mi)" in first
+        await patch_resize(kubectl, p, "1", "256Mi")
+        await read_until("cfs=125000/100000")  # the Pod cgroup, overhead included
+        await read_until("cfs=100000/100000")  # the container
+    finally:
+        proc.terminate()
+        await proc.wait()
+    print("\n" + "\n".join(lines))
+    changed = [line for line in lines[2:] if f"default/{p} " in line]
+    assert changed and all(re.match(r"\d\d:\d\d:\d\d\.\d{3}  ", line) for line in lines)
+    assert any("(pod)" in line and "memory=394264576 (376Mi)" in line for line in changed)  # 256Mi + 120Mi
