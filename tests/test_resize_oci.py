@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ pytestmark = [
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
 MI = 2**20
+REPO = Path(__file__).resolve().parent.parent
 
 
 def config(runc_root: Path) -> str:
@@ -70,6 +72,7 @@ async def runtime_class(cluster):
 async def node(kubectl, start_agent, tmp_path, cgroups, runtime_class):
     name = unique("emu-rszo")
     runc_root = tmp_path / "runc"
+    (tmp_path / "agent.toml").write_text(config(runc_root))
     agent = await start_agent(name, config(runc_root), state_dir=tmp_path / "state")
     await wait_node_ready(kubectl, name)
     yield name, runc_root
@@ -153,6 +156,15 @@ async def test_runc_cpu_and_memory_increase_in_place(kubectl, node, cgroups, run
 
     # A watch from before the patch: the conditions the agent writes while it applies the resize.
     watch = await watch_conditions(kubectl, p)
+    # ...and `kubelet-emu cgroups --watch`, as a user would follow it.
+    tmp = runc_root.parent
+    cgroups_watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "cgroups", "--watch", f"default/{p}", "--state-dir", str(tmp / "state"),
+        "--config", str(tmp / "agent.toml"), stdout=asyncio.subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert cgroups_watch.stdout is not None
+    printed = [(await asyncio.wait_for(cgroups_watch.stdout.readline(), 20)).decode() for _ in range(2)]
     start = await patch_resize(kubectl, p, "1", "256Mi")
 
     async def applied():
@@ -181,6 +193,11 @@ async def test_runc_cpu_and_memory_increase_in_place(kubectl, node, cgroups, run
     assert cs["restartCount"] == 0 and cs["state"]["running"]["startedAt"] == started
     assert cs["containerID"] == f"oci://{container_id}"
     assert cgroups.pids(ctr_rel) == pids  # the same process: nothing restarted
+    cgroups_watch.terminate()
+    printed += (await cgroups_watch.communicate())[0].decode().splitlines(keepends=True)
+    print("kubelet-emu cgroups --watch:\n" + "".join(printed))
+    assert "main  cpu.shares=512 cfs=50000/100000 (500m) memory=134217728 (128Mi)" in printed[1], printed
+    assert "cfs=100000/100000 (1) memory=268435456 (256Mi)" in printed[-1], printed
     seen = await watch.stop()
     print("conditions seen by a watch:", *seen, sep="\n  ")
     assert any("PodResizeInProgress" in line for line in seen), seen  # appeared, then cleared
