@@ -259,7 +259,7 @@ def format_value(name: str, value: str | None) -> str:
     return value
 
 
-def _cfs(values: Mapping[str, str | None]) -> str | None:
+def format_cfs(values: Mapping[str, str | None]) -> str | None:
     quota, period = values.get("cpu.cfs_quota_us"), values.get("cpu.cfs_period_us")
     if quota is None and period is None:
         return None
@@ -307,8 +307,8 @@ def _value_rows(report: Mapping[str, Any]) -> list[list[str]]:
         ]
     for label, files in names:
         if len(files) == 2:
-            live = "(cgroup gone)" if values is None else (_cfs(values) or "(missing)")
-            want = _cfs(expected) or "-"
+            live = "(cgroup gone)" if values is None else (format_cfs(values) or "(missing)")
+            want = format_cfs(expected) or "-"
         else:
             live, want = live_of(files[0]), format_value(files[0], expected.get(files[0]))
         marker = "<- differs" if differs.intersection(files) else ""

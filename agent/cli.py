@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--json", action="store_true", help="print JSON instead of tables")
     cg.add_argument("--state-dir", default=_default_state_dir(), help="the agent's state dir")
     cg.add_argument("--config", help="agent configuration (TOML): cgroup root, driver and pod_pids_limit")
+    cg.add_argument(
+        "--watch", action="store_true",
+        help="print the values in force in the Pod and container cgroups, then again with a timestamp on each change",
+    )  # fmt: skip
+    cg.add_argument("--interval", type=float, default=0.1, help="with --watch: seconds between reads (default 0.1)")
 
     doctor = sub.add_parser("doctor", help="check this host for what the configuration needs (like kubeadm preflight)")
     doctor.add_argument("--config", help="agent configuration (TOML); default: the built-in one")
@@ -194,6 +200,12 @@ def cmd_cgroups(args: argparse.Namespace) -> int:
         manager = CgroupManager(root=config.node.cgroup_root, driver=config.node.cgroup_driver)
     except (CgroupError, ValueError) as exc:
         return _fail(f"cgroups unavailable: {exc}")
+    if args.watch:
+        from agent.cgroups_watch import watch
+
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
+            watch(args.state_dir, manager, args.pod, args.interval, lambda line: print(line, flush=True))
+        return 0
     try:
         reports = collect(args.state_dir, manager, args.pod, config.node.pod_pids_limit)
     except OSError as exc:

@@ -191,11 +191,41 @@ async def demo(directory: Path, port: int) -> int:
             out, _ = await proc.communicate()
             _say(out.decode())
     await _show_boxed_web(cluster)
+    if os.geteuid() == 0 and config_arg:
+        await _show_resize(cluster, directory, config_arg)
     await _show_kubelet_api(cluster)
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"
     _say(f"Try:   {kubectl} get nodes,pods -o wide\n      {kubectl} describe pod <name>")
     _say(f"Stop:  kubelet-emu demo --down --dir {directory}")
     return 0
+
+
+async def _show_resize(cluster: manage.Cluster, directory: Path, config: Path) -> None:
+    """An in-place resize of the runc Pod, followed in its cgroups by `kubelet-emu cgroups --watch`."""
+    _say("5. In-place resize of boxed-web (runc) to 400m/64Mi: the cgroups change, the container keeps running")
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "cgroups", "--watch", "default/boxed-web",
+        "--state-dir", str(directory / "agent-state"), "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    try:
+        before = [await asyncio.wait_for(watch.stdout.readline(), 10) for _ in range(2)]  # Pod, container
+    except TimeoutError:
+        before = []
+    res = {"requests": {"cpu": "400m", "memory": "64Mi"}, "limits": {"cpu": "400m", "memory": "64Mi"}}
+    patch = json.dumps({"spec": {"containers": [{"name": "httpd", "resources": res}]}})
+    _, out = await _kubectl(cluster, "patch", "pod", "boxed-web", "--subresource", "resize", "-p", patch)
+    _say("   $ kubectl patch pod boxed-web --subresource resize -p '...'\n   " + out.strip())
+    await asyncio.sleep(2)
+    watch.terminate()
+    after, _ = await watch.communicate()
+    _say("   $ kubelet-emu cgroups --watch default/boxed-web   (Pod cgroup first, then the container)")
+    for line in [b.decode() for b in before] + after.decode().splitlines(keepends=True):
+        _say("   " + line.rstrip())
+    columns = "custom-columns=POD:.metadata.name,RESTARTS:.status.containerStatuses[0].restartCount,"
+    columns += "ALLOCATED:.status.containerStatuses[0].allocatedResources,CONDITIONS:.status.conditions[*].type"
+    _say((await _kubectl(cluster, "get", "pod", "boxed-web", "-o", columns))[1])
 
 
 def _fetch(url: str) -> str:

@@ -17,9 +17,8 @@ JSON = dict[str, Any]
 
 # Conditions this agent owns; any other (PodScheduled, readiness gates, DisruptionTarget) is kept.
 # The resize conditions are the agent's too (agent/resize.py adds them).
-OWNED_CONDITIONS = (
-    "PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodResizePending", "PodResizeInProgress",
-)  # fmt: skip
+RESIZE_CONDITIONS = ("PodResizePending", "PodResizeInProgress")
+OWNED_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", *RESIZE_CONDITIONS)
 
 
 @dataclass(slots=True)
@@ -373,5 +372,10 @@ def status_patch(status: JSON, pod: JSON) -> JSON:
             conds.append({"reason": None, "message": None, **c})
         elif c.get("type") not in held:
             conds.append(c)  # added by the agent: PodScheduled of a Pod bound by its nodeName
+    if (pod.get("metadata") or {}).get("generation", 1) > 1:
+        # A resized Pod (its spec changed): a resize condition that no longer applies must be
+        # deleted, as a merge by type would keep it. A no-op where the API holds none.
+        present = {c.get("type") for c in conds}
+        conds += [{"type": t, "$patch": "delete"} for t in RESIZE_CONDITIONS if t not in present]
     out["conditions"] = conds
     return out

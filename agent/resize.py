@@ -183,6 +183,9 @@ class Resizer:
                 self.pending = None
                 self.error = None
                 self._save()
+                self._event("Normal", "ResizeStarted", "Pod resize started")
+                # PodResizeInProgress goes out now, while the backend applies it (as the kubelet's).
+                worker.mark_dirty()
             else:
                 self.pending = decision
                 waiting = decision[0] == "Deferred"
@@ -206,10 +209,12 @@ class Resizer:
             for n in self.allocated
             if n in specs and _restart_needed(specs[n], self.actuated.get(n) or {}, self.allocated[n])
         ]
-        in_place = [n for n in worker.handles if n in self.allocated and n not in restart]
+        in_place = {n: h for n, h in worker.handles.items() if n in self.allocated and n not in restart}
         try:
             await backend.resize(sandbox, before, after, in_place)
         except BackendError as exc:
+            if self.error is None:  # once per attempt, not per retry (the usage in it changes)
+                self._event("Warning", "ResizeError", "Pod resize error", str(exc))
             self.error = ("Error", str(exc))
             return False
         # Recorded before the restarts: the new containers start with the allocated values,
@@ -217,11 +222,22 @@ class Resizer:
         self.actuated = self.allocated
         self.error = None
         self._save()
+        self._event("Normal", "ResizeCompleted", "Pod resize completed")
         for name in restart:
             handle = worker.handles.get(name)
             if handle is not None:
                 await backend.stop_container(handle, 0)
         return True
+
+    def _event(self, kind: str, reason: str, what: str, error: str | None = None) -> None:
+        """The kubelet's resize Events: what was allocated, as JSON after `what`."""
+        containers = [{"name": n, "resources": {k: v for k, v in r.items() if v}} for n, r in self.allocated.items()]
+        details: JSON = {"containers": containers, "generation": self.worker.pod["metadata"].get("generation")}
+        if error:
+            details["error"] = error
+        events = getattr(self.worker.host, "events", None)
+        if events is not None:
+            events.pod_event(self.worker.pod, kind, reason, f"{what}: {json.dumps(details, separators=(',', ':'))}")
 
     def container_spec(self, spec: JSON) -> JSON:
         """`spec` with the allocated cpu/memory, for a container about to be (re)created."""

@@ -53,7 +53,7 @@ def pod_status_summary(status: Mapping[str, Any]) -> int:
         sorted(
             (c.get("type", ""), c.get("status", ""))
             for c in status.get("conditions") or ()
-            if c.get("type") in OWNED_CONDITIONS
+            if c.get("type") in OWNED_CONDITIONS and "$patch" not in c  # a delete directive is not read back
         )
     )
     return hash(

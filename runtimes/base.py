@@ -278,10 +278,12 @@ class Backend(abc.ABC):
         returns an asyncio (StreamReader, StreamWriter) pair."""
         raise NotSupportedError(f"the {self.name} backend cannot forward ports")
 
-    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+    async def resize(
+        self, sandbox: Sandbox, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]
+    ) -> None:
         """Apply an admitted in-place resize to the running Pod: `before` and `after` are the Pod
-        with the resources in force and the allocated ones; `containers` are the running
-        containers to update in place. Raises ResizeError when it cannot be applied now."""
+        with the resources in force and the allocated ones; `containers` are the containers to
+        update in place, by name. Raises ResizeError when it cannot be applied now."""
         raise ResizeError(f"in-place resize is not supported by the {self.name} backend")
 
     def container_id(self, handle: ContainerHandle) -> str:

@@ -477,3 +477,19 @@ def test_oom_score_adj_kept_at_the_hosts_floor() -> None:
     best_effort = make(oom_score_adj_floor=0)
     best_effort.pod["spec"]["containers"] = [best_effort.container]
     assert build_spec(best_effort)["process"]["oomScoreAdj"] == 1000
+
+
+def test_update_resources_for_an_in_place_resize() -> None:
+    from cgroups.resources import ResourceConfig
+    from runtimes.oci.spec import update_resources
+
+    config = ResourceConfig(cpu_shares=1024, cpu_quota=100000, cpu_period=100000, memory_limit=256 * 2**20)
+    assert update_resources(config) == {
+        "cpu": {"shares": 1024, "quota": 100000, "period": 100000},
+        "memory": {"limit": 256 * 2**20, "swap": 256 * 2**20},
+    }
+    # A limit that goes away is written as -1 (unlimited): an absent field would keep the old one.
+    assert update_resources(ResourceConfig(cpu_shares=2)) == {
+        "cpu": {"shares": 2, "quota": -1, "period": 100000},
+        "memory": {"limit": -1, "swap": -1},
+    }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from runtimes.base import (
@@ -65,7 +66,9 @@ class EmulatedBackend(Backend):
 
     _ids = itertools.count(1)
 
-    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+    async def resize(
+        self, sandbox: Sandbox, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]
+    ) -> None:
         """Nothing to apply: an emulated Pod has no cgroups; the resize is state (status) only."""
 
     async def create_sandbox(self, pod: JSON) -> Sandbox:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cgroups.manager import CgroupError, CgroupManager
+from cgroups.resize import POD, MemoryBelowUsageError, plan_resize
 from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
 from common.logfmt import kv
 from runtimes.base import (
@@ -47,6 +48,7 @@ from runtimes.base import (
     ContainerHandle,
     CreateContainerConfigError,
     CreateContainerError,
+    ResizeError,
     RunContainerError,
     Sandbox,
     SandboxError,
@@ -57,7 +59,15 @@ from runtimes.container_env import EnvError, container_env, env_context
 from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
 from runtimes.oci.cgroups import remove_everywhere
 from runtimes.oci.seccomp import profile_type
-from runtimes.oci.spec import PodNamespaces, SpecInput, build_spec, hosts_file, pod_hostname, resolv_conf
+from runtimes.oci.spec import (
+    PodNamespaces,
+    SpecInput,
+    build_spec,
+    hosts_file,
+    pod_hostname,
+    resolv_conf,
+    update_resources,
+)
 from runtimes.oci.stream import AttachProcess, ExecProcess, connect_in_netns, exec_with_tty
 from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes
 from runtimes.private_files import private_dir, remove_tree, write_private
@@ -742,6 +752,43 @@ class OciBackend(Backend):
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
         handle.started_at = parse_time(started["started_at"])
         return handle
+
+    # --- in-place resize ---------------------------------------------------------------------------
+
+    async def resize(
+        self, sandbox: Sandbox, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]
+    ) -> None:
+        """The Pod cgroup through the CgroupManager, each running container through
+        `<runtime> update` (the runtime keeps its own record of the container's cgroup values),
+        in the kubelet's order. An exited container takes the new values when it restarts."""
+        if self.cgroups is None:
+            raise ResizeError("no cgroups to resize")
+        running = {name: h for name, h in containers.items() if not self._exited(h)}
+        try:
+            steps = await asyncio.to_thread(
+                plan_resize, self.cgroups, before, after, running, self.context.pod_pids_limit
+            )
+        except (MemoryBelowUsageError, CgroupError, OSError) as exc:
+            raise ResizeError(str(exc)) from exc
+        for key, config in steps:
+            if key == POD:
+                try:
+                    await asyncio.to_thread(self.cgroups.ensure_pod, after, config)
+                except (CgroupError, OSError) as exc:
+                    raise ResizeError(f"pod cgroup: {exc}") from exc
+            else:
+                await self._update(running[key], config)
+        # `kubelet-emu cgroups` explains the values from this record: it follows the resize.
+        record = {"pod": after, "handler": self.handler.name, "backend": self.name,
+                  "cgroup": self.cgroups.pod_path(after)}  # fmt: skip
+        await asyncio.to_thread(_write_atomic, self._pod_dir(after) / "pod.json", json.dumps(record))
+
+    async def _update(self, handle: ContainerHandle, config: ResourceConfig) -> None:
+        path = Path(handle.extra["run_dir"]) / "resources.json"
+        await asyncio.to_thread(_write_atomic, path, json.dumps(update_resources(config)))
+        code, out = await self._run("update", "--resources", str(path), handle.id)
+        if code != 0:
+            raise ResizeError(f"container {handle.name}: {self.runtime_path} update failed: {out}")
 
     # --- exec and streaming ------------------------------------------------------------------------
 

@@ -407,6 +407,16 @@ def linux_resources(config: ResourceConfig, privileged: bool) -> JSON:
     return resources
 
 
+def update_resources(config: ResourceConfig) -> JSON:
+    """The `<runtime> update --resources` input for an in-place resize: cpu and memory only (an
+    absent field is left as it is, so an unset limit is written as -1, unlimited)."""
+    cpu: JSON = {"quota": -1 if config.cpu_quota is None else config.cpu_quota, "period": config.cpu_period or 100000}
+    if config.cpu_shares is not None:
+        cpu["shares"] = config.cpu_shares
+    limit = -1 if config.memory_limit is None else config.memory_limit
+    return {"cpu": cpu, "memory": {"limit": limit, "swap": limit}}  # swap = limit: no swap, as at create
+
+
 def _seccomp(inp: SpecInput, caps: list[str]) -> JSON | None:
     kind, localhost = profile_type(inp.pod.get("spec", {}).get("securityContext") or {},
                                    inp.container.get("securityContext") or {})  # fmt: skip

@@ -19,13 +19,14 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
-from cgroups.resize import POD, memory_below_usage, resize_steps
-from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
+from cgroups.resize import POD, MemoryBelowUsageError, plan_resize
+from cgroups.resources import container_resource_config, pod_resource_config
 from runtimes.base import (
     JSON,
     Backend,
@@ -355,7 +356,9 @@ class ProcessBackend(Backend):
 
     # --- in-place resize ---------------------------------------------------------------------------
 
-    async def resize(self, sandbox: Sandbox, before: JSON, after: JSON, containers: list[str]) -> None:
+    async def resize(
+        self, sandbox: Sandbox, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]
+    ) -> None:
         if self.cgroups is None:
             raise ResizeError("no cgroups to resize")
         await asyncio.to_thread(self._resize_cgroups, before, after, containers)
@@ -369,40 +372,18 @@ class ProcessBackend(Backend):
         }
         await asyncio.to_thread((pod_dir / "pod.json").write_text, json.dumps(record))
 
-    def _resize_cgroups(self, before: JSON, after: JSON, containers: list[str]) -> None:
+    def _resize_cgroups(self, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]) -> None:
         manager = self.cgroups
         assert manager is not None
-        pids = self.context.pod_pids_limit
-        specs = {c["name"]: c for c in after["spec"].get("containers") or []}
-        old_specs = {c["name"]: c for c in before["spec"].get("containers") or []}
-        pod_before, pod_after = pod_resource_config(before, pids), pod_resource_config(after, pids)
-        targets: dict[str, ResourceConfig] = {}
-        for name in containers:
-            new = container_resource_config(specs[name], pod=after)
-            old = container_resource_config(old_specs.get(name, specs[name]), pod=before)
-            rel = manager.container_path(after, name)
-            if new != old:
-                self._check_memory(rel, new.memory_limit, old.memory_limit, f"container {name}")
-                targets[name] = new
-        self._check_memory(manager.pod_path(after), pod_after.memory_limit, pod_before.memory_limit, "pod")
         try:
-            for key, config in resize_steps(pod_before, pod_after, targets):
+            steps = plan_resize(manager, before, after, containers, self.context.pod_pids_limit)
+            for key, config in steps:
                 if key == POD:
                     manager.ensure_pod(after, config)
                 else:
                     manager.ensure_container(after, key, config)
-        except (CgroupError, OSError) as exc:
+        except (MemoryBelowUsageError, CgroupError, OSError) as exc:
             raise ResizeError(str(exc)) from exc
-
-    def _check_memory(self, rel: str, new: int | None, old: int | None, what: str) -> None:
-        if new is None or (old is not None and new >= old):
-            return
-        try:
-            usage = self.cgroups.usage(rel)["memory_usage_bytes"]  # type: ignore[union-attr]
-        except (CgroupError, OSError, KeyError):
-            return
-        if memory_below_usage(new, usage):
-            raise ResizeError(f"attempting to set {what} memory limit ({new}) below current usage ({usage})")
 
     async def exec(
         self, handle: ContainerHandle, command: list[str], timeout: float | None = None
