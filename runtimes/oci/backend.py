@@ -496,6 +496,26 @@ class OciBackend(Backend):
     async def create_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
     ) -> ContainerHandle:
+        return await self._create_container(sandbox, pod, container, restart_count)
+
+    async def create_ephemeral_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
+    ) -> ContainerHandle:
+        """As the kubelet asks containerd: with a target, the target container's pid namespace
+        (unless the Pod shares one, or the host's); the Pod's network, IPC and UTS as any container."""
+        target_pid = None
+        if target is not None:
+            state = target.extra.get("state") or {}
+            pid, ticks = state.get("pid"), state.get("start_ticks")
+            if not pid or not alive(pid, ticks) or self._exited(target):
+                where = self._where(pod, container["name"])
+                raise CreateContainerError(f"{where}: target container {target.name} is not running")
+            target_pid = f"/proc/{pid}/ns/pid"
+        return await self._create_container(sandbox, pod, container, 0, target_pid)
+
+    async def _create_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int, target_pid: str | None = None
+    ) -> ContainerHandle:
         name = container["name"]
         where = self._where(pod, name)
         pod_dir = self._pod_dir(pod)
@@ -544,7 +564,9 @@ class OciBackend(Backend):
             hostname=record["hostname"],
             cgroups_path="/" + cgroup_rel,
             resources=container_resource_config(container, pod=pod),
-            namespaces=PodNamespaces(network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"]),
+            namespaces=PodNamespaces(
+                network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"], target_pid=target_pid
+            ),
             volumes=volumes,
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
@@ -777,13 +799,24 @@ class OciBackend(Backend):
         if not command:
             raise RunContainerError("exec: empty command")
         if tty:
-            return await exec_with_tty(self.runtime, handle.id, command, stdin)
+            # containerd gives a TTY exec TERM=xterm; here only where the container sets no TERM.
+            env = () if await asyncio.to_thread(self._sets_term, handle) else ("TERM=xterm",)
+            return await exec_with_tty(self.runtime, handle.id, command, stdin, env)
         proc = await asyncio.create_subprocess_exec(
             *self.runtime, "exec", handle.id, *command,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         return ExecProcess(proc)
+
+    @staticmethod
+    def _sets_term(handle: ContainerHandle) -> bool:
+        """Whether the container's environment (image Env and its own, from its config.json) has TERM."""
+        try:
+            spec = json.loads((Path(handle.extra["run_dir"]) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return any(item.startswith("TERM=") for item in (spec.get("process") or {}).get("env") or ())
 
     async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
         """The container's output from now on (and its stdin, when the container has `stdin: true`),
@@ -796,10 +829,10 @@ class OciBackend(Backend):
         except OSError as exc:
             raise RunContainerError(f"container {handle.name} is not running: cannot attach ({exc})") from exc
 
-        async def exit_code() -> int:
-            return (await self.wait_container(handle)).exit_code
+        async def exited() -> None:
+            await self.wait_container(handle)
 
-        return AttachProcess(reader, writer, tty, stdin, exit_code)
+        return AttachProcess(reader, writer, tty, stdin, exited)
 
     async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
         if pod.get("spec", {}).get("hostNetwork") or not sandbox.netns:
