@@ -159,13 +159,14 @@ async def _run(worker: PodWorker, spec: JSON, rec: ContainerRecord, handle: Cont
 async def stop(worker: PodWorker, grace: float) -> None:
     """The Pod is over or going away: no ephemeral container starts any more; the running ones are
     stopped and their exits recorded (by their own tasks)."""
-    tasks = [t for t in (worker.ephemeral_tasks or {}).values() if t is not None and not t.done()]
+    tasks = {n: t for n, t in (worker.ephemeral_tasks or {}).items() if t is not None and not t.done()}
     worker.ephemeral_tasks = CLOSED
-    names = {rec.name for rec in worker.rec.ephemeral}
-    running = [(n, h) for n, h in list(worker.handles.items()) if n in names]
+    running = [(n, h) for n, h in list(worker.handles.items()) if n in tasks]
+    for name in tasks.keys() - {n for n, _ in running}:
+        tasks.pop(name).cancel()  # not started yet (pulling, backing off): nothing to stop
     if running:
         await asyncio.gather(*(worker._kill(n, h, grace) for n, h in running))
     if tasks:
-        await asyncio.wait(tasks, timeout=grace + 5)
-        for task in tasks:
+        await asyncio.wait(tasks.values(), timeout=grace + 5)
+        for task in tasks.values():
             task.cancel()
