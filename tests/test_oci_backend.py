@@ -534,6 +534,26 @@ async def test_attach_streams_output_and_stdin(backend: OciBackend) -> None:
         await backend.remove_container(handle)
 
 
+async def test_a_tty_container_gets_a_terminal_that_attach_drives_and_resizes(backend: OciBackend) -> None:
+    """`tty: true` (kubectl run -it, kubectl debug -it): the container's stdio is a terminal whose
+    master the shim holds; attach writes to it, reads its echo and output, and resizes it."""
+    container = {"name": "main", "image": "busybox", "command": ["sh"], "stdin": True, "tty": True}
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        client = await backend.attach(sandbox, handle, tty=True, stdin=True)
+        assert client.stderr is None
+        await client.resize(111, 33)
+        client.stdin.write(b"tty; echo T=$TERM; stty size; exit 6\n")
+        await client.stdin.drain()
+        out = await asyncio.wait_for(client.stdout.read(), 20)
+        assert b"/dev/pts/0" in out and b"T=xterm" in out and b"33 111" in out, out
+        assert await asyncio.wait_for(client.wait(), 10) == 0
+        assert (await backend.wait_container(handle)).exit_code == 6
+        await log_has(log_path(backend, pod), "T=xterm")  # the terminal's output is the log's stdout
+        await backend.remove_container(handle)
+
+
 async def test_port_forward_reaches_the_pod_loopback(backend: OciBackend) -> None:
     container = ctr("mkdir -p /www && echo pod-page > /www/index.html && httpd -f -p 127.0.0.1:8080 -h /www")
     pod = pod_of(container)

@@ -605,6 +605,7 @@ class OciBackend(Backend):
             "stdin": bool(container.get("stdin")),
             "stdin_once": bool(container.get("stdinOnce")),
             "attach_socket": self._attach_socket(container_id),
+            "console_socket": self._attach_socket(container_id, ".tty") if container.get("tty") else None,
         }
         (run_dir / "shim.json").write_text(json.dumps(shim_spec))
         state = await self._start_shim(run_dir, where)
@@ -613,14 +614,14 @@ class OciBackend(Backend):
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
         return handle
 
-    def _attach_socket(self, container_id: str) -> str:
-        """Where the shim serves attach: a root-only directory, a short name (unix socket paths
-        are limited to 107 bytes)."""
+    def _attach_socket(self, container_id: str, suffix: str = ".sock") -> str:
+        """Where the shim serves attach (and, with ".tty", receives a terminal from the runtime): a
+        root-only directory, a short name (unix socket paths are limited to 107 bytes)."""
         directory = Path(self.context.state_dir) / "attach"
         if len(str(directory)) > 80:
             directory = Path("/run/kubelet-emu/attach")
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return str(directory / (hashlib.sha256(container_id.encode()).hexdigest()[:20] + ".sock"))
+        return str(directory / (hashlib.sha256(container_id.encode()).hexdigest()[:20] + suffix))
 
     def _localhost_seccomp(self, pod: JSON, container: JSON, where: str) -> JSON | None:
         """A Localhost seccompProfile from the handler's `seccomp_dir` option (the kubelet's
@@ -728,7 +729,8 @@ class OciBackend(Backend):
             # Not raised: the Pod worker goes on; remove_sandbox tries again for every container.
             log.warning("runtime delete failed", extra=kv(container=handle.id, error=out))
         await self._release_rootfs(Path(handle.extra["run_dir"]))
-        Path(self._attach_socket(handle.id)).unlink(missing_ok=True)  # the shim's, had it died without cleaning up
+        for suffix in (".sock", ".tty"):  # the shim's, had it died without cleaning up
+            Path(self._attach_socket(handle.id, suffix)).unlink(missing_ok=True)
         with contextlib.suppress(OSError, ValueError):
             await asyncio.to_thread(remove_everywhere, handle.extra["cgroup"])
 
@@ -820,7 +822,8 @@ class OciBackend(Backend):
 
     async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
         """The container's output from now on (and its stdin, when the container has `stdin: true`),
-        through its shim. Containers run without a terminal: with `tty`, stderr comes merged."""
+        through its shim. A `tty: true` container has a terminal (resized through the shim); others
+        run without one, and with `tty` their stderr comes merged."""
         if stdin and not handle.extra["container"].get("stdin"):
             raise RunContainerError(f"container {handle.name}: cannot attach stdin: the container does not set stdin")
         path = self._attach_socket(handle.id)
@@ -832,7 +835,8 @@ class OciBackend(Backend):
         async def exited() -> None:
             await self.wait_container(handle)
 
-        return AttachProcess(reader, writer, tty, stdin, exited)
+        terminal = bool(handle.extra["container"].get("tty"))
+        return AttachProcess(reader, writer, tty, stdin, exited, terminal)
 
     async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
         if pod.get("spec", {}).get("hostNetwork") or not sandbox.netns:

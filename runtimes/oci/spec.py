@@ -458,7 +458,8 @@ def build_spec(inp: SpecInput) -> JSON:
         )
     caps = capabilities(sc, privileged)
     process: JSON = {
-        "terminal": False,  # the shim owns the container's stdio through pipes
+        # The shim owns the container's stdio: pipes, or with `tty: true` the terminal's master.
+        "terminal": bool(container.get("tty")),
         "user": resolve_user(inp),
         "args": argv,
         "env": merge_env(inp.image_config.get("Env") or [], inp.env, inp.hostname, bool(container.get("tty"))),

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtimes.base import StreamingProcess
-from runtimes.oci.attach import CLOSE_STDIN, HEADER, STDIN, STDOUT, frame
+from runtimes.oci.attach import CLOSE_STDIN, HEADER, RESIZE, SIZE, STDIN, STDOUT, frame
 
 CLONE_NEWNET = 0x40000000
 
@@ -163,9 +163,10 @@ class AttachProcess(StreamingProcess):
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tty: bool, stdin: bool,
-        exited: Callable[[], Awaitable[None]],
+        exited: Callable[[], Awaitable[None]], terminal: bool = False,
     ):  # fmt: skip
         self._reader, self._writer, self._exited = reader, writer, exited
+        self._terminal = terminal  # the container has a terminal the shim can resize
         self.stdout = asyncio.StreamReader()
         self.stderr = None if tty else asyncio.StreamReader()
         self.stdin: Any = _FrameWriter(writer) if stdin else None
@@ -190,7 +191,9 @@ class AttachProcess(StreamingProcess):
         return 0
 
     async def resize(self, width: int, height: int) -> None:
-        """Containers run without a terminal here: nothing to resize."""
+        """The container's terminal, when it has one (`tty: true`), takes the client's size."""
+        if self._terminal and 0 < width < 65536 and 0 < height < 65536 and not self._writer.is_closing():
+            self._writer.write(frame(RESIZE, SIZE.pack(width, height)))
 
     async def kill(self) -> None:
         """Detach (the client went away); the container keeps running."""
