@@ -12,15 +12,19 @@ against a real control plane, real kubectl, real runc and real process container
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import pty
 import shutil
+import signal
+import termios
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import Kubectl, eventually, wait_node_ready
+from helpers import read_pty_until, set_winsize
 
 from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
@@ -261,3 +265,43 @@ async def test_kubectl_run_rm_prints_once_and_returns_the_exit_code(kubectl, nod
         return await kubectl.get("pod", "oneshot") is None
 
     await eventually(gone, 30, what="oneshot deleted by --rm")
+
+
+@pytest.mark.parametrize("backend", ["runc", "process"])
+async def test_kubectl_debug_it_gives_a_terminal(kubectl, node, busybox_ref, backend):
+    """What a user types: `kubectl debug -it POD --image=... --target=main -- sh` on a terminal. The
+    ephemeral container has `tty: true`, so its shell runs on a terminal of the terminal's size."""
+    name, *_ = node
+    runtime_class, image = (ISOLATED, busybox_ref) if backend == "runc" else (PROCS, "host")
+    pod_name = f"tty-{backend}"
+    await kubectl.apply(pod(pod_name, name, runtime_class, {"image": image, "command": ["sleep", "3600"]}))
+    await eventually(lambda: running(kubectl, pod_name), 60, what=f"{pod_name} Running")
+    argv, env = manage.kubectl_argv(
+        kubectl.cluster, ["debug", "-it", pod_name, f"--image={image}", "-c", "dbg", "--target=main", "--", "sh"]
+    )
+    master, slave = pty.openpty()
+    set_winsize(slave, 33, 111)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env={**env, "TERM": "dumb"}, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        await read_pty_until(master, r"[Ee]nter|\$ |# ", 60)  # kubectl's hint, or the shell's prompt
+        os.write(master, b"[ -t 0 ] && echo IS-A-$((6*7)); stty size; echo T=$TERM\n")
+        out = await read_pty_until(master, r"T=\w+", 20)
+        assert "IS-A-42" in out and "33 111" in out and "T=xterm" in out, out
+        set_winsize(master, 40, 132)  # the user's terminal is resized: kubectl sends it on
+        os.kill(proc.pid, signal.SIGWINCH)
+        await asyncio.sleep(0.5)
+        os.write(master, b"stty size\n")
+        await read_pty_until(master, r"40 132", 10)
+        os.write(master, b"exit 3\n")
+        assert await asyncio.wait_for(proc.wait(), 20) == 0  # attach ends with success (the kubelet's)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+    done = await eventually(lambda: terminated(kubectl, pod_name, "dbg"), 30, what="dbg terminated")
+    assert done["state"]["terminated"]["exitCode"] == 3 and done["restartCount"] == 0, done

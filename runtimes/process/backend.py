@@ -215,6 +215,7 @@ class ProcessBackend(Backend):
             "netns": sandbox.netns,
             "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
             "stdin_once": bool(container.get("stdinOnce")),
+            "tty": bool(container.get("tty")),  # a terminal as stdio, held by the shim
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
