@@ -27,6 +27,7 @@ class ContainerRecord:
     image: str
     init: bool = False
     sidecar: bool = False  # an init container with restartPolicy Always
+    ephemeral: bool = False  # a spec.ephemeralContainers entry (kubectl debug): never restarted, never ready
     state: str = "waiting"  # waiting | running | terminated
     reason: str | None = "ContainerCreating"
     message: str | None = None
@@ -60,7 +61,7 @@ class ContainerRecord:
         self.startup_passed = not startup_probe
         # A regular init container is ready only once it has succeeded (the kubelet's prober
         # manager); a sidecar is ready like an app container.
-        self.ready = not readiness_probe and not startup_probe and not (self.init and not self.sidecar)
+        self.ready = not (readiness_probe or startup_probe or self.ephemeral or (self.init and not self.sidecar))
         self.has_started = True
 
     def terminated(
@@ -107,6 +108,8 @@ class ContainerRecord:
             "state": state,
             "lastState": {"terminated": self.last_terminated} if self.last_terminated else {},
         }
+        if self.ephemeral:
+            del out["started"]  # the kubelet's prober sets it for init and app containers only
         if self.container_id:
             out["containerID"] = self.container_id
         return out
@@ -131,6 +134,8 @@ class PodRecord:
     sandbox_ready: bool = False
     pod_ips: tuple[str, ...] = ()
     transitions: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    # One per spec.ephemeralContainers entry; a tuple, as almost every Pod has none.
+    ephemeral: tuple[ContainerRecord, ...] = ()
 
     @classmethod
     def for_pod(cls, pod: JSON, host_ip: str, qos_class: str) -> PodRecord:
@@ -152,7 +157,7 @@ class PodRecord:
             ContainerRecord(name=c["name"], image=c.get("image", ""), reason=waiting)
             for c in spec.get("containers") or []
         ]
-        return cls(
+        record = cls(
             uid=pod["metadata"]["uid"],
             host_ip=host_ip,
             qos_class=qos_class,
@@ -160,9 +165,29 @@ class PodRecord:
             containers=apps,
             restart_policy=spec.get("restartPolicy", "Always"),
         )
+        record.add_ephemeral(spec)
+        return record
+
+    def add_ephemeral(self, spec: JSON) -> list[ContainerRecord]:
+        """Records for the spec's ephemeral containers not known yet (the list only grows: the
+        API server refuses removals); returns the new ones."""
+        known = {c.name for c in self.ephemeral}
+        # convertToAPIContainerStatuses' default waiting reason, as for the other containers.
+        waiting = "PodInitializing" if spec.get("initContainers") else "ContainerCreating"
+        new = [
+            ContainerRecord(name=c["name"], image=c.get("image", ""), ephemeral=True, reason=waiting)
+            for c in spec.get("ephemeralContainers") or ()
+            if c["name"] not in known
+        ]
+        if new:
+            self.ephemeral = (*self.ephemeral, *new)
+        return new
 
     def container(self, name: str) -> ContainerRecord:
         for rec in self.init_containers + self.containers:
+            if rec.name == name:
+                return rec
+        for rec in self.ephemeral:
             if rec.name == name:
                 return rec
         raise KeyError(name)
@@ -327,6 +352,8 @@ def build_status(pod: JSON, rec: PodRecord, now: datetime) -> JSON:
     }
     if rec.init_containers:
         status["initContainerStatuses"] = [c.to_json() for c in rec.init_containers]
+    if rec.ephemeral:
+        status["ephemeralContainerStatuses"] = [c.to_json() for c in rec.ephemeral]
     if rec.start_time:
         status["startTime"] = rfc3339(rec.start_time)
     ips = rec.pod_ips or ((rec.host_ip,) if rec.sandbox_ready else ())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from agent import metrics
+from agent import ephemeral, metrics
 from agent.admission import NODE_AFFINITY, Rejection
 from agent.config import AgentConfig
 from agent.hooks import Exec as HookExec
@@ -94,8 +94,9 @@ class PodWorker:
     # Slots: thousands of workers live at once on a scale node.
     __slots__ = (
         "_corrected_at", "_deadline", "_flush_pending", "_last_written", "_override", "_recent_writes",
-        "_spent_sandbox", "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "gates", "gone",
-        "handler_name", "handles", "host", "key", "pod", "rec", "resizer", "sandbox", "task", "uid", "wake",
+        "_spent_sandbox", "_write_lock", "admitted", "adopted", "backend", "deletion_requested", "ephemeral_tasks",
+        "gates", "gone", "handler_name", "handles", "host", "key", "pod", "rec", "resizer", "sandbox", "task", "uid",
+        "wake",
     )  # fmt: skip
 
     def __init__(self, host: PodHost, pod: JSON):
@@ -128,6 +129,7 @@ class PodWorker:
         self._deadline: asyncio.Timeout | None = None  # activeDeadlineSeconds, while the Pod runs
         self.task: asyncio.Task[None] | None = None
         self.resizer: Resizer | None = resize_after_restart(self)
+        self.ephemeral_tasks: ephemeral.Tasks | None = None  # agent/ephemeral.py: None until the first one
 
     # --- inputs from the controller ------------------------------------------------------------
 
@@ -142,6 +144,8 @@ class PodWorker:
             foreign = [shared(c) for c in status.get("conditions") or () if c.get("type") not in OWNED_CONDITIONS]
             pod["status"] = {"phase": status.get("phase"), "conditions": foreign}
         previous, self.pod = self.pod, pod
+        if pod["spec"].get("ephemeralContainers"):
+            ephemeral.added(self)
         self.resizer = resize_on_update(self, previous, self.resizer)
         if gate_conditions(pod) != gates_before:
             self.mark_dirty()  # a readiness gate's condition changed: Ready follows it
@@ -329,6 +333,9 @@ class PodWorker:
         self._adoption_done()
         if self.deletion_requested.done():
             return  # run() stops what was adopted; nothing new starts for a Pod being deleted
+        # The kubelet starts ephemeral containers before init containers, so that a Pod whose init
+        # containers fail can be debugged too.
+        ephemeral.start_pending(self)
 
         background: list[asyncio.Task[Any]] = []
         try:
@@ -361,6 +368,7 @@ class PodWorker:
         finally:
             for task in background:
                 task.cancel()
+        await ephemeral.stop(self, self._grace())
         await self._stop_all(self._grace())
         self.rec.phase = self.rec.compute_phase()
         await self._release_sandbox()
@@ -448,6 +456,7 @@ class PodWorker:
                 extra=kv(pod=self.key, container=name, restart_count=restart_count),
             )
             self.mark_dirty()
+        await ephemeral.adopt(self, on_disk)
 
     async def _run_container(self, spec: JSON, rec: ContainerRecord) -> int:
         """Run one container until it is done for good; returns its last exit code."""
@@ -678,6 +687,7 @@ class PodWorker:
 
     async def _stop_and_collect(self, grace: float) -> None:
         """Stop every container, wait for its exit and record it."""
+        await ephemeral.stop(self, grace)
         handles = dict(self.handles)
         await self._stop_all(grace)
         if self.backend:

@@ -227,6 +227,18 @@ class Backend(abc.ABC):
     async def remove_container(self, handle: ContainerHandle) -> None:
         """Forget a stopped container. Must be idempotent."""
 
+    async def create_ephemeral_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
+    ) -> ContainerHandle:
+        """An ephemeral container (`kubectl debug`): `container` is its spec.ephemeralContainers
+        entry; `target` the running container its targetContainerName names (None: none named),
+        whose namespaces it shares as far as the backend can. Started with start_container and
+        never restarted. Backends that cannot run one keep this default: the agent shows the
+        message in the container's waiting state."""
+        raise NotSupportedError(
+            f"the {self.name} backend of handler {self.handler.name!r} cannot run ephemeral containers"
+        )
+
     async def adopt_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, status: JSON
     ) -> ContainerHandle | None:

@@ -524,11 +524,33 @@ async def test_attach_streams_output_and_stdin(backend: OciBackend) -> None:
         client.stdin.close()  # stdinOnce: the container's stdin closes with the first client's
         await client.stdin.drain()
         assert await asyncio.wait_for(client.stdout.read(), 10) == b"bye\n"
-        assert await asyncio.wait_for(client.wait(), 10) == 5
+        # Attach ends with success whatever the code (the kubelet's); the code is the status's.
+        assert await asyncio.wait_for(client.wait(), 10) == 0
+        assert (await backend.wait_container(handle)).exit_code == 5
         await watcher.kill()
         await log_has(log_path(backend, pod), "got one")
         with pytest.raises(RunContainerError, match="not running"):
             await backend.attach(sandbox, handle, tty=False, stdin=False)
+        await backend.remove_container(handle)
+
+
+async def test_a_tty_container_gets_a_terminal_that_attach_drives_and_resizes(backend: OciBackend) -> None:
+    """`tty: true` (kubectl run -it, kubectl debug -it): the container's stdio is a terminal whose
+    master the shim holds; attach writes to it, reads its echo and output, and resizes it."""
+    container = {"name": "main", "image": "busybox", "command": ["sh"], "stdin": True, "tty": True}
+    pod = pod_of(container)
+    async with sandbox_of(backend, pod) as sandbox:
+        handle = await run(backend, sandbox, pod, container)
+        client = await backend.attach(sandbox, handle, tty=True, stdin=True)
+        assert client.stderr is None
+        await client.resize(111, 33)
+        client.stdin.write(b"tty; echo T=$TERM; stty size; exit 6\n")
+        await client.stdin.drain()
+        out = await asyncio.wait_for(client.stdout.read(), 20)
+        assert b"/dev/pts/0" in out and b"T=xterm" in out and b"33 111" in out, out
+        assert await asyncio.wait_for(client.wait(), 10) == 0
+        assert (await backend.wait_container(handle)).exit_code == 6
+        await log_has(log_path(backend, pod), "T=xterm")  # the terminal's output is the log's stdout
         await backend.remove_container(handle)
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from agent.admission import NODE_AFFINITY, Rejection
 from agent.config import AgentConfig, NodeSettings
 from agent.pod_worker import PodHost, PodWorker, Unresolved
+from runtimes.base import Backend, BackendContext
+from runtimes.emulated.backend import EmulatedBackend
+from runtimes.handler import Handler
 
 JSON = dict[str, Any]
 
@@ -139,5 +143,111 @@ async def test_a_node_affinity_refusal_is_decided_again_on_the_node_read_afresh(
     await asyncio.wait_for(host.written.wait(), 5)
     assert host.node_rereads == 1
     assert host.statuses[-1]["status"]["reason"] == "OutOfcpu"
+    worker.object_deleted()
+    await asyncio.wait_for(worker.task, 5)
+
+
+# --- ephemeral containers (issue 20): the worker's part, on the emulated backend ------------------
+
+
+class EmulatedHost(FakeHost):
+    status_corrections = 0
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__()
+        self.backend = backend
+
+    async def resolve(self, pod: JSON) -> Any:
+        return "h", self.backend
+
+
+class NoDebugBackend(EmulatedBackend):
+    """A backend that never learnt ephemeral containers: the base class's answer."""
+
+    create_ephemeral_container = Backend.create_ephemeral_container  # type: ignore[assignment]
+
+
+def emulated_backend(cls: type[EmulatedBackend] = EmulatedBackend) -> EmulatedBackend:
+    return cls(Handler("h", "emulated"), BackendContext(node_name="n", state_dir=Path("/nonexistent"),
+                                                        pods_dir=Path("/nonexistent")))  # fmt: skip
+
+
+async def _status_where(host: FakeHost, check: Any, timeout: float = 5) -> JSON:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for patch in reversed(host.statuses):
+            if check(patch["status"]):
+                return patch["status"]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no status written matches; last: {host.statuses[-1:]}")
+
+
+def _debugged(host: FakeHost, pod: JSON, **extra: Any) -> JSON:
+    """The Pod as the watch brings it once an ephemeral container was added: our last status echoed."""
+    pod = json.loads(json.dumps(pod))
+    pod["status"] = host.statuses[-1]["status"]
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "busybox", "targetContainerName": "c", **extra}]
+    return pod
+
+
+def _ephemeral(status: JSON) -> JSON | None:
+    return next(iter(status.get("ephemeralContainerStatuses") or []), None)
+
+
+async def test_an_ephemeral_container_runs_once_and_is_never_restarted() -> None:
+    pod = json.loads(json.dumps(POD))
+    pod["metadata"]["annotations"] = {
+        "emulated.kubelet-emu.io/exit-after.dbg": "100ms",
+        "emulated.kubelet-emu.io/exit-code.dbg": "2",
+    }
+    host = EmulatedHost(emulated_backend())
+    worker = PodWorker(host, pod)
+    worker.task = asyncio.create_task(worker.run())
+    await _status_where(host, lambda s: s.get("phase") == "Running")
+
+    worker.update(_debugged(host, pod))  # what the ephemeralcontainers subresource does to the spec
+    running = await _status_where(host, lambda s: "running" in (_ephemeral(s) or {}).get("state", {}))
+    assert _ephemeral(running)["ready"] is False and "started" not in _ephemeral(running)
+    done = await _status_where(host, lambda s: "terminated" in (_ephemeral(s) or {}).get("state", {}))
+    assert _ephemeral(done)["state"]["terminated"]["exitCode"] == 2 and _ephemeral(done)["restartCount"] == 0
+    assert done["phase"] == "Running" and done["containerStatuses"][0]["ready"] is True  # the Pod is not touched
+
+    writes = len(host.statuses)
+    worker.update(_debugged(host, pod))  # more updates of the same spec: nothing starts again
+    await asyncio.sleep(0.3)
+    assert [s for s in host.statuses[writes:] if "running" in (_ephemeral(s["status"]) or {}).get("state", {})] == []
+    assert [r for t, r, m in host.events.seen if r == "Started" and "dbg" in m] == ["Started"]
+    worker.object_deleted()
+    await asyncio.wait_for(worker.task, 5)
+
+
+async def test_a_backend_that_cannot_run_ephemeral_containers_says_so() -> None:
+    host = EmulatedHost(emulated_backend(NoDebugBackend))
+    worker = PodWorker(host, json.loads(json.dumps(POD)))
+    worker.task = asyncio.create_task(worker.run())
+    await _status_where(host, lambda s: s.get("phase") == "Running")
+    worker.update(_debugged(host, POD))
+    status = await _status_where(
+        host, lambda s: ((_ephemeral(s) or {}).get("state", {}).get("waiting") or {}).get("message")
+    )
+    waiting = _ephemeral(status)["state"]["waiting"]
+    assert waiting["reason"] == "CreateContainerError"
+    assert waiting["message"] == "the emulated backend of handler 'h' cannot run ephemeral containers"
+    worker.object_deleted()
+    await asyncio.wait_for(worker.task, 5)
+
+
+async def test_an_ephemeral_container_whose_target_is_not_running_waits_with_the_reason() -> None:
+    host = EmulatedHost(emulated_backend())
+    worker = PodWorker(host, json.loads(json.dumps(POD)))
+    worker.task = asyncio.create_task(worker.run())
+    await _status_where(host, lambda s: s.get("phase") == "Running")
+    worker.update(_debugged(host, POD, targetContainerName="gone"))
+    status = await _status_where(
+        host, lambda s: ((_ephemeral(s) or {}).get("state", {}).get("waiting") or {}).get("message")
+    )
+    assert _ephemeral(status)["state"]["waiting"] == {
+        "reason": "CreateContainerError", "message": "target container 'gone' is not running",
+    }  # fmt: skip
     worker.object_deleted()
     await asyncio.wait_for(worker.task, 5)

@@ -101,6 +101,12 @@ class EmulatedBackend(Backend):
         handle.extra.update(exit_after=seconds, exit_code=code, stopped=stopped, stop_code=None)
         return handle
 
+    async def create_ephemeral_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
+    ) -> ContainerHandle:
+        """Reported running, like any emulated container (the exit-after annotations apply by name)."""
+        return await self.create_container(sandbox, pod, container, 0)
+
     async def start_container(self, handle: ContainerHandle) -> None:
         handle.started_at = datetime.now(UTC)
 

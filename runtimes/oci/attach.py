@@ -2,7 +2,8 @@
 
 Frames both ways: 1 byte type, 4 bytes big-endian length, payload. The shim sends STDOUT and
 STDERR as the container writes them (the CRI log gets them too); a client sends STDIN data,
-CLOSE_STDIN when its input ends. With the container's `stdinOnce`, its stdin closes when the
+CLOSE_STDIN when its input ends, and RESIZE (width, height: two big-endian 16-bit numbers) for a
+container with a terminal. With the container's `stdinOnce`, its stdin closes when the
 first client that wrote to it goes away, as the kubelet documents. Standard library only on
 the shim side (AttachHub, no asyncio: the shim stays small); the agent's client is
 runtimes/oci/stream.py AttachProcess.
@@ -16,9 +17,11 @@ import os
 import selectors
 import socket
 import struct
+from collections.abc import Callable
 
-STDIN, STDOUT, STDERR, CLOSE_STDIN = 0, 1, 2, 3
+STDIN, STDOUT, STDERR, CLOSE_STDIN, RESIZE = 0, 1, 2, 3, 4
 HEADER = struct.Struct(">BI")
+SIZE = struct.Struct(">HH")  # RESIZE payload: width, height
 MAX_FRAME = 1 << 20
 SEND_TIMEOUT = 1.0  # a client that does not read for this long is dropped, so logs never stall
 
@@ -34,8 +37,12 @@ class AttachHub:
     """Accepts clients on `path`, fans the container's output out to them and feeds their input
     to the container's stdin (a non-blocking pipe, buffered here when the container is slow)."""
 
-    def __init__(self, sel: selectors.BaseSelector, path: str, stdin_fd: int | None, stdin_once: bool):
+    def __init__(
+        self, sel: selectors.BaseSelector, path: str, stdin_fd: int | None, stdin_once: bool,
+        on_resize: Callable[[int, int], None] | None = None,
+    ):  # fmt: skip
         self.sel, self.path, self.stdin_fd, self.stdin_once = sel, path, stdin_fd, stdin_once
+        self.on_resize = on_resize  # a container with a terminal: set its window size
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -84,6 +91,8 @@ class AttachHub:
                 self._stdin(payload)
             elif kind == CLOSE_STDIN and self.stdin_once:
                 self._close_stdin()
+            elif kind == RESIZE and self.on_resize is not None and size == SIZE.size:
+                self.on_resize(*SIZE.unpack(payload))
 
     def _stdin(self, data: bytes) -> None:
         if self.stdin_fd is None:

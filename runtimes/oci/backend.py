@@ -506,6 +506,26 @@ class OciBackend(Backend):
     async def create_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
     ) -> ContainerHandle:
+        return await self._create_container(sandbox, pod, container, restart_count)
+
+    async def create_ephemeral_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
+    ) -> ContainerHandle:
+        """As the kubelet asks containerd: with a target, the target container's pid namespace
+        (unless the Pod shares one, or the host's); the Pod's network, IPC and UTS as any container."""
+        target_pid = None
+        if target is not None:
+            state = target.extra.get("state") or {}
+            pid, ticks = state.get("pid"), state.get("start_ticks")
+            if not pid or not alive(pid, ticks) or self._exited(target):
+                where = self._where(pod, container["name"])
+                raise CreateContainerError(f"{where}: target container {target.name} is not running")
+            target_pid = f"/proc/{pid}/ns/pid"
+        return await self._create_container(sandbox, pod, container, 0, target_pid)
+
+    async def _create_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int, target_pid: str | None = None
+    ) -> ContainerHandle:
         name = container["name"]
         where = self._where(pod, name)
         pod_dir = self._pod_dir(pod)
@@ -554,7 +574,9 @@ class OciBackend(Backend):
             hostname=record["hostname"],
             cgroups_path="/" + cgroup_rel,
             resources=container_resource_config(container, pod=pod),
-            namespaces=PodNamespaces(network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"]),
+            namespaces=PodNamespaces(
+                network=ns["network"], ipc=ns["ipc"], uts=ns["uts"], pid=ns["pid"], target_pid=target_pid
+            ),
             volumes=volumes,
             etc_files={f"/etc/{n}": str(pod_dir / "etc" / n) for n in ("hosts", "hostname", "resolv.conf")},
             # hostIPC: the node's /dev/shm, as the kubelet gives such Pods.
@@ -593,6 +615,7 @@ class OciBackend(Backend):
             "stdin": bool(container.get("stdin")),
             "stdin_once": bool(container.get("stdinOnce")),
             "attach_socket": self._attach_socket(container_id),
+            "console_socket": self._attach_socket(container_id, ".tty") if container.get("tty") else None,
         }
         (run_dir / "shim.json").write_text(json.dumps(shim_spec))
         state = await self._start_shim(run_dir, where)
@@ -601,14 +624,14 @@ class OciBackend(Backend):
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, state=state, cgroup=cgroup_rel)
         return handle
 
-    def _attach_socket(self, container_id: str) -> str:
-        """Where the shim serves attach: a root-only directory, a short name (unix socket paths
-        are limited to 107 bytes)."""
+    def _attach_socket(self, container_id: str, suffix: str = ".sock") -> str:
+        """Where the shim serves attach (and, with ".tty", receives a terminal from the runtime): a
+        root-only directory, a short name (unix socket paths are limited to 107 bytes)."""
         directory = Path(self.context.state_dir) / "attach"
         if len(str(directory)) > 80:
             directory = Path("/run/kubelet-emu/attach")
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return str(directory / (hashlib.sha256(container_id.encode()).hexdigest()[:20] + ".sock"))
+        return str(directory / (hashlib.sha256(container_id.encode()).hexdigest()[:20] + suffix))
 
     def _localhost_seccomp(self, pod: JSON, container: JSON, where: str) -> JSON | None:
         """A Localhost seccompProfile from the handler's `seccomp_dir` option (the kubelet's
@@ -716,7 +739,8 @@ class OciBackend(Backend):
             # Not raised: the Pod worker goes on; remove_sandbox tries again for every container.
             log.warning("runtime delete failed", extra=kv(container=handle.id, error=out))
         await self._release_rootfs(Path(handle.extra["run_dir"]))
-        Path(self._attach_socket(handle.id)).unlink(missing_ok=True)  # the shim's, had it died without cleaning up
+        for suffix in (".sock", ".tty"):  # the shim's, had it died without cleaning up
+            Path(self._attach_socket(handle.id, suffix)).unlink(missing_ok=True)
         with contextlib.suppress(OSError, ValueError):
             await asyncio.to_thread(remove_everywhere, handle.extra["cgroup"])
 
@@ -824,7 +848,9 @@ class OciBackend(Backend):
         if not command:
             raise RunContainerError("exec: empty command")
         if tty:
-            return await exec_with_tty(self.runtime, handle.id, command, stdin)
+            # containerd gives a TTY exec TERM=xterm; here only where the container sets no TERM.
+            env = () if await asyncio.to_thread(self._sets_term, handle) else ("TERM=xterm",)
+            return await exec_with_tty(self.runtime, handle.id, command, stdin, env)
         proc = await asyncio.create_subprocess_exec(
             *self.runtime, "exec", handle.id, *command,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
@@ -832,9 +858,19 @@ class OciBackend(Backend):
         )  # fmt: skip
         return ExecProcess(proc)
 
+    @staticmethod
+    def _sets_term(handle: ContainerHandle) -> bool:
+        """Whether the container's environment (image Env and its own, from its config.json) has TERM."""
+        try:
+            spec = json.loads((Path(handle.extra["run_dir"]) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return any(item.startswith("TERM=") for item in (spec.get("process") or {}).get("env") or ())
+
     async def attach(self, sandbox: Sandbox, handle: ContainerHandle, tty: bool, stdin: bool) -> StreamingProcess:
         """The container's output from now on (and its stdin, when the container has `stdin: true`),
-        through its shim. Containers run without a terminal: with `tty`, stderr comes merged."""
+        through its shim. A `tty: true` container has a terminal (resized through the shim); others
+        run without one, and with `tty` their stderr comes merged."""
         if stdin and not handle.extra["container"].get("stdin"):
             raise RunContainerError(f"container {handle.name}: cannot attach stdin: the container does not set stdin")
         path = self._attach_socket(handle.id)
@@ -843,10 +879,11 @@ class OciBackend(Backend):
         except OSError as exc:
             raise RunContainerError(f"container {handle.name} is not running: cannot attach ({exc})") from exc
 
-        async def exit_code() -> int:
-            return (await self.wait_container(handle)).exit_code
+        async def exited() -> None:
+            await self.wait_container(handle)
 
-        return AttachProcess(reader, writer, tty, stdin, exit_code)
+        terminal = bool(handle.extra["container"].get("tty"))
+        return AttachProcess(reader, writer, tty, stdin, exited, terminal)
 
     async def port_forward(self, sandbox: Sandbox, pod: JSON, port: int) -> tuple[Any, Any]:
         if pod.get("spec", {}).get("hostNetwork") or not sandbox.netns:

@@ -7,7 +7,9 @@ Started by the backend in its own session, so it and its container outlive an ag
 It makes the container's stdout/stderr pipes, runs `<runtime> create` with them as the
 container's stdio (the runtime passes them through to the container process), becomes the child
 subreaper so the container's init is re-parented to it when the runtime's create process exits,
-copies the pipes into the CRI log file, reaps the init and records its exit status.
+copies the pipes into the CRI log file, reaps the init and records its exit status. A container
+with `tty: true` gets a terminal instead: the runtime makes it and hands its master to the shim
+over a console socket (`--console-socket`), and the shim copies the master as the pipes.
 
 Files next to SPEC.json:
     state.json  {"pid", "start_ticks", "shim_pid", "shim_start_ticks", "created_at"} once created,
@@ -19,11 +21,16 @@ Files next to SPEC.json:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import selectors
 import signal
+import socket
+import struct
 import sys
+import termios
 import time
 
 from runtimes.crilog import CriLogWriter
@@ -36,8 +43,9 @@ DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a 
 def _create(spec: dict, out_w: int, err_w: int, in_r: int | None) -> tuple[int, str]:
     """Run `<runtime> create`; returns its exit status and what it logged on failure."""
     runtime_log = os.path.join(spec["dir"], "runtime.log")
+    console = ["--console-socket", spec["console_socket"]] if spec.get("console_socket") else []
     argv = [*spec["runtime"], "--log", runtime_log, "create", "--bundle", spec["bundle"],
-            "--pid-file", spec["pid_file"], spec["id"]]  # fmt: skip
+            "--pid-file", spec["pid_file"], *console, spec["id"]]  # fmt: skip
     pid = os.fork()
     if pid == 0:
         try:
@@ -72,6 +80,46 @@ def _runtime_message(lines: list[str]) -> str:
     return "; ".join(out)
 
 
+def _console_listener(path: str) -> socket.socket:
+    """Where the runtime sends the terminal's master (root only)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(1)
+    return server
+
+
+def _receive_master(server: socket.socket, path: str) -> int:
+    """The master the runtime sent during `create` (waiting in the socket's queue by now)."""
+    try:
+        server.settimeout(5.0)
+        conn, _ = server.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if not fds:
+        raise OSError("the runtime sent no terminal over the console socket")
+    return fds[0]
+
+
+def _read(fd: int) -> bytes | None:
+    """Data, b"" at the end (a terminal's master reads EIO once the container is gone), or None
+    when there is nothing after all (the master is non-blocking once attach stdin shares it)."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -81,12 +129,23 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    in_r, in_w = os.pipe() if spec.get("stdin") else (None, None)
+    tty = bool(spec.get("console_socket"))
+    in_r, in_w = os.pipe() if spec.get("stdin") and not tty else (None, None)
+    console = _console_listener(spec["console_socket"]) if tty else None
     code, message = _create(spec, out_w, err_w, in_r)
     os.close(out_w)
     os.close(err_w)
     if in_r is not None:
         os.close(in_r)
+    master = None
+    if console is not None:
+        if code == 0:
+            try:
+                master = _receive_master(console, spec["console_socket"])
+            except OSError as exc:
+                code, message = 1, f"no terminal from the runtime: {exc}"
+        else:
+            console.close()
     if code != 0:
         write_json(os.path.join(directory, "state.json"), {"error": message})
         return 1
@@ -106,10 +165,20 @@ def main(spec_path: str) -> int:
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ, "stdout")
     sel.register(err_r, selectors.EVENT_READ, "stderr")
-    hub = (
-        AttachHub(sel, spec["attach_socket"], in_w, bool(spec.get("stdin_once"))) if spec.get("attach_socket") else None
-    )
     open_fds = 2
+    on_resize = None
+    if master is not None:  # the terminal carries both streams, as stdout (the CRI log's way)
+        sel.register(master, selectors.EVENT_READ, "stdout")
+        open_fds += 1
+        in_w = os.dup(master) if spec.get("stdin") else None
+
+        def on_resize(width: int, height: int) -> None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    hub = None
+    if spec.get("attach_socket"):
+        hub = AttachHub(sel, spec["attach_socket"], in_w, bool(spec.get("stdin_once")), on_resize)
     status: int | None = None
     drain_until: float | None = None
     while True:
@@ -117,7 +186,9 @@ def main(spec_path: str) -> int:
             if key.data not in ("stdout", "stderr"):
                 key.data(mask)  # an attach client or the container's stdin
                 continue
-            data = os.read(key.fd, 65536)
+            data = _read(key.fd)
+            if data is None:
+                continue
             if data:
                 log.write(key.data, data)
                 if hub is not None:

@@ -73,6 +73,9 @@ class PodNamespaces:
     ipc: str | None = None
     uts: str | None = None
     pid: str | None = None  # joined only with shareProcessNamespace
+    # An ephemeral container's target (targetContainerName): that container's pid namespace,
+    # joined when the Pod shares none (the kubelet's NamespaceMode_TARGET).
+    target_pid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,11 @@ def process_args(container: Mapping[str, Any], image_config: Mapping[str, Any], 
     return argv
 
 
-def merge_env(image_env: Sequence[str], container_env: Sequence[tuple[str, str]], hostname: str) -> list[str]:
-    """KEY=VALUE list: PATH default, HOSTNAME, then the image's Env, then the container's (it wins)."""
+def merge_env(
+    image_env: Sequence[str], container_env: Sequence[tuple[str, str]], hostname: str, tty: bool = False
+) -> list[str]:
+    """KEY=VALUE list: PATH default, HOSTNAME, then the image's Env, then the container's (it wins);
+    a `tty: true` container gets TERM=xterm unless one of those sets TERM (containerd's WithTTY)."""
     merged: dict[str, str] = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname}
     for item in image_env:
         key, sep, value = item.partition("=")
@@ -136,6 +142,8 @@ def merge_env(image_env: Sequence[str], container_env: Sequence[tuple[str, str]]
             merged[key] = value if sep else ""
     for key, value in container_env:
         merged[key] = value
+    if tty:
+        merged.setdefault("TERM", "xterm")
     return [f"{k}={v}" for k, v in merged.items()]
 
 
@@ -370,12 +378,15 @@ def _volume_mounts(inp: SpecInput) -> list[JSON]:
 
 def namespaces(pod: Mapping[str, Any], ns: PodNamespaces) -> list[JSON]:
     """Each container gets its own mount namespace and (unless shareProcessNamespace) its own pid
-    namespace; network, IPC and UTS are the Pod's, or the host's with hostNetwork/hostIPC/hostPID."""
+    namespace, or its target's for an ephemeral container; network, IPC and UTS are the Pod's, or
+    the host's with hostNetwork/hostIPC/hostPID."""
     spec = pod.get("spec", {})
     out: list[JSON] = [{"type": "mount"}]
     if not spec.get("hostPID"):
         if spec.get("shareProcessNamespace") and ns.pid:
             out.append({"type": "pid", "path": ns.pid})
+        elif ns.target_pid:
+            out.append({"type": "pid", "path": ns.target_pid})
         else:
             out.append({"type": "pid"})
     if not spec.get("hostIPC"):
@@ -457,10 +468,11 @@ def build_spec(inp: SpecInput) -> JSON:
         )
     caps = capabilities(sc, privileged)
     process: JSON = {
-        "terminal": False,  # the shim owns the container's stdio through pipes
+        # The shim owns the container's stdio: pipes, or with `tty: true` the terminal's master.
+        "terminal": bool(container.get("tty")),
         "user": resolve_user(inp),
         "args": argv,
-        "env": merge_env(inp.image_config.get("Env") or [], inp.env, inp.hostname),
+        "env": merge_env(inp.image_config.get("Env") or [], inp.env, inp.hostname, bool(container.get("tty"))),
         "cwd": container.get("workingDir") or inp.image_config.get("WorkingDir") or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
         "noNewPrivileges": sc.get("allowPrivilegeEscalation") is False,

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtimes.base import StreamingProcess
-from runtimes.oci.attach import CLOSE_STDIN, HEADER, STDIN, STDOUT, frame
+from runtimes.oci.attach import CLOSE_STDIN, HEADER, RESIZE, SIZE, STDIN, STDOUT, frame
 
 CLONE_NEWNET = 0x40000000
 
@@ -92,10 +92,13 @@ class _PtyReaderProtocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
-async def exec_with_tty(runtime: list[str], container_id: str, command: list[str], stdin: bool) -> TtyExecProcess:
+async def exec_with_tty(
+    runtime: list[str], container_id: str, command: list[str], stdin: bool, env: tuple[str, ...] = ()
+) -> TtyExecProcess:
     """`<runtime> exec --tty` attached to a pty we own: the runtime copies between the container's
     pty and its own stdio (our pty's slave, its controlling terminal, put in raw mode by the
-    runtime) and resizes the container's pty on SIGWINCH, which resizing our master sends it."""
+    runtime) and resizes the container's pty on SIGWINCH, which resizing our master sends it.
+    `env`: KEY=VALUE added to the container's environment for this command (`--env`)."""
     loop = asyncio.get_running_loop()
     master, slave = os.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -106,7 +109,7 @@ async def exec_with_tty(runtime: list[str], container_id: str, command: list[str
 
     try:
         proc = await asyncio.create_subprocess_exec(
-            *runtime, "exec", "--tty", container_id, *command,
+            *runtime, "exec", "--tty", *(f"--env={item}" for item in env), container_id, *command,
             stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal,
         )  # fmt: skip
     finally:
@@ -154,13 +157,16 @@ class _FrameWriter:
 
 
 class AttachProcess(StreamingProcess):
-    """A client of the shim's attach socket; wait() is the container's exit code."""
+    """A client of the shim's attach socket. wait() returns 0 once the container exited, whatever
+    its exit code: the kubelet's attach reports Success when the streams end (the code is the
+    Pod status's business), so `kubectl run -i` reads it from there and does not fall back to logs."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tty: bool, stdin: bool,
-        wait: Callable[[], Awaitable[int]],
+        exited: Callable[[], Awaitable[None]], terminal: bool = False,
     ):  # fmt: skip
-        self._reader, self._writer, self._wait = reader, writer, wait
+        self._reader, self._writer, self._exited = reader, writer, exited
+        self._terminal = terminal  # the container has a terminal the shim can resize
         self.stdout = asyncio.StreamReader()
         self.stderr = None if tty else asyncio.StreamReader()
         self.stdin: Any = _FrameWriter(writer) if stdin else None
@@ -181,10 +187,13 @@ class AttachProcess(StreamingProcess):
                 self.stderr.feed_eof()
 
     async def wait(self) -> int:
-        return await self._wait()
+        await self._exited()
+        return 0
 
     async def resize(self, width: int, height: int) -> None:
-        """Containers run without a terminal here: nothing to resize."""
+        """The container's terminal, when it has one (`tty: true`), takes the client's size."""
+        if self._terminal and 0 < width < 65536 and 0 < height < 65536 and not self._writer.is_closing():
+            self._writer.write(frame(RESIZE, SIZE.pack(width, height)))
 
     async def kill(self) -> None:
         """Detach (the client went away); the container keeps running."""

@@ -175,6 +175,8 @@ class ProcessBackend(Backend):
         base_env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
         base_env["HOSTNAME"] = pod["metadata"]["name"]
         full_env = {**base_env, **env}
+        if container.get("tty"):
+            full_env.setdefault("TERM", "xterm")  # as containerd gives a `tty: true` container
 
         security = await asyncio.to_thread(resolve, pod, container, self.handler, self._hidden_paths())
         cdir = private_dir(self._container_dir(pod, name))
@@ -214,6 +216,7 @@ class ProcessBackend(Backend):
             "netns": sandbox.netns,
             "stdin_fifo": str(run_dir / "stdin") if container.get("stdin") else None,  # for attach -i
             "stdin_once": bool(container.get("stdinOnce")),
+            "tty": bool(container.get("tty")),  # a terminal as stdio, held by the shim
             "log_path": str(cdir / f"{restart_count}.log"),
             "log_max_size": self.context.log_max_size,
             "log_max_files": self.context.log_max_files,
@@ -226,6 +229,15 @@ class ProcessBackend(Backend):
         )
         handle.extra.update(run_dir=str(run_dir), pod=pod, container=container, spec=spec, oom_before=oom_before)
         return handle
+
+    async def create_ephemeral_container(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
+    ) -> ContainerHandle:
+        """A process container like the others. Every process container shares the host's pid
+        namespace (there is no per-Pod one on this backend), so the target's processes are visible
+        with or without targetContainerName; the Pod's network namespace and cgroup as any
+        container; a mount view and user of its own, from its own securityContext."""
+        return await self.create_container(sandbox, pod, container, 0)
 
     def _container_cgroup(self, pod: JSON, name: str, container: JSON) -> tuple[str, int]:
         """The container's cgroup, made, and its OOM kill count so far (a restart reuses the

@@ -217,6 +217,8 @@ async def exec_in_container(handle: ContainerHandle, command: list[str], tty: bo
 
 
 # --- attach: the container's output, as its shim writes it to the CRI log -------------------------
+# (a `tty: true` container's terminal output too: its shim logs it as stdout; input goes through the
+# stdin FIFO, which the shim copies to the terminal)
 
 
 class LogFollower(StreamingProcess):
@@ -273,6 +275,13 @@ class LogFollower(StreamingProcess):
             if self.stderr is not None:
                 self.stderr.feed_eof()
 
+    async def resize(self, width: int, height: int) -> None:
+        """A `tty: true` container's terminal takes the client's size, set through its slave (the
+        shim records which); containers without one have nothing to resize."""
+        path = (self.handle.extra.get("state") or {}).get("tty")
+        if path and str(path).startswith("/dev/pts/") and 0 < width < 65536 and 0 < height < 65536:
+            await asyncio.to_thread(_set_window_size, path, width, height)
+
     def _emit(self, record: bytes) -> None:
         try:
             _, stream, partial, message = parse_line(record)
@@ -296,6 +305,19 @@ class LogFollower(StreamingProcess):
         self._task.cancel()
         if self.stdin is not None:
             self.stdin.close()
+
+
+def _set_window_size(path: str, width: int, height: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # the container is gone
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class FifoStdin:

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import selectors
 import signal
 import sys
+import termios
 import time
 
 from network.netns import setns_fd
@@ -33,8 +36,9 @@ from runtimes.process.confine import confine
 from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
 
 
-def _child(spec: dict, out_w: int, err_w: int) -> None:
-    """In the forked child: become the container process, or exit 127/126 saying why."""
+def _child(spec: dict, out_w: int, err_w: int, tty: int | None = None) -> None:
+    """In the forked child: become the container process, or exit 127/126 saying why. With `tty`
+    (a terminal's slave) that terminal is its stdin, stdout, stderr and controlling terminal."""
     try:
         os.setsid()  # own session and process group: the agent signals the whole group
         for procs in spec.get("cgroup_procs", []):  # join the cgroup before exec, so all memory is charged there
@@ -49,10 +53,15 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
                 setns_fd(fd)  # os.setns is 3.12+
             finally:
                 os.close(fd)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        stdin = os.open(spec.get("stdin_fifo") or os.devnull, os.O_RDONLY)  # the FIFO attach -i writes to
-        os.dup2(stdin, 0)
+        if tty is not None:
+            for fd in (0, 1, 2):
+                os.dup2(tty, fd)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        else:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            stdin = os.open(spec.get("stdin_fifo") or os.devnull, os.O_RDONLY)  # the FIFO attach -i writes to
+            os.dup2(stdin, 0)
         os.closerange(3, 65536)
         security = spec.get("security")
         if security:  # mount view, user, capabilities, no_new_privs, seccomp: in that order, last before exec
@@ -72,6 +81,16 @@ def _child(spec: dict, out_w: int, err_w: int) -> None:
     except BaseException as exc:
         os.write(2, f"cannot start container: {exc}\n".encode())
         os._exit(126)
+
+
+def _read(fd: int) -> bytes:
+    """Data, or b"" at the end: a terminal's master reads EIO once every slave is closed."""
+    try:
+        return os.read(fd, 65536)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
 
 
 def _reap_orphans() -> None:
@@ -122,23 +141,26 @@ def main(spec_path: str) -> int:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     stdin_keeper = _open_stdin_fifo(spec)
+    # `tty: true`: a terminal, whose master the shim keeps (output to the log, the FIFO's input in).
+    master, slave = os.openpty() if spec.get("tty") else (None, None)
     pid = os.fork()
     if pid == 0:
         os.close(out_r)
         os.close(err_r)
-        _child(spec, out_w, err_w)
+        _child(spec, out_w, err_w, slave)
     os.close(out_w)
     os.close(err_w)
-    write_json(
-        os.path.join(directory, "state.json"),
-        {
-            "shim_pid": os.getpid(),
-            "shim_start_ticks": proc_start_ticks(os.getpid()),
-            "pid": pid,
-            "start_ticks": proc_start_ticks(pid),
-            "started_at": now(),
-        },
-    )
+    state = {
+        "shim_pid": os.getpid(),
+        "shim_start_ticks": proc_start_ticks(os.getpid()),
+        "pid": pid,
+        "start_ticks": proc_start_ticks(pid),
+        "started_at": now(),
+    }
+    if slave is not None:
+        state["tty"] = os.ttyname(slave)  # the agent sets the window size through it
+        os.close(slave)
+    write_json(os.path.join(directory, "state.json"), state)
 
     log = CriLogWriter(spec["log_path"], max_size=spec.get("log_max_size", 10 * 1024 * 1024),
                        max_files=spec.get("log_max_files", 5))  # fmt: skip
@@ -146,11 +168,21 @@ def main(spec_path: str) -> int:
     sel.register(out_r, selectors.EVENT_READ, "stdout")
     sel.register(err_r, selectors.EVENT_READ, "stderr")
     open_fds = 2
+    if master is not None:
+        sel.register(master, selectors.EVENT_READ, "stdout")  # both streams, as the CRI log has them
+        open_fds += 1
+        if stdin_keeper is not None:
+            sel.register(stdin_keeper, selectors.EVENT_READ, "stdin")
     status: int | None = None
     drain_until = None
     while open_fds and (drain_until is None or time.monotonic() < drain_until):
         for key, _ in sel.select(timeout=0.2):
-            data = os.read(key.fd, 65536)
+            data = _read(key.fd)
+            if key.data == "stdin":
+                if data and master is not None:
+                    with contextlib.suppress(OSError):
+                        os.write(master, data)
+                continue
             if data:
                 log.write(key.data, data)
             else:
@@ -158,6 +190,10 @@ def main(spec_path: str) -> int:
                 os.close(key.fd)
                 open_fds -= 1
         if stdin_keeper is not None and os.path.exists(os.path.join(directory, "stdin-close")):
+            if master is not None:  # a terminal has no end of input but the EOF character
+                sel.unregister(stdin_keeper)
+                with contextlib.suppress(OSError):
+                    os.write(master, b"\x04")
             os.close(stdin_keeper)  # stdinOnce: the container now reads EOF
             stdin_keeper = None
         if status is None:
