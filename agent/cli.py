@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.kube import KubeconfigError
     from agent.runner import RunOptions, run
 
-    logs.setup(args.verbose)
+    logs.setup(args.verbose, logs.log_dir(Path(args.state_dir)))
     from runtimes.registry import known_backends
 
     try:
