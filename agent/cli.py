@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     d_up.add_argument("--dir", type=Path, default=default_dir())
     d_up.add_argument("--port", type=int, default=6443, help="kube-apiserver port on 127.0.0.1")
     d_up.add_argument("--node-monitor-grace-period", default="50s")
+    d_up.add_argument(
+        "--metrics-server",
+        action="store_true",
+        help="also run metrics-server (built from its Go module on first use) for `kubectl top`",
+    )
     d_down = dsub.add_parser("down", help="stop the cluster and its processes")
     d_down.add_argument("--dir", type=Path, default=default_dir())
     d_kubectl = dsub.add_parser("kubectl", help="run kubectl against the cluster: dev-cluster kubectl -- ARGS")
@@ -242,6 +247,7 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
                     args.port,
                     args.node_monitor_grace_period,
                     cluster_signing_duration=args.cluster_signing_duration,
+                    metrics_server=args.metrics_server,
                 )
             )
             print(cluster.admin_kubeconfig)

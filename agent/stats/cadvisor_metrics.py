@@ -24,6 +24,7 @@ from agent.stats.resource_metrics import CONTENT_TYPE, NANOS, go_float
 __all__ = ["CONTENT_TYPE", "MachineInfo", "machine_info", "render"]
 
 CONTAINER_LABELS = ("container", "id", "image", "name", "namespace", "pod")
+NO_CONTAINER_LABELS = frozenset({"container_scrape_error", "machine_cpu_cores", "machine_memory_bytes"})
 
 # name -> (type, help, extra label names after the container labels)
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -147,7 +148,8 @@ class _Out:
         self.lines: dict[str, list[Line]] = {name: [] for name in FAMILIES}
 
     def add(self, family: str, labels: tuple[str, ...], value: float, at: float | None) -> None:
-        names = CONTAINER_LABELS + FAMILIES[family][2] if family.startswith("container_") else FAMILIES[family][2]
+        extra = FAMILIES[family][2]
+        names = extra if family in NO_CONTAINER_LABELS else CONTAINER_LABELS + extra
         pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, labels, strict=True))
         stamp = f" {int(at * 1000)}" if at is not None else ""
         text = f"{family}{{{pairs}}} {go_float(value)}{stamp}\n" if pairs else f"{family} {go_float(value)}{stamp}\n"
