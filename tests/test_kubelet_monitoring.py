@@ -1,0 +1,249 @@
+"""The monitoring stack against a real node: metrics-server v0.8.0 and `kubectl top` through the dev
+cluster's aggregation layer, and the kubelet endpoints Prometheus scrapes (/metrics/cadvisor,
+/metrics/probes, /metrics), plus /configz and /logs/, through the API server's node proxy.
+
+Numbers for the record (pytest -s): `kubectl top pod` against the cgroup's own CPU rate, and each
+endpoint's response time measured on the kubelet port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import ssl
+import statistics
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from cgroups.detect import detect_mode
+from cgroups.manager import CgroupManager
+from devcluster import manage
+from devcluster import metrics_server as ms
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
+]
+
+CGROUP_ROOT = f"kubelet-emu-mon-{uuid.uuid4().hex[:6]}"
+CONFIG = f"""
+default_runtime = "procs"
+[node]
+cgroup_root = "{CGROUP_ROOT}"
+[runtimes.procs]
+backend = "process"
+"""
+LIMIT_MILLICORES = 200
+
+
+def host_ip() -> str | None:
+    try:
+        return ms.host_address()
+    except ms.MetricsServerError:
+        return None
+
+
+@pytest.fixture(scope="module")
+async def metrics_api(cluster: manage.Cluster) -> manage.Cluster:
+    if host_ip() is None:
+        pytest.skip("this host has no non-loopback address: the API server cannot reach an aggregated API")
+    await ms.start(cluster)
+    return cluster
+
+
+@pytest.fixture
+async def node(kubectl, start_agent, tmp_path):
+    from conftest import wait_node_ready
+
+    name = f"mon-{uuid.uuid4().hex[:6]}"
+    state = tmp_path / "state"
+    ip = host_ip()
+    extra = ("--port", "0", *(("--node-ip", ip) if ip else ()))
+    agent = await start_agent(name, CONFIG, state_dir=state, extra=extra)
+    obj = await wait_node_ready(kubectl, name)
+    port = obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
+    yield SimpleNamespace(name=name, agent=agent, state=state, cgroups=manager, port=port, ip=ip or "127.0.0.1")
+    await kubectl.run(
+        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
+        "--wait=true", "--timeout=60s", check=False,
+    )  # fmt: skip
+    await agent.stop()
+    with contextlib.suppress(Exception):
+        manager.remove(CGROUP_ROOT, kill=True)
+
+
+def burner(name: str, node: str) -> str:
+    """A Pod spinning a CPU at its 200m limit, with a readiness probe run every second."""
+    spec = {
+        "nodeName": node,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [
+            {
+                "name": "burn",
+                "image": "busybox",
+                "command": ["python3", "-c", "while True: pass"],
+                "resources": {"limits": {"cpu": f"{LIMIT_MILLICORES}m", "memory": "64Mi"}},
+                "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
+            }
+        ],
+    }
+    return json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+
+
+async def running_pod(kubectl, node: SimpleNamespace) -> dict:
+    from conftest import eventually
+
+    name = f"burn-{uuid.uuid4().hex[:6]}"
+    await kubectl.apply(burner(name, node.name))
+
+    async def ready() -> dict | None:
+        obj = await kubectl.get("pod", name)
+        statuses = (obj or {}).get("status", {}).get("containerStatuses") or []
+        return obj if statuses and statuses[0].get("ready") else None
+
+    return await eventually(ready, 60, what=f"{name} Running and Ready")
+
+
+def cpu_ns(manager: CgroupManager, relative: str) -> int:
+    mode = manager.mode
+    if mode.version == 2:
+        text = Path(mode.mounts["unified"], relative, "cpu.stat").read_text()
+        return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("usage_usec ")) * 1000
+    return int(Path(mode.mounts["cpuacct"], relative, "cpuacct.usage").read_text())
+
+
+def millicores(text: str) -> int:
+    m = re.fullmatch(r"(\d+)m", text)
+    return int(m.group(1)) if m else int(float(text) * 1000)
+
+
+async def test_kubectl_top_pod_and_node(kubectl, metrics_api, node):
+    from conftest import eventually
+
+    pod = await running_pod(kubectl, node)
+    name = pod["metadata"]["name"]
+
+    async def top_pod() -> list[str] | None:
+        code, out, _ = await kubectl.run("top", "pod", name, "--no-headers", check=False)
+        return out.split() if code == 0 and out.strip() else None
+
+    await eventually(top_pod, 120, interval=2, what="kubectl top pod")  # two scrapes, 15 s apart
+    # The cgroup's rate over one scrape interval, read just before `kubectl top`: the burner is held
+    # at its limit, so the windows need not line up exactly.
+    relative = node.cgroups.container_path(pod, "burn")
+    t0, c0 = time.monotonic(), cpu_ns(node.cgroups, relative)
+    await asyncio.sleep(15)
+    c1, t1 = cpu_ns(node.cgroups, relative), time.monotonic()
+    fields = await top_pod()
+    assert fields is not None and fields[0] == name
+    cgroup_m = (c1 - c0) / (t1 - t0) / 1e6
+    top_m = millicores(fields[1])
+    print(f"\nkubectl top pod: {fields[1]} CPU, {fields[2]} memory; cgroup rate {cgroup_m:.1f}m "
+          f"({top_m / cgroup_m - 1:+.1%})")  # fmt: skip
+    assert abs(top_m - cgroup_m) <= 0.10 * cgroup_m
+    assert fields[2].endswith("Mi")
+
+    code, out, err = await kubectl.run("top", "node", node.name, "--no-headers", check=False)
+    print(f"kubectl top node: {out.strip() or err.strip()}")
+    row = out.split()
+    assert code == 0 and row[0] == node.name, err
+    assert millicores(row[1]) >= LIMIT_MILLICORES * 0.5  # the burner at least
+    assert row[3].endswith(("Mi", "Gi"))
+
+
+def kubelet_client(cluster: manage.Cluster) -> aiohttp.ClientSession:
+    """The admin identity straight to the kubelet port (its certificate is self-signed)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(str(cluster.dir / "pki" / "admin.crt"), str(cluster.dir / "pki" / "admin.key"))
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+
+
+async def timed(session: aiohttp.ClientSession, url: str, n: int = 5) -> tuple[float, str]:
+    times, body = [], ""
+    for _ in range(n):
+        start = time.monotonic()
+        async with session.get(url) as resp:
+            body = await resp.text()
+            assert resp.status == 200, (url, resp.status, body[:200])
+        times.append(time.monotonic() - start)
+    return statistics.median(times), body
+
+
+async def test_monitoring_endpoints(kubectl, cluster, node):
+    pod = await running_pod(kubectl, node)
+    name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+    proxy = f"/api/v1/nodes/{node.name}/proxy"
+
+    # /metrics/cadvisor, as Prometheus' kubelet cAdvisor job scrapes it (through the API server).
+    text = await kubectl("get", "--raw", f"{proxy}/metrics/cadvisor")
+    fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    ours = [s for s in fams["container_cpu_usage_seconds"] if s.labels["pod"] == name and s.labels["container"]]
+    (cpu,) = ours
+    status = pod["status"]["containerStatuses"][0]
+    assert cpu.labels["container"] == "burn" and cpu.labels["namespace"] == "default" and cpu.labels["cpu"] == "total"
+    assert cpu.labels["id"] == "/" + node.cgroups.container_path(pod, "burn")
+    assert cpu.labels["name"] == status["containerID"].split("://")[-1] and cpu.labels["image"] == "busybox"
+    for family in ("container_memory_working_set_bytes", "container_memory_rss", "container_memory_usage_bytes"):
+        assert any(s.labels["pod"] == name and s.labels["container"] == "burn" for s in fams[family]), family
+    assert any(s.labels["pod"] == name and s.labels["container"] == "" for s in fams["container_network_receive_bytes"])
+    assert fams["machine_cpu_cores"][0].value == os.cpu_count()
+    assert fams["machine_memory_bytes"][0].value > 0
+    assert any(s.labels["id"] == "/" for s in fams["container_fs_usage_bytes"])
+
+    # /metrics/probes: the readiness probe's attempts, by result.
+    text = await kubectl("get", "--raw", f"{proxy}/metrics/probes")
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "prober_probe"]
+    (sample,) = [s for s in family.samples if s.labels["pod"] == name]
+    assert sample.name == "prober_probe_total" and sample.value >= 1
+    assert sample.labels == {"probe_type": "Readiness", "result": "successful", "container": "burn", "pod": name,
+                             "namespace": "default", "pod_uid": uid}  # fmt: skip
+
+    # /metrics: the agent's own families and the standard process_* and python_* ones.
+    text = await kubectl("get", "--raw", f"{proxy}/metrics")
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_info", "kubelet_emu_pods"} <= names
+
+    # /configz: JSON, nothing secret (the serving key is in the state dir, its path and bytes stay out).
+    body = await kubectl("get", "--raw", f"{proxy}/configz")
+    config = json.loads(body)
+    assert config["kubeletconfig"]["port"] == node.port and config["kubeletEmu"]["handlers"]["procs"]
+    assert "PRIVATE KEY" not in body and not re.search(r'"[^"]*(key|token|secret|password)[^"]*":', body, re.I)
+
+    # /logs/: the agent's own log, and nothing outside its directory.
+    listing = await kubectl("get", "--raw", f"{proxy}/logs/")
+    assert "kubelet-emu.log" in listing
+    log = await kubectl("get", "--raw", f"{proxy}/logs/kubelet-emu.log")
+    assert "kubelet API serving" in log
+    base = f"https://{node.ip}:{node.port}"
+    async with kubelet_client(cluster) as session:
+        for path in (
+            "/logs/..%2f..%2f..%2fetc%2fpasswd",
+            "/logs/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+            "/logs/../../etc/passwd",
+        ):
+            async with session.get(URL(base + path, encoded=True), allow_redirects=False) as resp:
+                assert resp.status == 404 and "root:" not in await resp.text(), path
+        async with (
+            aiohttp.ClientSession() as anonymous,
+            anonymous.get(base + "/logs/", ssl=False) as resp,
+        ):  # no credentials: refused, as every kubelet path
+            assert resp.status == 401
+
+        # Response times on the kubelet port (median of 5), for the record.
+        times = {}
+        for path in ("/metrics/cadvisor", "/metrics/probes", "/metrics", "/metrics/resource", "/configz",
+                     "/logs/", "/logs/kubelet-emu.log"):  # fmt: skip
+            times[path], _ = await timed(session, base + path)
+        print("\nresponse times (median of 5, ms): " + ", ".join(f"{p} {t * 1000:.1f}" for p, t in times.items()))
