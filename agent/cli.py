@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     d_node = dsub.add_parser("node-kubeconfig", help="mint a node identity and print its kubeconfig path")
     d_node.add_argument("--dir", type=Path, default=default_dir())
     d_node.add_argument("node")
-    dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
+    d_build = dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
+    d_build.add_argument("--metrics-server", action="store_true", help="also build (or find) metrics-server")
     return p
 
 
@@ -240,6 +241,10 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
     try:
         if args.dev_command == "build":
             print(asyncio.run(manage.build()))
+            if args.metrics_server:
+                from devcluster import metrics_server
+
+                print(asyncio.run(metrics_server.build()))
         elif args.dev_command == "up":
             cluster = asyncio.run(
                 manage.up(
