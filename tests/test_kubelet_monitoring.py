@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import ssl
 import statistics
 import time
@@ -247,3 +248,74 @@ async def test_monitoring_endpoints(kubectl, cluster, node):
                      "/logs/", "/logs/kubelet-emu.log"):  # fmt: skip
             times[path], _ = await timed(session, base + path)
         print("\nresponse times (median of 5, ms): " + ", ".join(f"{p} {t * 1000:.1f}" for p, t in times.items()))
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (Debian package prometheus)")
+async def test_prometheus_scrapes_cadvisor_and_probes(kubectl, cluster, node, tmp_path):
+    """Debian's Prometheus scraping the node as its kubelet cAdvisor and probes jobs do."""
+    from conftest import eventually, free_port
+
+    pod = await running_pod(kubectl, node)
+    name = pod["metadata"]["name"]
+    pki = cluster.dir / "pki"
+    tls = {"cert_file": str(pki / "admin.crt"), "key_file": str(pki / "admin.key"), "insecure_skip_verify": True}
+    jobs = [
+        {"job_name": job, "scheme": "https", "metrics_path": path, "tls_config": tls,
+         "static_configs": [{"targets": [f"{node.ip}:{node.port}"]}]}
+        for job, path in (("kubelet-cadvisor", "/metrics/cadvisor"), ("kubelet-probes", "/metrics/probes"))
+    ]  # fmt: skip
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": jobs}))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - the child's
+    proc = await asyncio.create_subprocess_exec(
+        str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}", stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    log.close()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def get(path: str, **params: str) -> dict | None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(api + path, params=params) as resp:
+                        return (await resp.json())["data"]
+                return None
+
+            async def healthy() -> list | None:
+                data = await get("/targets")
+                targets = (data or {}).get("activeTargets") or []
+                done = len(targets) == 2 and all(t["health"] == "up" for t in targets)
+                return targets if done else None
+
+            try:
+                targets = await eventually(healthy, 60, interval=1, what="both scrape targets up")
+            except BaseException:
+                print((await get("/targets")) or (tmp_path / "prometheus.log").read_text()[-3000:])
+                raise
+            assert all(t["lastError"] == "" for t in targets), targets
+
+            async def series(query: str) -> list | None:
+                data = await get("/query", query=query)
+                return (data or {}).get("result") or None
+
+            cpu = await eventually(
+                lambda: series(f'rate(container_cpu_usage_seconds_total{{pod="{name}",container="burn"}}[5s])'),
+                30, interval=1, what="the burner's CPU rate in Prometheus",
+            )  # fmt: skip
+            probes = await eventually(
+                lambda: series(f'prober_probe_total{{pod="{name}",probe_type="Readiness"}}'), 30, interval=1,
+                what="the burner's probes in Prometheus",
+            )  # fmt: skip
+        rate = float(cpu[0]["value"][1])
+        print(f"\nPrometheus: rate(container_cpu_usage_seconds_total[5s]) = {rate * 1000:.0f}m; "
+              f"prober_probe_total = {probes[0]['value'][1]}")  # fmt: skip
+        assert 0 < rate <= LIMIT_MILLICORES / 1000 * 1.2
+        assert cpu[0]["metric"]["namespace"] == "default" and cpu[0]["metric"]["id"].endswith("/burn")
+    finally:
+        proc.terminate()
+        await proc.wait()
