@@ -256,6 +256,10 @@ async def up(
             await _start_metrics_server(running)
         return running
     binary = await build(quiet=quiet)
+    # A metrics-server left from a cluster that died without `down` talks to that cluster's port.
+    from devcluster import metrics_server as ms
+
+    await ms.stop(directory)
     if fresh:
         shutil.rmtree(directory / "etcd", ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)

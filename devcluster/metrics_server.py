@@ -245,7 +245,9 @@ async def start(cluster: manage.Cluster, kubelet_ca: Path | None = None, wait: b
         address = host_address()
         port = _free_port(address)
         # Its RBAC first: it reads the front-proxy CA from kube-system at start and panics without it.
-        await _kubectl(cluster, "apply", "-f", "-", stdin=manifest(address, port, cluster.ca_cert.read_bytes()).encode())
+        await _kubectl(
+            cluster, "apply", "-f", "-", stdin=manifest(address, port, cluster.ca_cert.read_bytes()).encode()
+        )
         log_path = cluster.dir / "metrics-server.log"
         with open(log_path, "ab") as log:
             proc = await asyncio.create_subprocess_exec(

@@ -113,6 +113,7 @@ def test_configz_leaves_secrets_out(tmp_path):
     (tmp_path / "tls.key").write_text("key")
     cfg.write_text(
         '[kubelet_api]\ntls_cert_file = "tls.crt"\ntls_key_file = "tls.key"\n[runtimes.procs]\nbackend = "process"\n'
+        '[node]\ntaints = [{key = "dedicated", value = "emu", effect = "NoSchedule"}]\n'
     )
     ctx = SimpleNamespace(config=load_config(cfg, check_paths=False))
     body = json.loads(configz.render(ctx, 10250))  # type: ignore[arg-type]
@@ -120,7 +121,9 @@ def test_configz_leaves_secrets_out(tmp_path):
     assert body["kubeletconfig"]["tlsCertFile"] == str(tmp_path / "tls.crt")
     assert body["kubeletEmu"]["handlers"]["procs"]["backend"] == "process"
     assert "tls.key" not in json.dumps(body) and "tls_key_file" not in body["kubeletEmu"]["kubelet_api"]
-    assert configz.scrub({"token": "t", "nested": [{"password": "p", "ok": 1}]}) == {"nested": [{"ok": 1}]}
+    assert body["kubeletconfig"]["registerWithTaints"] == [{"key": "dedicated", "value": "emu", "effect": "NoSchedule"}]
+    secrets = {"token": "t", "api_key": "k", "key_data": "d", "nested": [{"password": "p", "monkey": 1, "key": "x"}]}
+    assert configz.scrub(secrets) == {"nested": [{"monkey": 1, "key": "x"}]}
 
 
 def test_log_paths_stay_in_the_directory(tmp_path):

@@ -3,8 +3,8 @@
 As the kubelet's endpoint, the answer is one object under "kubeletconfig": the KubeletConfiguration
 fields this agent has an equivalent for, then the agent's own settings under "kubeletEmu" (every
 table of the config file, the handlers included, after defaults). Nothing secret is written: any
-setting whose name speaks of a key, token, password, secret or credential is left out, whatever
-its value (a key file's path included).
+setting whose name speaks of a key (`tls_key_file`, `api_key`), token, password, secret or
+credential is left out, whatever its value (a key file's path included).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from aiohttp import web
 
 from agent.kubelet_api.context import KubeletAPIContext
 
-SECRET_NAME = re.compile(r"key|token|password|passwd|secret|credential|auth_?data", re.I)
+# Names of secret settings: tls_key_file, api_key, key_data, *token*, *password*, ... (not a bare
+# "key", which is a taint's or a label's, and not words that merely contain it, like "monkey").
+SECRET_NAME = re.compile(r"token|passw(or)?d|secret|credential|auth_?data|(^|[_-])key[_-]|[_-]key$", re.I)
 
 
 def scrub(value: Any) -> Any:
