@@ -155,3 +155,25 @@ async def test_logs_route_serves_files_and_refuses_traversal(tmp_path):
             assert resp.status == 404, path
         assert (await client.get("/logs", allow_redirects=False)).status == 301
         assert (await client.get("/logs/nothing-here")).status == 404
+
+
+def test_metrics_server_is_reached_at_this_hosts_address_never_a_cluster_ip():
+    import yaml
+
+    from devcluster import metrics_server
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(metrics_server.manifest("192.0.2.2", 4443, b"CA"))}
+    assert docs["Service"]["spec"]["clusterIP"] == "None" and "selector" not in docs["Service"]["spec"]
+    slice_ = docs["EndpointSlice"]
+    assert slice_["metadata"]["labels"]["kubernetes.io/service-name"] == "metrics-server"
+    assert slice_["endpoints"][0]["addresses"] == ["192.0.2.2"] and slice_["ports"][0]["port"] == 4443
+    # The aggregator matches the slice's port to the Service's by name.
+    assert slice_["ports"][0]["name"] == docs["Service"]["spec"]["ports"][0]["name"]
+    spec = docs["APIService"]["spec"]
+    assert (spec["group"], spec["version"], spec["service"]["name"]) == ("metrics.k8s.io", "v1beta1", "metrics-server")
+    assert spec["caBundle"] == "Q0E="
+    try:
+        address = metrics_server.host_address()
+    except metrics_server.MetricsServerError:
+        return  # no non-loopback address on this host: start() says so
+    assert not address.startswith("127.")
