@@ -210,7 +210,8 @@ def args(cluster: manage.Cluster, address: str, port: int, kubelet_ca: Path | No
         f"--tls-cert-file={pki / 'metrics-server-serving.crt'}",
         f"--tls-private-key-file={pki / 'metrics-server-serving.key'}",
         f"--cert-dir={cluster.dir / 'metrics-server-certs'}",
-        "--kubelet-preferred-address-types=InternalIP,Hostname",
+        # InternalIP only: a Hostname would be looked up in DNS, which may leave the machine.
+        "--kubelet-preferred-address-types=InternalIP",
         "--kubelet-use-node-status-port",
         f"--metric-resolution={RESOLUTION}",
         *kubelet_tls,
