@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     d_up.add_argument("--dir", type=Path, default=default_dir())
     d_up.add_argument("--port", type=int, default=6443, help="kube-apiserver port on 127.0.0.1")
     d_up.add_argument("--node-monitor-grace-period", default="50s")
+    d_up.add_argument(
+        "--metrics-server",
+        action="store_true",
+        help="also run metrics-server (built from its Go module on first use) for `kubectl top`",
+    )
     d_down = dsub.add_parser("down", help="stop the cluster and its processes")
     d_down.add_argument("--dir", type=Path, default=default_dir())
     d_kubectl = dsub.add_parser("kubectl", help="run kubectl against the cluster: dev-cluster kubectl -- ARGS")
@@ -109,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     d_node = dsub.add_parser("node-kubeconfig", help="mint a node identity and print its kubeconfig path")
     d_node.add_argument("--dir", type=Path, default=default_dir())
     d_node.add_argument("node")
-    dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
+    d_build = dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
+    d_build.add_argument("--metrics-server", action="store_true", help="also build (or find) metrics-server")
     return p
 
 
@@ -124,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.kube import KubeconfigError
     from agent.runner import RunOptions, run
 
-    logs.setup(args.verbose)
+    logs.setup(args.verbose, logs.log_dir(Path(args.state_dir)))
     from runtimes.registry import known_backends
 
     try:
@@ -247,6 +253,10 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
     try:
         if args.dev_command == "build":
             print(asyncio.run(manage.build()))
+            if args.metrics_server:
+                from devcluster import metrics_server
+
+                print(asyncio.run(metrics_server.build()))
         elif args.dev_command == "up":
             cluster = asyncio.run(
                 manage.up(
@@ -254,6 +264,7 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
                     args.port,
                     args.node_monitor_grace_period,
                     cluster_signing_duration=args.cluster_signing_duration,
+                    metrics_server=args.metrics_server,
                 )
             )
             print(cluster.admin_kubeconfig)

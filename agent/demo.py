@@ -150,6 +150,7 @@ async def demo(directory: Path, port: int) -> int:
     _say(f"   ready at {cluster.server}; admin kubeconfig {cluster.admin_kubeconfig}; cluster CIDR {cidr}")
     if changed:  # the Node keeps the podCIDR it had; registered again, it gets one of the new range
         await _kubectl(cluster, "delete", "node", NODE, "--ignore-not-found")
+    metrics = await _start_metrics_server(cluster)
 
     _say(f"   image registry on 127.0.0.1:{REGISTRY_PORT} (serves registry.demo.local/busybox:latest)")
     await _start_registry(directory)
@@ -194,8 +195,12 @@ async def demo(directory: Path, port: int) -> int:
     if os.geteuid() == 0 and config_arg:
         await _show_resize(cluster, directory, config_arg)
     await _show_kubelet_api(cluster)
+    if metrics:
+        await _show_top(cluster)
     kubectl = f"kubelet-emu dev-cluster kubectl --dir {directory} --"
     _say(f"Try:   {kubectl} get nodes,pods -o wide\n      {kubectl} describe pod <name>")
+    if metrics:
+        _say(f"      {kubectl} top pod; {kubectl} top node")
     _say(f"Stop:  kubelet-emu demo --down --dir {directory}")
     return 0
 
@@ -276,6 +281,34 @@ async def _show_kubelet_api(cluster: manage.Cluster) -> None:
         millicores = cpu["usageNanoCores"] / 1e6
         mib = memory.get("workingSetBytes", 0) / 2**20
         _say(f"   {pod['podRef']['name']:<12} {millicores:>7.0f}m {mib:>8.1f}Mi")
+
+
+async def _start_metrics_server(cluster: manage.Cluster) -> bool:
+    """metrics-server beside the control plane (built from its Go module on the first run), for
+    `kubectl top`; the demo goes on without it when it cannot run here."""
+    from devcluster import metrics_server
+
+    _say(f"   metrics-server {metrics_server.VERSION} for kubectl top (the first run builds it: a few minutes)")
+    try:
+        await metrics_server.start(cluster)
+    except manage.DevClusterError as exc:
+        _say(f"   metrics-server is not running, kubectl top will not work: {exc}")
+        return False
+    return True
+
+
+async def _show_top(cluster: manage.Cluster, timeout: float = 60.0) -> None:
+    """`kubectl top` through the aggregated metrics API: metrics-server needs two scrapes of the node
+    (15 s apart) before it has a CPU rate."""
+    _say("7. kubectl top (metrics-server, through the API server's aggregation layer)")
+    deadline = time.monotonic() + timeout
+    for args in (("top", "node"), ("top", "pod")):
+        while True:
+            code, out = await _kubectl(cluster, *args)
+            if code == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(3)
+        _say(f"   $ kubectl {' '.join(args)}\n   " + out.strip().replace("\n", "\n   "))
 
 
 async def _reset_node(directory: Path) -> None:

@@ -14,11 +14,16 @@ from datetime import datetime
 from functools import wraps
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=False)
+# The standard process_* (CPU, memory, open files of this process) and python_* (interpreter, GC)
+# families every Prometheus client library exports, as the kubelet exports Go's process_* and go_*.
+ProcessCollector(registry=REGISTRY)
+REGISTRY.register(PLATFORM_COLLECTOR)
+REGISTRY.register(GC_COLLECTOR)
 
 POD_START_DURATION = Histogram(
     "kubelet_emu_pod_start_duration_seconds",

@@ -556,6 +556,8 @@ class PodWorker:
 
         def launch(kind: str) -> None:
             worker = ProbeWorker(kind, spec[f"{kind}Probe"], spec, pod_ip, exec_, on_change, on_attempt)
+            meta = self.pod["metadata"]
+            worker.target = (name, meta["name"], meta["namespace"], self.uid)
             tasks.append(asyncio.create_task(worker.run(), name=f"probe:{self.key}:{name}:{kind}"))
 
         def on_attempt(kind: str, reason: str, message: str) -> None:  # Unhealthy or ProbeWarning

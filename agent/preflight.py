@@ -44,6 +44,7 @@ TEST_TOOLS = (
     ("ip", "iproute2", "the network tests' namespaces and links"),
     ("pkill", "procps", "the tests' process checks"),
     ("nsenter", "util-linux", "the tests' namespace checks"),
+    ("prometheus", "prometheus", "scrapes the node's /metrics/cadvisor and /metrics/probes in the monitoring tests"),
 )
 PURPOSES = ("run", "demo", "tests")
 

@@ -26,6 +26,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from multidict import CIMultiDict
 from yarl import URL
 
+from agent import probe_metrics
 from runtimes.container_env import expand
 
 log = logging.getLogger(__name__)
@@ -337,8 +338,16 @@ class ProbeWorker:
         self.last: ProbeResult | None = None  # the latest attempt, whatever its effect
         self._last_success: bool | None = None
         self._run_length = 0  # attempts in a row with the same outcome
+        self.target: probe_metrics.Target | None = None  # set: attempts are counted in prober_probe_total
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.target is not None:
+                probe_metrics.COUNTS.forget(self.kind, self.target)
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.initial_delay)
         next_at = loop.time()
@@ -370,6 +379,9 @@ class ProbeWorker:
         """One attempt and its effect on the result; False when this worker should stop probing."""
         result = await run_probe(self.probe, self.container, self.pod_ip, self.exec_)
         self.last = result
+        if self.target is not None:
+            outcome = "unknown" if result.error else "successful" if result.success else "failed"
+            probe_metrics.COUNTS.record(self.kind, self.target, outcome)
         if result.error:
             log.debug("%s probe of %s errored: %s", self.kind, self.container.get("name"), result.message)
             return True

@@ -12,6 +12,9 @@ import (
 	"time"
 )
 
+// frontProxyClientName is the one common name the API server accepts request headers from.
+const frontProxyClientName = "front-proxy-client"
+
 type pkiPaths struct {
 	caCert, caKey                       string
 	apiserverCert, apiserverKey         string
@@ -20,6 +23,11 @@ type pkiPaths struct {
 	adminKubeconfig                     string
 	schedulerKubeconfig, cmKubeconfig   string
 	adminCert, adminKey                 string
+	// The aggregation layer: the API server proxies to aggregated APIs (metrics-server) with the
+	// front-proxy client certificate, from a CA of its own as kubeadm makes it, so that no other
+	// cluster certificate can assert X-Remote-User.
+	frontProxyCACert                          string
+	frontProxyClientCert, frontProxyClientKey string
 }
 
 // writePKI creates (or reuses) every certificate and kubeconfig the control
@@ -48,6 +56,25 @@ func writePKI(dir, server string) (*pkiPaths, error) {
 	if p.saKey, p.saPub, err = ensureServiceAccountKey(pkiDir); err != nil {
 		return nil, err
 	}
+	frontProxyCA, err := ensureNamedCA(pkiDir, "front-proxy-ca", "kubelet-emu-devcluster-front-proxy-ca")
+	if err != nil {
+		return nil, err
+	}
+	p.frontProxyCACert = filepath.Join(pkiDir, "front-proxy-ca.crt")
+	if p.frontProxyClientCert, p.frontProxyClientKey, err = issue(pkiDir, frontProxyCA, certSpec{
+		name: "front-proxy-client", cn: frontProxyClientName,
+	}); err != nil {
+		return nil, err
+	}
+	// metrics-server (started by `up --metrics-server` on the Python side): a client identity for
+	// its kubeconfig, and a serving certificate for the name the aggregator dials it by.
+	if _, _, err = issue(pkiDir, ca, certSpec{
+		name: "metrics-server-serving", cn: "metrics-server", server: true,
+		dns: []string{"metrics-server.kube-system.svc", "metrics-server.kube-system.svc.cluster.local", "localhost"},
+		ips: []net.IP{net.ParseIP("127.0.0.1")},
+	}); err != nil {
+		return nil, err
+	}
 	clients := []struct {
 		name, cn, org string
 		out           *string
@@ -55,6 +82,7 @@ func writePKI(dir, server string) (*pkiPaths, error) {
 		{"admin", "kubernetes-admin", "system:masters", &p.adminKubeconfig},
 		{"kube-scheduler", "system:kube-scheduler", "", &p.schedulerKubeconfig},
 		{"kube-controller-manager", "system:kube-controller-manager", "", &p.cmKubeconfig},
+		{"metrics-server", "system:metrics-server", "", new(string)},
 	}
 	for _, c := range clients {
 		var orgs []string

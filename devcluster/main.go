@@ -19,6 +19,7 @@ import (
 
 const usage = `usage:
   devcluster up --dir DIR [--port N] [--node-monitor-grace-period DURATION] [--cluster-signing-duration DURATION]
+                [--apiserver-arg=--flag=value ...]
   devcluster token-create --dir DIR [--ttl DURATION]   (prints the join command)
   devcluster node-kubeconfig --dir DIR NODE
   devcluster kubectl [kubectl args...]      (or invoke this binary as "kubectl")

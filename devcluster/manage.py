@@ -243,15 +243,23 @@ async def up(
     cluster_cidr: str = "10.244.0.0/16",
     fresh: bool = False,
     cluster_signing_duration: str | None = None,
+    metrics_server: bool = False,
 ) -> Cluster:
     """Start the cluster in `directory`, or return the one running there. `fresh`: a cluster
     started here begins with an empty etcd (benchmarks: earlier runs' history neither fills
-    etcd's quota nor slows it down)."""
+    etcd's quota nor slows it down). `metrics_server`: also start metrics-server (built on first
+    use) and wait until the metrics API is available, for `kubectl top`."""
     directory = directory.resolve()
     running = read_cluster(directory)
     if running:
+        if metrics_server:
+            await _start_metrics_server(running)
         return running
     binary = await build(quiet=quiet)
+    # A metrics-server left from a cluster that died without `down` talks to that cluster's port.
+    from devcluster import metrics_server as ms
+
+    await ms.stop(directory)
     if fresh:
         shutil.rmtree(directory / "etcd", ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -275,6 +283,8 @@ async def up(
             )
         cluster = read_cluster(directory)
         if cluster and await _ready(cluster):
+            if metrics_server:
+                await _start_metrics_server(cluster)
             return cluster
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), 0.25)
@@ -282,9 +292,18 @@ async def up(
     raise DevClusterError(f"the dev cluster was not ready within {READY_TIMEOUT:.0f}s; see {log_path}")
 
 
+async def _start_metrics_server(cluster: Cluster) -> None:
+    from devcluster import metrics_server  # it builds on this module
+
+    await metrics_server.start(cluster)
+
+
 async def down(directory: Path, timeout: float = 20.0) -> bool:
-    """Stop the cluster started in `directory`. Returns whether one was running."""
+    """Stop the cluster started in `directory` (and its metrics-server). Returns whether one was running."""
+    from devcluster import metrics_server
+
     directory = directory.resolve()
+    await metrics_server.stop(directory)
     pid_file = directory / "devcluster.pid"
     try:
         pid = int(pid_file.read_text())

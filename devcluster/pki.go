@@ -85,7 +85,12 @@ func loadPair(certPath, keyPath string) (*keyPair, error) {
 
 // ensureCA loads the cluster CA or creates it on first use.
 func ensureCA(pkiDir string) (*keyPair, error) {
-	certPath, keyPath := filepath.Join(pkiDir, "ca.crt"), filepath.Join(pkiDir, "ca.key")
+	return ensureNamedCA(pkiDir, "ca", "kubelet-emu-devcluster-ca")
+}
+
+// ensureNamedCA loads pki/<stem>.crt and .key or creates a CA with that common name.
+func ensureNamedCA(pkiDir, stem, cn string) (*keyPair, error) {
+	certPath, keyPath := filepath.Join(pkiDir, stem+".crt"), filepath.Join(pkiDir, stem+".key")
 	if _, err := os.Stat(certPath); err == nil {
 		return loadPair(certPath, keyPath)
 	}
@@ -99,7 +104,7 @@ func ensureCA(pkiDir string) (*keyPair, error) {
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          sn,
-		Subject:               pkix.Name{CommonName: "kubelet-emu-devcluster-ca"},
+		Subject:               pkix.Name{CommonName: cn},
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(certValidity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,

@@ -38,6 +38,12 @@ const serviceCIDR = "10.96.0.0/16"
 // own so that two dev clusters on one host never hand the same pod CIDR to their nodes.
 var clusterCIDR = "10.244.0.0/16"
 
+// repeated collects the values of a flag given several times.
+type repeated []string
+
+func (r *repeated) String() string     { return fmt.Sprint(*r) }
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
+
 func readState(dir string) (*clusterState, error) {
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
@@ -74,6 +80,8 @@ func up(args []string) error {
 	port := fs.Int("port", 6443, "kube-apiserver secure port on 127.0.0.1")
 	grace := fs.Duration("node-monitor-grace-period", 50*time.Second, "how long the node lifecycle controller waits before marking a silent node Unknown")
 	fs.StringVar(&clusterCIDR, "cluster-cidr", clusterCIDR, "range the controller-manager splits into one /24 pod CIDR per node")
+	var apiserverArgs repeated
+	fs.Var(&apiserverArgs, "apiserver-arg", "one more kube-apiserver flag (--name=value), after the built-in ones; repeatable")
 	signing := fs.Duration("cluster-signing-duration", 365*24*time.Hour, "lifetime of the certificates the controller-manager signs for CSRs (short values for rotation tests)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -109,7 +117,7 @@ func up(args []string) error {
 
 	apiCmd := apiserverapp.NewAPIServerCommand()
 	ctx := apiCmd.Context() // the process's one signal context (SIGTERM/SIGINT)
-	apiCmd.SetArgs([]string{
+	apiCmd.SetArgs(append([]string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
@@ -132,7 +140,17 @@ func up(args []string) error {
 		"--allow-privileged=true",
 		"--profiling=false",
 		"--cert-dir=" + filepath.Join(*dir, "pki", "apiserver-generated"),
-	})
+		// The aggregation layer (APIService objects, e.g. metrics.k8s.io for `kubectl top`).
+		"--requestheader-client-ca-file=" + p.frontProxyCACert,
+		"--requestheader-allowed-names=" + frontProxyClientName,
+		"--requestheader-username-headers=X-Remote-User",
+		"--requestheader-group-headers=X-Remote-Group",
+		"--requestheader-extra-headers-prefix=X-Remote-Extra-",
+		"--proxy-client-cert-file=" + p.frontProxyClientCert, "--proxy-client-key-file=" + p.frontProxyClientKey,
+		// Dial an aggregated API at its endpoints (an address on this host), never at its Service's
+		// ClusterIP: with no kube-proxy here a ClusterIP is routed off the machine.
+		"--enable-aggregator-routing=true",
+	}, apiserverArgs...))
 	apiErr := make(chan error, 1)
 	go func() { apiErr <- apiCmd.Execute() }()
 

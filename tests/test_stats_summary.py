@@ -257,7 +257,11 @@ def worker_for(pod: dict, backend: str, started: datetime, netns: str | None = N
         backend=SimpleNamespace(name=backend),
         sandbox=SimpleNamespace(netns=netns),
         gone=False,
-        handles={"main": SimpleNamespace(started_at=started)},
+        handles={
+            "main": SimpleNamespace(
+                started_at=started, id=f"{backend}-{pod['metadata']['uid']}-main-0", image="busybox"
+            )
+        },
         rec=SimpleNamespace(start_time=started, compute_phase=lambda: "Running"),
         handler_name=backend,
         _override=None,
@@ -749,7 +753,11 @@ def mirror_controller(
         backend=SimpleNamespace(name=backend),
         sandbox=SimpleNamespace(netns=netns),
         gone=False,
-        handles={container: SimpleNamespace(started_at=started)},
+        handles={
+            container: SimpleNamespace(
+                started_at=started, id=status["containerID"].split("//")[-1], image=status["image"]
+            )
+        },
         rec=SimpleNamespace(start_time=pod_start),
     )
     return SimpleNamespace(workers={pod["metadata"]["uid"]: worker}, cgroups=manager)

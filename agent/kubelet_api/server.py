@@ -32,7 +32,12 @@ from common.logfmt import kv
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10250
-OWN_ROUTES = ("agent.kubelet_api.pods_route", "agent.kubelet_api.logs_route")
+OWN_ROUTES = (
+    "agent.kubelet_api.pods_route",
+    "agent.kubelet_api.logs_route",
+    "agent.kubelet_api.configz",
+    "agent.kubelet_api.node_logs",
+)
 OPTIONAL_ROUTES = ("agent.kubelet_api.streaming", "agent.kubelet_api.stats", "agent.kubelet_api.metrics")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

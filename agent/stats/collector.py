@@ -54,6 +54,8 @@ class ContainerTarget:
     cgroup: str | None  # relative to the hierarchies; None: no cgroup to read
     log_dir: str | None
     plan: tuple[int, int] | None = None  # emulated: (millicores, bytes) from annotations
+    container_id: str = ""
+    image: str = ""
 
 
 @dataclass(slots=True)
@@ -135,6 +137,8 @@ class StatsCollector:
                         cgroup=cgroups.container_path(pod, name) if measured else None,
                         log_dir=pod_dir + name if measured else None,
                         plan=emulated_usage.planned_usage(annotations, name) if annotations else None,
+                        container_id=handle.id,
+                        image=handle.image,
                     )
                 )
             start = _timestamp(worker.rec.start_time) or min((c.start_time for c in containers), default=time.time())
@@ -288,14 +292,17 @@ class StatsCollector:
         if cgroups is not None:
             node.pods_cgroup = self._cgroup_usage(cgroups.root_path, seen)
             node.pods_cgroup_start = node.start_time
+            node.pods_cgroup_path = cgroups.root_path
         return node
 
     def _pod(self, t: PodTarget, now: float, logs_fs: host.FsUsage | None, seen: list[str]) -> PodSnapshot:
-        pod = PodSnapshot(name=t.name, namespace=t.namespace, uid=t.uid, start_time=t.start_time)
+        pod = PodSnapshot(name=t.name, namespace=t.namespace, uid=t.uid, start_time=t.start_time, cgroup=t.cgroup)
         log_used = log_files = 0
         any_logs = False
         for c in t.containers:
-            snap = ContainerSnapshot(name=c.name, start_time=c.start_time)
+            snap = ContainerSnapshot(
+                name=c.name, start_time=c.start_time, container_id=c.container_id, image=c.image, cgroup=c.cgroup
+            )
             if c.plan is not None:
                 snap.usage = emulated_usage.synthetic_usage(c.plan, c.start_time, now)
             else:

@@ -47,6 +47,10 @@ class ContainerSnapshot:
     start_time: float
     usage: Usage | None = None
     logs: Fs | None = None
+    # For /metrics/cadvisor's labels: the runtime's container ID, the image, the cgroup read.
+    container_id: str = ""
+    image: str = ""
+    cgroup: str | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class PodSnapshot:
     usage: Usage | None = None
     network: Network | None = None
     ephemeral_storage: Fs | None = None
+    cgroup: str | None = None  # relative to the hierarchies; None: not measured (emulated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,7 @@ class NodeSnapshot:
     rlimit: Rlimit | None = None
     pods_cgroup: Usage | None = None  # systemContainers "pods": every Pod's cgroup together
     pods_cgroup_start: float = 0.0
+    pods_cgroup_path: str | None = None
 
 
 @dataclass(slots=True)
