@@ -1,11 +1,14 @@
-"""Issue 17 item 3 on the oci backend: lifecycle hooks of a runc container from a registry image.
+"""Issue 17 items 2 and 3 on the oci backend: gRPC probes and lifecycle hooks of runc containers
+from registry images.
 
 postStart exec runs inside the container (its own filesystem) before the container is reported
-Running; preStop httpGet is sent by the agent; a failing postStart gives FailedPostStartHook.
+Running; preStop httpGet is sent by the agent; a failing postStart gives FailedPostStartHook. A
+gRPC health server inside an image answers the agent's gRPC probes on the Pod's own IP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ import pytest
 from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
 
-pytest_plugins = ["registry_fixture"]
+pytest_plugins = ["registry_fixture", "grpc_health_image"]
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(os.geteuid() != 0, reason="runc, pod cgroups and pod networks need root"),
@@ -51,6 +54,45 @@ runtime_root = "{tmp_path / "runc"}"
         check=False,
     )  # fmt: skip
     await kubectl.run("delete", "runtimeclass", CLASS, check=False)
+
+
+def grpc_pod(name: str, node: str, image: str, mode: str, probes: dict[str, Any]) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "nodeName": node, "runtimeClassName": CLASS, "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": image, "args": ["8080", mode], **probes}],
+        },
+    })  # fmt: skip
+
+
+async def test_grpc_probes_of_a_runc_container(kubectl, node, grpc_health_ref):
+    """Item 2: SERVING makes the container Ready and a liveness probe never restarts it;
+    NOT_SERVING keeps it unready with the kubelet's Unhealthy message."""
+    grpc = {"grpc": {"port": 8080}, "periodSeconds": 1}
+    good, bad = f"grpc-ok-{uuid.uuid4().hex[:6]}", f"grpc-down-{uuid.uuid4().hex[:6]}"
+    probes = {"readinessProbe": grpc, "livenessProbe": {**grpc, "initialDelaySeconds": 2}}
+    await kubectl.apply(grpc_pod(good, node, grpc_health_ref, "serving", probes))
+    await kubectl.apply(grpc_pod(bad, node, grpc_health_ref, "down", {"readinessProbe": grpc}))
+
+    async def ready(name: str) -> dict[str, Any] | None:
+        status = await main_state(kubectl, name)
+        return status if status.get("ready") else None
+
+    await eventually(lambda: ready(good), 90, what="Ready from the SERVING gRPC health server")
+    await asyncio.sleep(5)  # liveness every second: a healthy server is never restarted
+    status = await main_state(kubectl, good)
+    assert status["ready"] and status["restartCount"] == 0 and "running" in status["state"]
+
+    async def unhealthy() -> list[dict[str, Any]] | None:
+        items = (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={bad}"))["items"]
+        return [e for e in items if e["reason"] == "Unhealthy"] or None
+
+    events = await eventually(unhealthy, 60, what="Unhealthy for NOT_SERVING")
+    assert events[0]["message"] == 'Readiness probe failed: service unhealthy (responded with "NOT_SERVING")'
+    status = await main_state(kubectl, bad)
+    assert "running" in status["state"] and not status["ready"]
+    await kubectl.run("delete", "pod", good, bad, "--wait=true", "--timeout=60s")
 
 
 def pod(name: str, node: str, image: str, command: str, lifecycle: dict[str, Any]) -> str:
