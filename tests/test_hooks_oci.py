@@ -1,4 +1,4 @@
-"""Issue 17 items 2 and 3 on the oci backend: gRPC probes and lifecycle hooks of runc containers
+"""Issue 17 items 2, 3, 4, 6 and 10 on the oci backend: gRPC probes and lifecycle hooks of runc containers
 from registry images.
 
 postStart exec runs inside the container (its own filesystem) before the container is reported
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import Kubectl, eventually, free_port, wait_node_ready
+from test_streaming import ws_exec
 
 pytest_plugins = ["registry_fixture", "grpc_health_image"]
 pytestmark = [
@@ -170,3 +171,64 @@ async def _restarted(kubectl: Kubectl, name: str) -> dict[str, Any] | None:
     status = await main_state(kubectl, name)
     waiting = status.get("state", {}).get("waiting") or {}
     return status if status.get("restartCount", 0) >= 1 and waiting.get("reason") == "CrashLoopBackOff" else None
+
+
+async def test_runc_init_statuses_websocket_exec_and_active_deadline(cluster, kubectl, node, busybox_ref):
+    """Items 4, 10 and 6 on the oci backend: a finished init container is ready and the app
+    container waits with PodInitializing meanwhile; exec over a v5.channel.k8s.io WebSocket
+    through the API server returns output and the exit code; past activeDeadlineSeconds the Pod
+    is Failed/DeadlineExceeded with its container stopped."""
+    name = f"init-{uuid.uuid4().hex[:6]}"
+    spec = {
+        "nodeName": node, "runtimeClassName": CLASS, "terminationGracePeriodSeconds": 1,
+        "initContainers": [{"name": "first", "image": busybox_ref, "command": ["sh", "-c", "sleep 2"]}],
+        "containers": [{"name": "main", "image": busybox_ref, "command": ["sleep", "3600"]}],
+    }  # fmt: skip
+    await kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}))
+
+    async def initializing() -> dict[str, Any] | None:
+        obj = await kubectl.get("pod", name)
+        inits = (obj or {}).get("status", {}).get("initContainerStatuses") or []
+        return obj if inits and "running" in inits[0]["state"] else None
+
+    obj = await eventually(initializing, 60, interval=0.2, what="the init container running")
+    assert obj["status"]["initContainerStatuses"][0]["ready"] is False
+    assert obj["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
+
+    async def running() -> dict[str, Any] | None:
+        obj = await kubectl.get("pod", name)
+        return obj if obj and obj["status"].get("phase") == "Running" else None
+
+    obj = await eventually(running, 60, what="Running after the init container")
+    first = obj["status"]["initContainerStatuses"][0]
+    assert first["ready"] is True and first["state"]["terminated"]["reason"] == "Completed"
+
+    got = await asyncio.wait_for(
+        ws_exec(cluster, name, ["sh", "-c", "echo inside $(hostname); exit 3"], "v5.channel.k8s.io"), 30
+    )
+    assert got.get(1) == f"inside {name}\n".encode(), got
+    assert json.loads(got[3])["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+    late = f"deadline-{uuid.uuid4().hex[:6]}"
+    body = {
+        "activeDeadlineSeconds": 3,
+        "containers": [{"name": "main", "image": busybox_ref, "command": ["sleep", "3600"]}],
+    }
+    spec = {"nodeName": node, "runtimeClassName": CLASS, "terminationGracePeriodSeconds": 1, **body}
+    await kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": late}, "spec": spec}))
+
+    async def failed() -> dict[str, Any] | None:
+        obj = await kubectl.get("pod", late)
+        return obj if obj and obj["status"].get("phase") == "Failed" else None
+
+    obj = await eventually(failed, 60, what="Failed past the deadline")
+    assert obj["status"]["reason"] == "DeadlineExceeded"
+
+    # As the kubelet's syncPod: Failed is written, then the containers are killed and reported.
+    async def stopped() -> dict[str, Any] | None:
+        obj = await kubectl.get("pod", late)
+        state = obj["status"]["containerStatuses"][0]["state"]
+        return state if "terminated" in state else None
+
+    await eventually(stopped, 20, what="the container terminated")
+    await kubectl.run("delete", "pod", name, late, "--wait=true", "--timeout=60s")
