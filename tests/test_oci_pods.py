@@ -544,7 +544,21 @@ async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
     privileged = _env_container(runtime_class, busybox_ref, [])
     privileged["command"] = ["sh", "-c", f"test -e /dev/null && echo -n '{words}' > /dev/termination-log; exit 0"]
     privileged["securityContext"] = {"privileged": True, "runAsUser": 0}
-    pods = {"said": said, "custom": custom, "tail": tail, "ok": ok, "over": over, "priv": privileged}
+    # A path in /dev the host lacks (this host may have a /dev/termination-log of its own).
+    dev_missing = Path(f"/dev/kubelet-emu-msg-{uuid.uuid4().hex[:8]}")
+    priv_dev = _env_container(runtime_class, busybox_ref, [])
+    priv_dev["command"] = ["sh", "-c", f"ls /dev/pts /dev/shm >/dev/null && echo -n devices > {dev_missing}; exit 0"]
+    priv_dev["terminationMessagePath"] = str(dev_missing)
+    priv_dev["securityContext"] = {"privileged": True, "runAsUser": 0}
+    pods = {
+        "said": said,
+        "custom": custom,
+        "tail": tail,
+        "ok": ok,
+        "over": over,
+        "priv": privileged,
+        "privdev": priv_dev,
+    }
     if runtime_class == ISOLATED:
         pods["elsewhere"] = elsewhere
     try:
@@ -569,6 +583,8 @@ async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
         assert "message" not in got["ok"]  # succeeded: no fallback
         assert got["over"].get("message") == "mine"
         assert got["priv"].get("message") == words and got["priv"]["exitCode"] == 0
+        assert got["privdev"].get("message") == "devices" and got["privdev"]["exitCode"] == 0
+        assert not dev_missing.exists(), f"{dev_missing} was made in the host's /dev"
         if "elsewhere" in got:
             assert got["elsewhere"].get("message") == "elsewhere"
         after = host_log.read_bytes() if host_log.exists() else None
@@ -578,6 +594,7 @@ async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
     finally:
         existing.unlink(missing_ok=True)
         missing.unlink(missing_ok=True)
+        dev_missing.unlink(missing_ok=True)
     for key in pods:
         await kubectl("delete", "pod", f"msg-{key}-{short}", "--wait=false")
 
