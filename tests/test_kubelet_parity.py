@@ -84,11 +84,12 @@ async def _settled(kubectl: Kubectl, name: str) -> None:
     """Wait until the agent's first status posts are over, so that nothing but the Node watch (or
     admission's own re-read) can bring it a label or taint added from now on."""
 
-    async def quiet(last: list[str] = []) -> bool:  # noqa: B006 - state across calls
+    seen: list[str] = []
+
+    async def quiet() -> bool:
         rv = (await kubectl.get("node", name))["metadata"]["resourceVersion"]
-        same = bool(last) and last[-1] == rv
-        last.append(rv)
-        return same
+        seen.append(rv)
+        return len(seen) > 1 and seen[-2] == rv
 
     await eventually(quiet, 30, interval=1.5, what="the node's status settled")
 
