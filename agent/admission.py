@@ -3,8 +3,9 @@
 Mirrors the kubelet's predicate admit handler (pkg/kubelet/lifecycle/predicate.go),
 which runs scheduler.AdmissionCheck: NodeResourcesFit (pods count, then cpu, memory,
 ephemeral-storage, other resources), then NodeAffinity (component-helpers
-scheduling/corev1/nodeaffinity), and reports only the first failure.
-Not covered: host ports, the OS checks, NoExecute taints, critical-pod preemption.
+scheduling/corev1/nodeaffinity), then the node's NoExecute taints (the only effect the kubelet
+checks), and reports only the first failure.
+Not covered: host ports, the OS checks, critical-pod preemption.
 Pure functions over plain API dicts (camelCase keys); no I/O.
 """
 
@@ -22,6 +23,8 @@ from cgroups.resources import pod_requests
 
 NODE_AFFINITY = "NodeAffinity"
 _AFFINITY_MESSAGE = "Predicate NodeAffinity failed: node(s) didn't match Pod's node affinity/selector"
+TAINT_TOLERATION = "TaintToleration"
+_TAINT_MESSAGE = "Predicate TaintToleration failed: node(s) had taints that the pod didn't tolerate"
 # Upstream checks these in this order, then the rest (a Go map, so any order; sorted here to be stable).
 _FIRST_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 _INT64 = re.compile(r"[+-]?[0-9]+")  # what strconv.ParseInt(s, 10, 64) accepts, range aside
@@ -29,7 +32,7 @@ _INT64 = re.compile(r"[+-]?[0-9]+")  # what strconv.ParseInt(s, 10, 64) accepts,
 
 @dataclass(frozen=True)
 class Rejection:
-    reason: str  # "OutOfcpu", "OutOfpods", "OutOf<resource>", "NodeAffinity"
+    reason: str  # "OutOfcpu", "OutOfpods", "OutOf<resource>", "NodeAffinity", "TaintToleration"
     message: str
 
 
@@ -39,6 +42,7 @@ def admit(
     node_labels: Mapping[str, str],
     allocatable: Mapping[str, str],
     admitted: Iterable[Mapping[str, Any]],
+    node_taints: Iterable[Mapping[str, Any]] = (),
 ) -> Rejection | None:
     """None if the pod may start; else the first failure, as the kubelet reports it.
 
@@ -48,7 +52,7 @@ def admit(
     usage = NodeUsage()
     for other in admitted:
         usage.add(other)
-    return usage.admit(pod, node_name, node_labels, allocatable)
+    return usage.admit(pod, node_name, node_labels, allocatable, node_taints)
 
 
 class NodeUsage:
@@ -78,7 +82,12 @@ class NodeUsage:
             self.totals.subtract(requests)
 
     def admit(
-        self, pod: Mapping[str, Any], node_name: str, node_labels: Mapping[str, str], allocatable: Mapping[str, str]
+        self,
+        pod: Mapping[str, Any],
+        node_name: str,
+        node_labels: Mapping[str, str],
+        allocatable: Mapping[str, str],
+        node_taints: Iterable[Mapping[str, Any]] = (),
     ) -> Rejection | None:
         uid = (pod.get("metadata") or {}).get("uid")
         used, count = self.totals, len(self._by_uid)
@@ -90,6 +99,8 @@ class NodeUsage:
         rejection = _resource_fit(pod, allocatable, used, count)
         if rejection is None and not matches_node_selector(pod, node_name, node_labels):
             rejection = Rejection(NODE_AFFINITY, f"Pod was rejected: {_AFFINITY_MESSAGE}")
+        if rejection is None and untolerated_no_execute(pod, node_taints):
+            rejection = Rejection(TAINT_TOLERATION, f"Pod was rejected: {_TAINT_MESSAGE}")
         return rejection
 
 
@@ -190,6 +201,30 @@ def _field_matches(req: Mapping[str, Any], node_name: str) -> bool:
     if req.get("operator") == "NotIn":
         return node_name != values[0]
     return False
+
+
+# --- taints ------------------------------------------------------------------------
+
+
+def untolerated_no_execute(pod: Mapping[str, Any], taints: Iterable[Mapping[str, Any]]) -> bool:
+    """A NoExecute taint of the node that no toleration of the pod tolerates (v1 ToleratesTaint;
+    tolerationSeconds does not matter at admission)."""
+    tolerations = (pod.get("spec") or {}).get("tolerations") or []
+    return any(
+        taint.get("effect") == "NoExecute" and not any(_tolerates(t, taint) for t in tolerations) for taint in taints
+    )
+
+
+def _tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
+        return False
+    key = toleration.get("key") or ""
+    if key and key != taint.get("key"):
+        return False
+    operator = toleration.get("operator") or "Equal"
+    if operator == "Exists":
+        return True  # an empty key with Exists tolerates every taint
+    return operator == "Equal" and bool(key) and (toleration.get("value") or "") == (taint.get("value") or "")
 
 
 def _int64(text: str | None) -> int | None:

@@ -529,7 +529,9 @@ class PodWorker:
                 pod_ref = f"{self.pod['metadata']['name']}_{self.pod['metadata']['namespace']}({self.uid})"
                 message = f"back-off {backoff:.0f}s restarting failed container={name} pod={pod_ref}"
                 rec.waiting("CrashLoopBackOff", message)
-                self.host.events.pod_event(self.pod, "Warning", "BackOff", message, name)
+                # doBackOff's event names no delay, so the recorder counts one Event per container.
+                event = f"Back-off restarting failed container {name} in pod {pod_ref}"
+                self.host.events.pod_event(self.pod, "Warning", "BackOff", event, name)
                 self.mark_dirty()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)

@@ -46,16 +46,18 @@ SERVICES_SYNC_WAIT = 30.0  # seconds a container waits for the first list of Ser
 
 def slim_pod(pod: JSON) -> JSON:
     """Drop what the agent never reads, to keep thousands of Pods small in memory:
-    managedFields (often a third of a Pod), kubectl's last-applied copy, the tolerations
-    (the scheduler's business) and the service-account token volume the API server adds
-    (no backend here projects tokens)."""
+    managedFields (often a third of a Pod), kubectl's last-applied copy, the tolerations but
+    those of NoExecute taints (the rest is the scheduler's business; admission checks these)
+    and the service-account token volume the API server adds (no backend here projects tokens)."""
     meta = pod.get("metadata") or {}
     meta.pop("managedFields", None)
     annotations = meta.get("annotations")
     if annotations:
         annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
     spec = pod.get("spec") or {}
-    spec.pop("tolerations", None)
+    tolerations = [t for t in spec.pop("tolerations", None) or () if t.get("effect") in (None, "", "NoExecute")]
+    if tolerations:
+        spec["tolerations"] = tolerations
     volumes = spec.get("volumes")
     if volumes:
         spec["volumes"] = [v for v in volumes if not v.get("name", "").startswith(SA_TOKEN_VOLUME_PREFIX)]
@@ -319,7 +321,8 @@ class PodController:
         """The kubelet's admission; an admitted Pod's requests count until unadmit()."""
         node_obj = self.node.node or {}
         labels = node_obj.get("metadata", {}).get("labels") or {}
-        rejection = self.usage.admit(worker.pod, self.node.name, labels, self._allocatable)
+        taints = node_obj.get("spec", {}).get("taints") or ()
+        rejection = self.usage.admit(worker.pod, self.node.name, labels, self._allocatable, taints)
         if rejection is None:
             self.usage.add(worker.pod)
         return rejection

@@ -39,7 +39,6 @@ USER_AGENT = "kube-probe/1.36"  # the kubelet sends kube-probe/<major>.<minor>; 
 MAX_OUTPUT = 10 * 1024  # pkg/probe keeps at most 10 KiB of exec output or response body
 MAX_RETRIES = 3  # prober.go retries an attempt that errored (not one that failed)
 MAX_REDIRECTS = 10
-REPORT_REPEAT = 60.0  # seconds before the same probe event is reported again
 EXEC_GRACE = 1.0  # the backend enforces the exec timeout; this only guards against one that does not
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -327,8 +326,6 @@ class ProbeWorker:
             raise ValueError(f"probe kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.kind, self.probe, self.container, self.pod_ip = kind, probe, container, pod_ip
         self.exec_, self.on_change, self.on_attempt = exec_, on_change, on_attempt
-        self._reported: tuple[str, str] | None = None  # the last event reported, and when
-        self._reported_at = 0.0
         self.initial_delay = float(probe.get("initialDelaySeconds") or 0)
         self.period = float(probe.get("periodSeconds") or 10)
         self.failure_threshold = int(probe.get("failureThreshold") or 3)
@@ -362,14 +359,9 @@ class ProbeWorker:
 
     def _report(self, reason: str, message: str) -> None:
         """prober.go posts an event for every failed attempt (Unhealthy) and every success with a
-        warning (ProbeWarning); the kubelet's event correlator then folds repeats into a count. Here
-        a repeat of the same event is reported again only after REPORT_REPEAT seconds."""
+        warning (ProbeWarning); the event recorder folds the repeats into one Event's count."""
         if self.on_attempt is None:
             return
-        now = asyncio.get_running_loop().time()
-        if self._reported == (reason, message) and now - self._reported_at < REPORT_REPEAT:
-            return
-        self._reported, self._reported_at = (reason, message), now
         try:
             self.on_attempt(self.kind, reason, message)
         except Exception:

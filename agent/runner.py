@@ -141,7 +141,8 @@ async def run(opts: RunOptions) -> int:
     api: KubeletAPIServer | None = None
     if api_settings.enabled:
         try:
-            api = KubeletAPIServer(bind(api_settings, opts.kubelet_port))  # bound first: the Node advertises its port
+            # Bound first: the Node advertises its port.
+            api = KubeletAPIServer(bind(api_settings, opts.kubelet_port, opts.state_dir))
         except KubeletAPIError as exc:
             log.error(str(exc))
             await kube.close()

@@ -211,3 +211,24 @@ def test_match_fields_and_expressions_in_one_term_anded() -> None:
     name = expr("metadata.name", "In", NODE)
     assert affinity({"matchFields": [name], "matchExpressions": [expr("zone", "In", "z1")]}) is True
     assert affinity({"matchFields": [name], "matchExpressions": [expr("zone", "In", "z2")]}) is False
+
+
+def test_no_execute_taints_are_checked_after_affinity() -> None:
+    """predicate.go: only NoExecute taints count at the kubelet; tolerationSeconds does not matter."""
+    taints = [{"key": "dedicated", "value": "db", "effect": "NoExecute"}, {"key": "x", "effect": "NoSchedule"}]
+    plain = pod("p", {"cpu": "100m"})
+    rejection = admit(plain, NODE, LABELS, ALLOCATABLE, [], taints)
+    assert rejection == Rejection(
+        "TaintToleration",
+        "Pod was rejected: Predicate TaintToleration failed: node(s) had taints that the pod didn't tolerate",
+    )
+    for toleration in (
+        {"key": "dedicated", "value": "db", "effect": "NoExecute", "tolerationSeconds": 5},
+        {"key": "dedicated", "operator": "Exists"},
+        {"operator": "Exists"},
+    ):
+        tolerant = {**plain, "spec": {**plain["spec"], "tolerations": [toleration]}}
+        assert admit(tolerant, NODE, LABELS, ALLOCATABLE, [], taints) is None, toleration
+    wrong = {**plain, "spec": {**plain["spec"], "tolerations": [{"key": "dedicated", "value": "web"}]}}
+    assert admit(wrong, NODE, LABELS, ALLOCATABLE, [], taints).reason == "TaintToleration"
+    assert admit(plain, NODE, LABELS, ALLOCATABLE, [], taints[1:]) is None  # NoSchedule: the scheduler's

@@ -80,9 +80,26 @@ async def node(kubectl, start_agent):
     await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
 
 
+async def _settled(kubectl: Kubectl, name: str) -> None:
+    """Wait until the agent's first status posts are over, so that nothing but the Node watch (or
+    admission's own re-read) can bring it a label or taint added from now on."""
+
+    seen: list[str] = []
+
+    async def quiet() -> bool:
+        rv = (await kubectl.get("node", name))["metadata"]["resourceVersion"]
+        seen.append(rv)
+        return len(seen) > 1 and seen[-2] == rv
+
+    await eventually(quiet, 30, interval=1.5, what="the node's status settled")
+
+
 async def test_admission_sees_labels_an_admin_added(kubectl: Kubectl, node):
-    """Item 1: a label added with kubectl counts at admission at once, not after the next status post."""
+    """Item 1: a label or taint added with kubectl counts at admission at once, not after the next
+    status post. Pods are created with nodeName preset right after `kubectl label`/`taint`, so only
+    the Node watch (labels: or admission's re-read of the Node, as predicate.go does) can know."""
     name, _ = node
+    await _settled(kubectl, name)
     pods = []
     for i in range(3):
         key = f"team{i}"
@@ -98,6 +115,41 @@ async def test_admission_sees_labels_an_admin_added(kubectl: Kubectl, node):
     await kubectl.apply(pod(other, name, extra_spec="  nodeSelector: {team9: a}"))
     obj = await eventually(lambda: pod_phase(kubectl, other, "Failed"), 10, what="NodeAffinity")
     assert obj["status"]["reason"] == "NodeAffinity"
+
+
+TAINT_REJECTION = "Pod was rejected: Predicate TaintToleration failed: node(s) had taints that the pod didn't tolerate"
+
+
+async def test_admission_sees_a_no_execute_taint_an_admin_added(kubectl: Kubectl, node):
+    """Item 1, taints: the kubelet refuses a Pod that does not tolerate one of the node's NoExecute
+    taints (TaintToleration), with the taint as the API server holds it a moment after it was set.
+    The taint-eviction controller deletes such Pods too, racing the agent: a Pod it deleted before
+    the agent saw it is never admitted. So: none of them may start, and those the agent decided on
+    carry its Warning (an agent that missed the taint starts most of them)."""
+    name, _ = node
+    await _settled(kubectl, name)
+    await kubectl("taint", "node", name, "emu-dedicated=db:NoExecute")
+    try:
+        plain = [unique("p-untolerated") for _ in range(5)]
+        tolerant = unique("p-tolerant")
+        toleration = "  tolerations: [{key: emu-dedicated, operator: Equal, value: db, effect: NoExecute}]"
+        docs = [pod(p, name) for p in plain] + [pod(tolerant, name, extra_spec=toleration)]
+        await kubectl.apply("---\n".join(docs))
+        await eventually(lambda: pod_phase(kubectl, tolerant, "Running"), 10, what="the tolerant Pod Running")
+        await asyncio.sleep(2)
+        refused = 0
+        for p in plain:
+            reasons = {e["reason"]: e for e in await events_for(kubectl, p)}
+            assert "Started" not in reasons, f"{p} ran: {sorted(reasons)}"
+            if "TaintToleration" in reasons:
+                refused += 1
+                assert reasons["TaintToleration"]["type"] == "Warning"
+                assert reasons["TaintToleration"]["message"] == TAINT_REJECTION
+            else:
+                assert "TaintManagerEviction" in reasons, f"{p}: neither refused nor evicted: {sorted(reasons)}"
+        print(f"refused by the agent: {refused} of {len(plain)}, the rest evicted first")
+    finally:
+        await kubectl("taint", "node", name, "emu-dedicated=db:NoExecute-")
 
 
 async def _waiting_reason(kubectl: Kubectl, p: str, key: str, container: str) -> str | None:

@@ -56,6 +56,7 @@ runtime_root = "{runc_root}"
 allow_privileged = true
 [runtimes.procs]
 backend = "process"
+allow_privileged = true
 """
 
 
@@ -506,9 +507,10 @@ async def _terminated(kubectl: Kubectl, pod_name: str) -> dict | None:
 
 @pytest.mark.parametrize("runtime_class", [ISOLATED, PROCS], ids=["oci", "process"])
 async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
-    """Issue 17 item 9: the message file is the container's own (on the process backend not the
-    host's /dev/termination-log), and FallbackToLogsOnError gives the log's tail (80 lines, 2048
-    bytes) when the file is empty and the container failed."""
+    """Issue 17 item 9: the message file is the container's own (on the process backend never a
+    file of the host: not its /dev/termination-log, privileged or not, nor a custom path outside
+    /dev, existing or not), and FallbackToLogsOnError gives the log's tail (80 lines, 2048 bytes)
+    when the file is empty and the container failed."""
     name, _, _ = node
     short = "oci" if runtime_class == ISOLATED else "proc"
     host_log = Path("/dev/termination-log")
@@ -525,19 +527,74 @@ async def test_termination_messages(kubectl, node, busybox_ref, runtime_class):
     ok = _env_container(runtime_class, busybox_ref, [])
     ok["command"] = ["sh", "-c", "echo fine; exit 0"]
     ok["terminationMessagePolicy"] = "FallbackToLogsOnError"
-    pods = {"said": said, "custom": custom, "tail": tail, "ok": ok}
-    for key, container in pods.items():
-        await kubectl.apply(pod(f"msg-{key}-{short}", name, runtime_class, container, restartPolicy="Never"))
-    got = {}
-    for key in pods:
-        got[key] = await eventually(lambda k=key: _terminated(kubectl, f"msg-{k}-{short}"), 60, what=f"{key} ended")
-    assert got["said"].get("message") == words and got["said"]["exitCode"] == 0
-    assert got["custom"].get("message") == "custom"
-    lines = [f"line-{i}" for i in range(21, 101)]
-    assert got["tail"].get("message") == "\n".join(lines) + "\n"
-    assert "message" not in got["ok"]  # succeeded: no fallback
-    after = host_log.read_bytes() if host_log.exists() else None
-    assert after == before, "the host's /dev/termination-log was written"
+    # Paths outside /dev: one that exists on the host (its content must stay), one that does not
+    # (it must not appear on the host). Root, so that nothing but the agent's care stops a write.
+    existing = Path(f"/tmp/kubelet-emu-msg-existing-{uuid.uuid4().hex[:8]}")
+    existing.write_text("the host's own\n")
+    missing = Path(f"/tmp/kubelet-emu-msg-missing-{uuid.uuid4().hex[:8]}")
+    over = _env_container(runtime_class, busybox_ref, [])
+    over["command"] = ["sh", "-c", f"echo -n mine > {existing}; exit 0"]
+    over["terminationMessagePath"] = str(existing)
+    over["securityContext"] = {"runAsUser": 0}
+    elsewhere = _env_container(runtime_class, busybox_ref, [])
+    elsewhere["command"] = ["sh", "-c", f"echo -n elsewhere > {missing}; exit 0"]
+    elsewhere["terminationMessagePath"] = str(missing)
+    elsewhere["securityContext"] = {"runAsUser": 0}
+    # Privileged: the host's devices, and still a termination log of its own.
+    privileged = _env_container(runtime_class, busybox_ref, [])
+    privileged["command"] = ["sh", "-c", f"test -e /dev/null && echo -n '{words}' > /dev/termination-log; exit 0"]
+    privileged["securityContext"] = {"privileged": True, "runAsUser": 0}
+    # A path in /dev the host lacks (this host may have a /dev/termination-log of its own).
+    dev_missing = Path(f"/dev/kubelet-emu-msg-{uuid.uuid4().hex[:8]}")
+    priv_dev = _env_container(runtime_class, busybox_ref, [])
+    priv_dev["command"] = ["sh", "-c", f"ls /dev/pts /dev/shm >/dev/null && echo -n devices > {dev_missing}; exit 0"]
+    priv_dev["terminationMessagePath"] = str(dev_missing)
+    priv_dev["securityContext"] = {"privileged": True, "runAsUser": 0}
+    pods = {
+        "said": said,
+        "custom": custom,
+        "tail": tail,
+        "ok": ok,
+        "over": over,
+        "priv": privileged,
+        "privdev": priv_dev,
+    }
+    if runtime_class == ISOLATED:
+        pods["elsewhere"] = elsewhere
+    try:
+        for key, container in pods.items():
+            await kubectl.apply(pod(f"msg-{key}-{short}", name, runtime_class, container, restartPolicy="Never"))
+        if runtime_class == PROCS:  # refused: the file would be made on the host's file system
+            refused = f"msg-elsewhere-{short}"
+            await kubectl.apply(pod(refused, name, runtime_class, elsewhere, restartPolicy="Never"))
+            status = await eventually(
+                lambda: waiting_reason(kubectl, refused, "CreateContainerConfigError"), 30, what="refused"
+            )
+            message = status["state"]["waiting"]["message"]
+            assert f"terminationMessagePath {missing} is not a file on this host" in message
+            await kubectl("delete", "pod", refused, "--wait=false")
+        got = {}
+        for key in pods:
+            got[key] = await eventually(lambda k=key: _terminated(kubectl, f"msg-{k}-{short}"), 60, what=f"{key} ended")
+        assert got["said"].get("message") == words and got["said"]["exitCode"] == 0
+        assert got["custom"].get("message") == "custom"
+        lines = [f"line-{i}" for i in range(21, 101)]
+        assert got["tail"].get("message") == "\n".join(lines) + "\n"
+        assert "message" not in got["ok"]  # succeeded: no fallback
+        assert got["over"].get("message") == "mine"
+        assert got["priv"].get("message") == words and got["priv"]["exitCode"] == 0
+        assert got["privdev"].get("message") == "devices" and got["privdev"]["exitCode"] == 0
+        assert not dev_missing.exists(), f"{dev_missing} was made in the host's /dev"
+        if "elsewhere" in got:
+            assert got["elsewhere"].get("message") == "elsewhere"
+        after = host_log.read_bytes() if host_log.exists() else None
+        assert after == before, "the host's /dev/termination-log was written"
+        assert existing.read_text() == "the host's own\n", f"the host's {existing} was written"
+        assert not missing.exists(), f"{missing} was made on the host"
+    finally:
+        existing.unlink(missing_ok=True)
+        missing.unlink(missing_ok=True)
+        dev_missing.unlink(missing_ok=True)
     for key in pods:
         await kubectl("delete", "pod", f"msg-{key}-{short}", "--wait=false")
 

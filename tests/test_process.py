@@ -276,12 +276,13 @@ async def test_oom_with_restart_always_crash_loops(kubectl, node):
 
     status = await eventually(looping, 30, what="OOMKilled then CrashLoopBackOff")
     assert status["restartCount"] >= 1
+    assert "back-off 10s" in status["state"]["waiting"]["message"]
     messages = [
         e["message"]
         for e in (await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={p}"))["items"]
         if e["reason"] == "BackOff"
     ]
-    assert any("back-off 10s" in m for m in messages)
+    assert any(m.startswith("Back-off restarting failed container") for m in messages)
     await kubectl("delete", "pod", p, "--wait=false")
 
 

@@ -47,14 +47,21 @@ class KubeletAPIError(Exception):
     """The server cannot start; the message names the setting or file and the fix."""
 
 
-def bind(settings: KubeletAPISettings, cli_port: int | None = None) -> socket.socket:
+PORT_FILE = "kubelet-api-port"  # in the state dir: the port `port = 0` picked, reused at the next start
+
+
+def bind(settings: KubeletAPISettings, cli_port: int | None = None, state_dir: Path | None = None) -> socket.socket:
     """Bind the listening socket early, so the Node can advertise the port actually bound.
 
     An explicit port (config or --port) that is taken is an error. The default 10250, when taken
-    (another agent on this host), falls back to a free port with a warning.
+    (another agent on this host), falls back to a free port with a warning. Port 0 picks a free
+    port once and keeps it across restarts (remembered in the state dir) while it stays free,
+    so static scrape targets keep working.
     """
     explicit = cli_port if cli_port is not None else settings.port
     port = DEFAULT_PORT if explicit is None else explicit
+    if port == 0 and state_dir is not None:
+        return _bind_remembered(settings.address, state_dir / PORT_FILE)
     try:
         return _listen(settings.address, port)
     except OSError as exc:
@@ -69,6 +76,42 @@ def bind(settings: KubeletAPISettings, cli_port: int | None = None) -> socket.so
             f"cannot listen on {settings.address}:{port} for the kubelet API: {exc.strerror or exc}; "
             "free the port or set [kubelet_api] port (0 picks a free one)"
         ) from exc
+
+
+def _bind_remembered(address: str, record: Path) -> socket.socket:
+    remembered = _read_port(record)
+    sock: socket.socket | None = None
+    if remembered:
+        try:
+            sock = _listen(address, remembered)
+        except OSError as exc:
+            log.warning(
+                "the kubelet API port used before is taken now; serving on a new free port",
+                extra=kv(previous=remembered, error=exc.strerror or str(exc), file=str(record)),
+            )
+    if sock is None:
+        sock = _listen(address, 0)
+    port = sock.getsockname()[1]
+    if port != remembered:
+        try:
+            record.write_text(f"{port}\n")
+        except OSError as exc:
+            log.warning("cannot remember the kubelet API port", extra=kv(file=str(record), error=str(exc)))
+    return sock
+
+
+def _read_port(record: Path) -> int | None:
+    try:
+        text = record.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the remembered kubelet API port", extra=kv(file=str(record), error=str(exc)))
+        return None
+    if text.isdigit() and 0 < int(text) < 65536:
+        return int(text)
+    log.warning("ignoring a malformed kubelet API port record", extra=kv(file=str(record), content=text[:20]))
+    return None
 
 
 def _listen(address: str, port: int) -> socket.socket:

@@ -506,7 +506,7 @@ class OciBackend(Backend):
     async def create_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int
     ) -> ContainerHandle:
-        return await self._create_container(sandbox, pod, container, restart_count)
+        return await self._create_guarded(sandbox, pod, container, restart_count)
 
     async def create_ephemeral_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, target: ContainerHandle | None
@@ -521,7 +521,29 @@ class OciBackend(Backend):
                 where = self._where(pod, container["name"])
                 raise CreateContainerError(f"{where}: target container {target.name} is not running")
             target_pid = f"/proc/{pid}/ns/pid"
-        return await self._create_container(sandbox, pod, container, 0, target_pid)
+        return await self._create_guarded(sandbox, pod, container, 0, target_pid)
+
+    async def _create_guarded(
+        self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int, target_pid: str | None = None
+    ) -> ContainerHandle:
+        """Make the container. A caller cancelled meanwhile (its Pod deleted) does not stop the
+        making halfway: the shim, once launched, creates the runtime's container whoever waits, and
+        a rootfs is mounted before its config.json exists. So the create runs to its end and is
+        then undone here, and no container, shim, mount or cgroup of a deleted Pod stays behind."""
+        create = asyncio.ensure_future(self._create_container(sandbox, pod, container, restart_count, target_pid))
+        try:
+            return await asyncio.shield(create)
+        except asyncio.CancelledError:
+            await asyncio.wait({create})  # cancelled again meanwhile: remove_sandbox still removes by ID
+            if not create.cancelled() and create.exception() is None:
+                await self._discard(create.result())
+            raise
+
+    async def _discard(self, handle: ContainerHandle) -> None:
+        """Undo a create whose caller went away: stop the container (its shim then ends), remove it."""
+        await self._run("kill", "--all", handle.id, "KILL")
+        await self.remove_container(handle)
+        log.info("removed a container made for a deleted pod", extra=kv(container=handle.id))
 
     async def _create_container(
         self, sandbox: Sandbox, pod: JSON, container: JSON, restart_count: int, target_pid: str | None = None

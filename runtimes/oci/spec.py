@@ -11,7 +11,9 @@ capabilities, runc's default masked and read-only paths.
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,6 +242,29 @@ def resolve_user(inp: SpecInput) -> JSON:
 def _cap_name(name: str) -> str:
     name = name.upper()
     return name if name.startswith("CAP_") else f"CAP_{name}"
+
+
+_HOST_DEV_MOUNTS = ("/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/hugepages")  # the container has its own
+
+
+def host_devices(root: str = "/dev") -> list[JSON]:
+    """Every character and block device node under the host's /dev, as containerd's
+    WithHostDevices gives a privileged container: the runtime makes them in the container's own
+    /dev, so a file the spec binds there (the termination log) is never made in the host's /dev."""
+    found: list[JSON] = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in _HOST_DEV_MOUNTS]
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            kind = "c" if stat.S_ISCHR(st.st_mode) else "b" if stat.S_ISBLK(st.st_mode) else None
+            if kind:
+                found.append({"path": path, "type": kind, "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                              "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})  # fmt: skip
+    return found
 
 
 def host_capabilities(status: str | None = None) -> list[str]:
@@ -483,15 +508,13 @@ def build_spec(inp: SpecInput) -> JSON:
         destination = container.get("terminationMessagePath") or "/dev/termination-log"
         mounts.append({"destination": destination, "type": "bind", "source": inp.termination_log,
                        "options": ["rbind", "rw"]})  # fmt: skip
-    if privileged:
-        mounts = [m for m in mounts if m["destination"] != "/dev"]
-        mounts.insert(1, {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind", "rw"]})
-        mounts = [m for m in mounts if m["destination"] not in ("/dev/pts", "/dev/mqueue")]
     linux: JSON = {
         "cgroupsPath": inp.cgroups_path,
         "namespaces": namespaces(inp.pod, inp.namespaces),
         "resources": linux_resources(inp.resources, privileged),
     }
+    if privileged:  # the host's devices in a /dev of its own (never a bind of the host's /dev)
+        linux["devices"] = host_devices()
     if not privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)

@@ -187,6 +187,15 @@ class ProcessBackend(Backend):
         cwd = container.get("workingDir") or "/"  # as the kubelet: the image's, else /; never the agent's
         if not os.path.isdir(cwd):
             raise CreateContainerError(f"container {name}: workingDir {cwd} does not exist on this host")
+        message_path = os.path.normpath(container.get("terminationMessagePath") or DEFAULT_PATH)
+        if not message_path.startswith("/dev/") and (not os.path.isfile(message_path) or os.path.islink(message_path)):
+            # Bound over an existing file in the container's mount view, or made in its own /dev;
+            # anywhere else a new file would be made on the host's own file system.
+            raise CreateContainerConfigError(
+                f"container {name}: terminationMessagePath {message_path} is not a file on this host, and the "
+                "process backend shares the host's file system and makes no file in it: use a path under /dev "
+                "(each container has a /dev of its own) or an existing file"
+            )
 
         cgroup_procs: list[str] = []
         oom_before = 0

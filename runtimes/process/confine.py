@@ -153,6 +153,30 @@ def _fresh_dev(security: dict[str, Any] | None = None) -> None:
     _mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID, "mode=755,size=65536k")  # no mknod in it
 
 
+def _host_devices_in_own_dev() -> None:
+    """A privileged container's /dev: a tmpfs of its own with every entry of the host's /dev bound
+    into it (directories with what is mounted below them, such as /dev/pts and /dev/shm), so that it
+    sees the host's devices, as runc gives a privileged container, and a file made in it (its
+    termination log) is not made in the host's /dev."""
+    host = os.open("/dev", os.O_PATH | os.O_DIRECTORY)
+    try:
+        entries = [(e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in os.scandir("/dev")]
+        _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k")
+        for name, is_link, is_dir in entries:
+            source, target = f"/proc/self/fd/{host}/{name}", f"/dev/{name}"
+            with contextlib.suppress(OSError):  # one odd entry must not cost the container its start
+                if is_link:
+                    os.symlink(os.readlink(source), target)
+                    continue
+                if is_dir:
+                    os.mkdir(target, 0o755)
+                else:
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+                _mount(source, target, None, MS_BIND | MS_REC)
+    finally:
+        os.close(host)
+
+
 def _bind_termination_log(security: dict[str, Any], fresh_dev: bool) -> None:
     """The container's own message file (in its state directory) bound at its
     terminationMessagePath. The mount point is made only in the container's own /dev (a tmpfs of
@@ -198,7 +222,11 @@ def setup_mount_view(security: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             _hide(path)
     if security.get("privileged"):
-        _bind_termination_log(security, fresh_dev=False)
+        target = (security.get("termination_log") or (None, None))[1] or ""
+        own_dev = target.startswith("/dev/") and not os.path.lexists(target)
+        if own_dev:  # the file is to be made: in a /dev of its own, never in the host's
+            _host_devices_in_own_dev()
+        _bind_termination_log(security, fresh_dev=own_dev)
         return
     hidden = tuple(p.rstrip("/") + "/" for p in security.get("hidden_paths") or [])
     for point, flags in _mounts():
