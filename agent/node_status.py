@@ -161,6 +161,8 @@ def node_status(
             "kubeProxyVersion": "",
             "operatingSystem": "linux",
             "architecture": host.arch,
+            # The kubelet's NodeSwap (GA in 1.34): the node's swap size, 0 when swap is off.
+            "swap": {"capacity": host.swap_bytes},
         },
         "runtimeHandlers": runtime_handlers(facts.config),
     }

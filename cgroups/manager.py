@@ -61,6 +61,8 @@ _V1_FILE_HIERARCHY = {
     "pids.max": "pids",
 }
 _V2_FILES = ("cpu.weight", "cpu.max", "memory.max", "pids.max")
+# Written only when the config sets it and the kernel accounts swap (CONFIG_MEMCG_SWAP).
+_V2_SWAP = "memory.swap.max"
 
 
 # --- pure helpers (unit tested without a cgroup fs) ---------------------------
@@ -80,7 +82,7 @@ def v1_settings(config: ResourceConfig) -> dict[str, str]:
 def v2_settings(config: ResourceConfig) -> dict[str, str]:
     """Every v2 limit file with its value; unset limits become "max" (weight: the default 100)."""
     files = {"cpu.weight": str(V2_DEFAULT_WEIGHT), **config.v2_files()}
-    return {name: files[name] for name in _V2_FILES}
+    return {name: files[name] for name in (*_V2_FILES, _V2_SWAP) if name in files}
 
 
 def subtree_control_files(unified: str, relative: str) -> list[str]:
@@ -283,7 +285,10 @@ class CgroupManager:
         if self.mode.version == 2:
             directory = self._dirs["unified"]
             for name, value in v2_settings(config).items():
-                _write(os.path.join(directory, relative, name), value)
+                path = os.path.join(directory, relative, name)
+                if name == _V2_SWAP and not os.path.exists(path):
+                    continue  # no swap accounting in this kernel: nothing can swap past memory.max
+                _write(path, value)
             return
         settings = v1_settings(config)
         self._apply_v1_cpu(os.path.join(self._dirs["cpu"], relative), settings)

@@ -320,6 +320,8 @@ def test_unset_values_reset_to_unlimited() -> None:
         "pids.max": "max",
     }
     assert v2_settings(ResourceConfig(cpu_shares=2, pids_limit=64))["pids.max"] == "64"
+    # Swap only when asked for (containers under NoSwap): 0, so memory.max means an OOM kill.
+    assert v2_settings(ResourceConfig(swap_limit=0))["memory.swap.max"] == "0"
 
 
 def test_subtree_control_files_cover_every_ancestor() -> None:

@@ -225,7 +225,9 @@ def ensure_initramfs(modules_dir: Path, release: str) -> Path:
 # --- one boot ------------------------------------------------------------------------------
 
 
-def run_variant(variant: Variant, kernel: Path, initramfs: Path, modules_dir: Path, pytest_args: list[str]) -> int:
+def run_variant(
+    variant: Variant, kernel: Path, initramfs: Path, modules_dir: Path, pytest_args: list[str], tests: list[str] | None
+) -> int:
     share = Path(tempfile.mkdtemp(prefix=f"v2lane-{variant.name}-"))
     python = Path(sys.prefix) / "bin/python"  # the virtual environment this script runs in
     spec = {
@@ -233,7 +235,7 @@ def run_variant(variant: Variant, kernel: Path, initramfs: Path, modules_dir: Pa
         "repo": str(REPO),
         "python": str(python),
         "modules_dir": str(modules_dir),
-        "pytest_args": [*variant.tests, *pytest_args],
+        "pytest_args": [*(tests or variant.tests), *pytest_args],
     }
     (share / "variant.json").write_text(json.dumps(spec, indent=1))
     # The kernel command line takes no spaces in a value: the init is a script on the share.
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--list", action="store_true", help="print the variants and their tests")
+    parser.add_argument("--tests", nargs="+", help="run these pytest paths instead of each variant's")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args, pytest_args = parser.parse_args(argv[:split]), argv[split + 1 :]
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants or list(VARIANTS):
         started = time.monotonic()
         results[name] = (
-            run_variant(VARIANTS[name], kernel, initramfs, modules_dir, pytest_args),
+            run_variant(VARIANTS[name], kernel, initramfs, modules_dir, pytest_args, args.tests),
             time.monotonic() - started,
         )
     for name, (rc, wall) in results.items():
