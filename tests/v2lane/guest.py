@@ -96,7 +96,17 @@ def placement_argv(placement: str, argv: list[str]) -> tuple[list[str], Path | N
 
 def run_tests(spec: dict[str, object]) -> int:
     repo = str(spec["repo"])
-    argv = [str(spec["python"]), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *spec["pytest_args"]]  # type: ignore[misc]
+    argv = [
+        str(spec["python"]),
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "--durations=8",
+        "-p",
+        "no:cacheprovider",
+        *spec["pytest_args"],
+    ]  # type: ignore[misc]
     argv, cgroup = placement_argv(str(spec["placement"]), argv)
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -43,14 +43,19 @@ VARIANT_TIMEOUT = 20 * 60
 
 # The tests that skip on this hybrid v1 host or show v2 values: cgroup files, processes, stats,
 # the process backend's acceptance Pod (overhead, init container max) and swap.
-CGROUP_TESTS = (
-    "tests/test_cgroups.py",
-    "tests/test_cgroups_report.py",
-)
+CGROUP_TESTS = ("tests/test_cgroups.py", "tests/test_cgroups_report.py")
+PROCESS = "tests/test_process.py::test_"
+ACCEPTANCE_POD = f"{PROCESS}pod_cgroup_enforces_runtime_class_overhead"
 POD_TESTS = (
-    "tests/test_process.py::test_acceptance_pod",
-    "tests/test_stats_summary.py",
+    f"{PROCESS}process_runs_in_its_cgroup_and_logs_in_cri_format",
+    ACCEPTANCE_POD,
+    f"{PROCESS}burstable_without_memory_limit_has_no_pod_memory_limit",
+    f"{PROCESS}cpu_limit_throttles",
+    f"{PROCESS}exit_codes_and_oom",
+    "tests/test_stats_summary.py::test_summary_matches_a_real_pods_cgroup",
 )
+V2_CGROUP_TESTS = ("tests/test_cgroups.py", "-k", "v2")
+OOM_TESTS = ("tests/test_cgroups.py::test_v2_process_placement_removal_and_oom", f"{PROCESS}exit_codes_and_oom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +82,9 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("plain", (*CGROUP_TESTS, *POD_TESTS)),
-        Variant("leaf", ("tests/test_cgroups.py", "tests/test_process.py::test_acceptance_pod"), placement="leaf"),
-        Variant(
-            "cgroupns",
-            ("tests/test_cgroups.py", "tests/test_process.py::test_acceptance_pod"),
-            placement="cgroupns",
-        ),
-        Variant("swap", ("tests/test_cgroups.py",), swap=True),
+        Variant("leaf", (*V2_CGROUP_TESTS, ACCEPTANCE_POD), placement="leaf"),
+        Variant("cgroupns", (*V2_CGROUP_TESTS, ACCEPTANCE_POD), placement="cgroupns"),
+        Variant("swap", OOM_TESTS, swap=True),
     )
 }
 
