@@ -21,6 +21,7 @@ CONTROLLERS = "+cpu +memory +pids"
 LEAF = CGROUP / "system.slice" / "kubelet-emu.service"
 CONTAINER = CGROUP / "lane-container"
 CLUSTER_DIR = "/tmp/v2lane-cluster"
+BASETEMP = "/tmp/v2lane-pytest"  # not /tmp/pytest-of-root: pytest would prune the host's runs there
 
 
 def log(message: str) -> None:
@@ -40,7 +41,7 @@ def setup_machine(spec: dict[str, object]) -> None:
     mount("cgroup2", "cgroup2", str(CGROUP), "nsdelegate")
     mount("devpts", "devpts", "/dev/pts", "gid=5,mode=620,ptmxmode=666")
     mount("tmpfs", "tmpfs", "/dev/shm", "mode=1777")
-    mount("tmpfs", "tmpfs", "/tmp", "mode=1777")
+    # /tmp stays the host's (read-only below the overlay): a CI checkout or venv may live there.
     # The cached kernel's modules where modprobe looks; busybox modprobe stands in for kmod's.
     release = os.uname().release
     modules = f"/lib/modules/{release}"
@@ -113,6 +114,8 @@ def run_tests(spec: dict[str, object]) -> int:
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "KUBELET_EMU_TEST_CLUSTER_DIR": CLUSTER_DIR,
+        # Go binaries start slowly under TCG: the dev cluster takes minutes, not seconds, here.
+        "KUBELET_EMU_DEVCLUSTER_READY_TIMEOUT": "900",
         **dict(spec.get("env") or ()),  # type: ignore[arg-type]
     }
 
@@ -128,6 +131,13 @@ def run_tests(spec: dict[str, object]) -> int:
             return os.waitstatus_to_exitcode(status)
 
 
+def keep_logs() -> None:
+    """The dev cluster's log, for a failure to be read on the host after the VM is gone."""
+    log_file = Path(CLUSTER_DIR, "devcluster.log")
+    if log_file.exists():
+        (SHARE / "devcluster.log").write_bytes(log_file.read_bytes())
+
+
 def main() -> None:
     started = time.monotonic()
     rc = 126
@@ -136,6 +146,7 @@ def main() -> None:
         setup_machine(spec)
         log(f"ready after {time.monotonic() - started:.1f} s in PID 1")
         rc = run_tests(spec)
+        keep_logs()
     except BaseException as e:  # PID 1 must never exit: report and power off
         log(f"setup failed: {e!r}")
     finally:
