@@ -116,6 +116,7 @@ def run_tests(spec: dict[str, object]) -> int:
         "KUBELET_EMU_TEST_CLUSTER_DIR": CLUSTER_DIR,
         # Go binaries start slowly under TCG: the dev cluster takes minutes, not seconds, here.
         "KUBELET_EMU_DEVCLUSTER_READY_TIMEOUT": "900",
+        "KUBELET_EMU_TEST_TIMEOUT_SCALE": "6",
         **dict(spec.get("env") or ()),  # type: ignore[arg-type]
     }
 
