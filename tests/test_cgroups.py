@@ -633,6 +633,12 @@ def test_v2_process_placement_removal_and_oom(
     assert hog.wait(timeout=30) == -9
     assert manager.oom_kills(hog_cgroup) >= 1
     assert manager.oom_kills(manager.pod_path(pod)) >= 1
+    events = parse_flat_keyed(read(unified() / hog_cgroup / "memory.events"))
+    assert events["oom"] >= 1 and events["oom_kill"] >= 1
+    swap_max = unified() / hog_cgroup / "memory.swap.max"
+    if swap_max.exists():  # with swap on, anything else swaps the hog out instead (no OOM kill)
+        assert read(swap_max) == "0"
+    print(f"v2 OOM: exit {hog.returncode}, memory.events {events}, memory.swap.max {read(swap_max)}")
     assert manager.usage(sleep_cgroup)["cpu_usage_ns"] >= 0
 
     manager.remove(manager.pod_path(pod))
