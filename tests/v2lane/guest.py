@@ -102,10 +102,11 @@ def run_tests(spec: dict[str, object]) -> int:
         "-m",
         "pytest",
         "-q",
-        "-rs",
+        "-rsP",  # P: what passed tests printed (the values they measured)
         "--durations=8",
         "-p",
         "no:cacheprovider",
+        f"--basetemp={BASETEMP}",
         *spec["pytest_args"],
     ]  # type: ignore[misc]
     argv, cgroup = placement_argv(str(spec["placement"]), argv)
@@ -133,10 +134,12 @@ def run_tests(spec: dict[str, object]) -> int:
 
 
 def keep_logs() -> None:
-    """The dev cluster's log, for a failure to be read on the host after the VM is gone."""
+    """The dev cluster's and the agents' logs, for a failure to be read on the host after the VM is gone."""
     log_file = Path(CLUSTER_DIR, "devcluster.log")
     if log_file.exists():
         (SHARE / "devcluster.log").write_bytes(log_file.read_bytes())
+    for agent_log in Path(BASETEMP).glob("*/agent-*.log"):
+        (SHARE / f"{agent_log.parent.name}-{agent_log.name}").write_bytes(agent_log.read_bytes())
 
 
 def main() -> None:
