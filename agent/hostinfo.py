@@ -26,6 +26,7 @@ class HostInfo:
     machine_id: str
     boot_id: str
     system_uuid: str
+    swap_bytes: int = 0  # SwapTotal: reported as status.nodeInfo.swap.capacity
 
 
 def _read(path: str, default: str = "") -> str:
@@ -43,11 +44,15 @@ def _os_image() -> str:
     return "Linux"
 
 
-def _memory_bytes() -> int:
+def _meminfo_bytes(key: str) -> int:
     for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _memory_bytes() -> int:
+    return _meminfo_bytes("MemTotal")
 
 
 def go_arch(machine: str) -> str:
@@ -74,6 +79,7 @@ def read_host_info(state_dir: str) -> HostInfo:
         machine_id=_read("/etc/machine-id"),
         boot_id=_read("/proc/sys/kernel/random/boot_id"),
         system_uuid=_read("/sys/class/dmi/id/product_uuid"),
+        swap_bytes=_meminfo_bytes("SwapTotal"),
     )
 
 

@@ -161,6 +161,9 @@ def node_status(
             "kubeProxyVersion": "",
             "operatingSystem": "linux",
             "architecture": host.arch,
+            # NodeSwap (GA in 1.34): the node's swap size; the API server rejects a capacity of 0
+            # ("must be greater than zero"), so a node without swap leaves the field out.
+            **({"swap": {"capacity": host.swap_bytes}} if host.swap_bytes > 0 else {}),
         },
         "runtimeHandlers": runtime_handlers(facts.config),
     }

@@ -93,7 +93,11 @@ def _cgroup_manager(config: AgentConfig) -> CgroupManager | None:
     if os.geteuid() != 0:
         return None
     try:
-        return CgroupManager(root=config.node.cgroup_root, driver=config.node.cgroup_driver)
+        manager = CgroupManager(root=config.node.cgroup_root, driver=config.node.cgroup_driver)
+        # A containerized host: the agent at its cgroup namespace's root moves into a leaf first.
+        if moved := manager.make_room_for_children():
+            log.info("cgroup v2: moved into a leaf", extra=kv(detail=moved))
+        return manager
     except CgroupError as exc:
         log.warning("pod cgroups unavailable; the process backend will refuse Pods", extra=kv(error=str(exc)))
         return None

@@ -45,6 +45,7 @@ TEST_TOOLS = (
     ("pkill", "procps", "the tests' process checks"),
     ("nsenter", "util-linux", "the tests' namespace checks"),
     ("prometheus", "prometheus", "scrapes the node's /metrics/cadvisor and /metrics/probes in the monitoring tests"),
+    ("qemu-system-x86_64", "qemu-system-x86", "the cgroup v2 lane's VM (tests/v2lane)"),
 )
 PURPOSES = ("run", "demo", "tests")
 

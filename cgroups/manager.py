@@ -51,6 +51,8 @@ V1_DEFAULT_SHARES = 1024  # kernel default for cpu.shares
 V2_DEFAULT_WEIGHT = 100  # kernel default for cpu.weight
 REMOVE_TIMEOUT = 2.0  # seconds to wait for killed processes to leave before giving up
 DRIVERS = ("cgroupfs", "systemd")
+# Where processes of a top cgroup go so it can enable controllers (kind's and the kubelet's name).
+LEAF_NAME = "init"
 
 # Which v1 hierarchy holds each limit file.
 _V1_FILE_HIERARCHY = {
@@ -61,6 +63,8 @@ _V1_FILE_HIERARCHY = {
     "pids.max": "pids",
 }
 _V2_FILES = ("cpu.weight", "cpu.max", "memory.max", "pids.max")
+# Written only when the config sets it and the kernel accounts swap (CONFIG_MEMCG_SWAP).
+_V2_SWAP = "memory.swap.max"
 
 
 # --- pure helpers (unit tested without a cgroup fs) ---------------------------
@@ -80,7 +84,7 @@ def v1_settings(config: ResourceConfig) -> dict[str, str]:
 def v2_settings(config: ResourceConfig) -> dict[str, str]:
     """Every v2 limit file with its value; unset limits become "max" (weight: the default 100)."""
     files = {"cpu.weight": str(V2_DEFAULT_WEIGHT), **config.v2_files()}
-    return {name: files[name] for name in _V2_FILES}
+    return {name: files[name] for name in (*_V2_FILES, _V2_SWAP) if name in files}
 
 
 def subtree_control_files(unified: str, relative: str) -> list[str]:
@@ -232,6 +236,51 @@ class CgroupManager:
 
     # -- setup
 
+    def make_room_for_children(self) -> str:
+        """On v2, let the top cgroup enable controllers for the Pods' root; "" or what was done.
+
+        v2 forbids a cgroup that holds processes from enabling controllers for its children
+        (EBUSY), except the real root. The agent's top cgroup holds processes when it runs at
+        the root of its own cgroup namespace (a kind node, any container): then, as kind's
+        entrypoint and the kubelet do, every process there moves into the leaf `<top>/init`.
+        Raises CgroupError (one line: what and why) where that cannot be done.
+        """
+        if self.mode.version != 2:
+            return ""
+        top = self._dirs["unified"]
+        control = os.path.join(top, "cgroup.subtree_control")
+        line = missing_controllers(_read(control))
+        if not line:
+            return ""
+        try:
+            _write(control, line)
+            return ""
+        except CgroupError as e:
+            if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EBUSY:
+                raise
+        leaf = os.path.join(top, LEAF_NAME)
+        with _errors("create the leaf cgroup", leaf):
+            os.makedirs(leaf, exist_ok=True)
+        moved: set[int] = set()
+        for _ in range(10):  # a process may fork while the others move
+            left = self._procs_in(top)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+                    moved.add(pid)
+                except CgroupError as e:
+                    if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.ESRCH:
+                        raise CgroupError(
+                            f"cannot enable {line} in {control}: {top} holds processes and moving "
+                            f"process {pid} into {leaf} failed ({e}); start the agent in a leaf cgroup"
+                        ) from e
+        _write(
+            control, line, {errno.EBUSY: f"processes keep appearing in {top}/cgroup.procs; start the agent in a leaf"}
+        )
+        return f"moved {len(moved)} processes from {top} into {leaf} to enable {line} for Pods"
+
     def ensure_pod(self, pod: Mapping[str, Any], config: ResourceConfig) -> None:
         """Create root, QoS and pod cgroups and write the pod's limits. Idempotent."""
         relative = self.pod_path(pod)
@@ -283,7 +332,10 @@ class CgroupManager:
         if self.mode.version == 2:
             directory = self._dirs["unified"]
             for name, value in v2_settings(config).items():
-                _write(os.path.join(directory, relative, name), value)
+                path = os.path.join(directory, relative, name)
+                if name == _V2_SWAP and not os.path.exists(path):
+                    continue  # no swap accounting in this kernel: nothing can swap past memory.max
+                _write(path, value)
             return
         settings = v1_settings(config)
         self._apply_v1_cpu(os.path.join(self._dirs["cpu"], relative), settings)

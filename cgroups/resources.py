@@ -304,6 +304,9 @@ class ResourceConfig:
     cpu_period: int | None = None  # us; set together with cpu_quota
     memory_limit: int | None = None  # bytes
     pids_limit: int | None = None
+    # memory.swap.max (v2 only); None leaves the file alone. The kubelet's NoSwap (the default
+    # swap behaviour) gives every container 0 and leaves the Pod level unset.
+    swap_limit: int | None = None
 
     @property
     def cpu_weight(self) -> int | None:
@@ -333,6 +336,8 @@ class ResourceConfig:
         files["cpu.max"] = f"{quota} {period}"
         files["memory.max"] = "max" if self.memory_limit is None else str(self.memory_limit)
         files["pids.max"] = "max" if self.pids_limit is None else str(self.pids_limit)
+        if self.swap_limit is not None:
+            files["memory.swap.max"] = str(self.swap_limit)
         return files
 
 
@@ -398,6 +403,7 @@ def container_resource_config(
         cpu_quota=quota,
         cpu_period=period,
         memory_limit=memory if memory > 0 else None,
+        swap_limit=0,  # NoSwap: over memory.max a container is OOM-killed, never swapped out
     )
 
 

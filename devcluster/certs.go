@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 )
 
@@ -116,14 +117,16 @@ func waitReady(ctx context.Context, p *pkiPaths, apiErr <-chan error) error {
 	if err != nil {
 		return err
 	}
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+	// Under an emulated CPU (the cgroup v2 lane's VM) one TLS request can take several seconds.
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
 	}}
 	server, err := readServer(p.adminKubeconfig)
 	if err != nil {
 		return err
 	}
-	deadline := time.Now().Add(120 * time.Second)
+	wait := readyTimeout()
+	deadline := time.Now().Add(wait)
 	for time.Now().Before(deadline) {
 		select {
 		case err := <-apiErr:
@@ -140,5 +143,13 @@ func waitReady(ctx context.Context, p *pkiPaths, apiErr <-chan error) error {
 			}
 		}
 	}
-	return fmt.Errorf("kube-apiserver not ready after 120s")
+	return fmt.Errorf("kube-apiserver not ready after %s", wait)
+}
+
+// readyTimeout is 120s, or KUBELET_EMU_DEVCLUSTER_READY_TIMEOUT seconds (manage.py reads the same).
+func readyTimeout() time.Duration {
+	if s, err := strconv.ParseFloat(os.Getenv("KUBELET_EMU_DEVCLUSTER_READY_TIMEOUT"), 64); err == nil && s > 0 {
+		return time.Duration(s * float64(time.Second))
+	}
+	return 120 * time.Second
 }

@@ -26,8 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The cgroup v2 lane runs the tests on an emulated CPU (QEMU TCG), several times slower than this
+# host: it stretches every wait by this factor. Never set it to make a test pass on a real host.
+TIMEOUT_SCALE = float(os.environ.get("KUBELET_EMU_TEST_TIMEOUT_SCALE") or 1)
+
+
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, interval: float = 0.5, what: str = "") -> Any:
     """Poll `check` until it returns something truthy; fail with the last value after `timeout`."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:

@@ -113,6 +113,13 @@ def make_manager() -> Iterator[Callable[..., CgroupManager]]:
 
     def make(driver: str = "cgroupfs", mode: CgroupMode | None = None) -> CgroupManager:
         manager = CgroupManager(mode=mode or HOST, root=f"kubelet-emu-test-{uuid.uuid4().hex[:8]}", driver=driver)
+        if mode is None:
+            # What the agent does at start (at a cgroup namespace root it moves into a leaf);
+            # where even that cannot work, these tests cannot either.
+            try:
+                manager.make_room_for_children()
+            except CgroupError as e:
+                pytest.skip(f"Pod cgroups cannot be made here: {e}")
         made.append(manager)
         return manager
 
@@ -320,6 +327,8 @@ def test_unset_values_reset_to_unlimited() -> None:
         "pids.max": "max",
     }
     assert v2_settings(ResourceConfig(cpu_shares=2, pids_limit=64))["pids.max"] == "64"
+    # Swap only when asked for (containers under NoSwap): 0, so memory.max means an OOM kill.
+    assert v2_settings(ResourceConfig(swap_limit=0))["memory.swap.max"] == "0"
 
 
 def test_subtree_control_files_cover_every_ancestor() -> None:
@@ -624,11 +633,48 @@ def test_v2_process_placement_removal_and_oom(
     assert hog.wait(timeout=30) == -9
     assert manager.oom_kills(hog_cgroup) >= 1
     assert manager.oom_kills(manager.pod_path(pod)) >= 1
+    events = parse_flat_keyed(read(unified() / hog_cgroup / "memory.events"))
+    assert events["oom"] >= 1 and events["oom_kill"] >= 1
+    swap_max = unified() / hog_cgroup / "memory.swap.max"
+    if swap_max.exists():  # with swap on, anything else swaps the hog out instead (no OOM kill)
+        assert read(swap_max) == "0"
+    print(f"v2 OOM: exit {hog.returncode}, memory.events {events}, memory.swap.max {read(swap_max)}")
     assert manager.usage(sleep_cgroup)["cpu_usage_ns"] >= 0
 
     manager.remove(manager.pod_path(pod))
     assert sleeper.wait(timeout=5) == -9
     assert not (unified() / manager.pod_path(pod)).exists()
+
+
+@requires_v2
+def test_v2_top_cgroup_with_processes_moves_them_into_a_leaf(
+    make_manager: Callable[..., CgroupManager], processes: list[subprocess.Popen]
+) -> None:
+    """A containerized host: the cgroup the agent sees as its root holds processes (EBUSY)."""
+    top = unified() / f"kubelet-emu-test-ns-{uuid.uuid4().hex[:8]}"
+    top.mkdir()
+    try:
+        sleeper = subprocess.Popen(["sleep", "30"])
+        processes.append(sleeper)
+        (top / "cgroup.procs").write_text(str(sleeper.pid))
+        # Seen from inside, `top` is the mount root of its own cgroup namespace.
+        manager = make_manager(mode=CgroupMode(2, {"unified": str(top)}))
+        done = manager.make_room_for_children()
+        assert done == f"moved 1 processes from {top} into {top}/init to enable +cpu +memory +pids for Pods"
+        assert read(top / "init" / "cgroup.procs").split() == [str(sleeper.pid)]
+        assert read(top / "cgroup.procs") == ""
+        assert {"cpu", "memory", "pids"} <= set(read(top / "cgroup.subtree_control").split())
+        assert manager.make_room_for_children() == ""  # idempotent
+        pod = guaranteed_pod()
+        manager.ensure_pod(pod, pod_resource_config(pod))
+        assert read(top / manager.pod_path(pod) / "memory.max") == "335544320"
+        manager.remove(manager.root_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for leftover in (top / "init", top):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.rmdir()
 
 
 # The hybrid host's cgroup2 mount has no controllers, but process placement, cgroup.kill

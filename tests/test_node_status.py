@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -103,6 +104,9 @@ def test_status_conditions_addresses_and_info():
         {"type": "Hostname", "address": "box"},
     ]
     assert status["nodeInfo"]["kubeletVersion"].startswith("kubelet-emu/")
+    assert "swap" not in status["nodeInfo"]  # swap off: left out (the API server refuses capacity 0)
+    with_swap = node_status(dataclasses.replace(facts(), host=dataclasses.replace(HOST, swap_bytes=2 * 1024**3)), NOW)
+    assert with_swap["nodeInfo"]["swap"] == {"capacity": 2 * 1024**3}
     assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10250}}
 
 

@@ -141,6 +141,22 @@ async def test_process_runs_in_its_cgroup_and_logs_in_cri_format(kubectl, node, 
     assert any(line.split(" ", 3)[1:] == ["stderr", "F", "oops"] for line in lines), lines
 
 
+def expect_limits(values: dict[str, str], memory: int | None, quota: int | None, shares: int, weight: int) -> None:
+    """The kubelet's values as the cgroup files show them, on v1 or v2 (None: unlimited)."""
+    if "cpu.max" in values:  # v2
+        assert values["memory.max"] == ("max" if memory is None else str(memory))
+        assert values["cpu.max"] == f"{'max' if quota is None else quota} 100000"
+        assert values["cpu.weight"] == str(weight)
+        return
+    if memory is None:
+        assert int(values["memory.limit_in_bytes"]) >= 2**62  # the v1 "unlimited" value
+    else:
+        assert values["memory.limit_in_bytes"] == str(memory)
+    assert values["cpu.cfs_quota_us"] == ("-1" if quota is None else str(quota))
+    assert values["cpu.cfs_period_us"] == "100000"
+    assert values["cpu.shares"] == str(shares)
+
+
 def two_container_pod(name: str, node: str, runtime_class: str | None) -> str:
     """The acceptance Pod: limits (500m, 100Mi) and (1500m, 100Mi), requests (100m, 50Mi) each."""
     rc_line = f"  runtimeClassName: {runtime_class}\n" if runtime_class else ""
@@ -173,22 +189,20 @@ async def test_pod_cgroup_enforces_runtime_class_overhead(kubectl, node, cgroups
     assert obj["status"]["qosClass"] == "Burstable"
     pod_rel = cgroups.pod_path(obj)
     assert pod_rel == f"{CGROUP_ROOT}/burstable/pod{obj['metadata']['uid']}"
-    values = cgroups.read_values(pod_rel)
-    assert values["memory.limit_in_bytes"] == "335544320"
-    assert values["cpu.cfs_quota_us"] == "225000"
-    assert values["cpu.cfs_period_us"] == "100000"
-    assert values["cpu.shares"] == str(450 * 1024 // 1000)  # requests 100m + 100m + overhead 250m
-    assert values["pids.max"] == "256"
+    # requests 100m + 100m + overhead 250m -> 460 shares (cpu.weight 18 on v2)
+    expect_limits(cgroups.read_values(pod_rel), memory=335544320, quota=225000, shares=450 * 1024 // 1000, weight=18)
+    assert cgroups.read_values(pod_rel)["pids.max"] == "256"
     a = cgroups.read_values(cgroups.container_path(obj, "a"))
-    assert a["memory.limit_in_bytes"] == str(100 * 2**20) and a["cpu.cfs_quota_us"] == "50000"
+    expect_limits(a, memory=100 * 2**20, quota=50000, shares=102, weight=4)
     b = cgroups.read_values(cgroups.container_path(obj, "b"))
-    assert b["cpu.cfs_quota_us"] == "150000" and b["cpu.shares"] == "102"
+    expect_limits(b, memory=100 * 2**20, quota=150000, shares=102, weight=4)
+    if cgroups.mode.version == 2:  # NoSwap: over memory.max a container is OOM-killed, never swapped
+        for container in ("a", "b"):
+            swap = Path(cgroups.absolute_paths(cgroups.container_path(obj, container))[0], "memory.swap.max")
+            assert not swap.exists() or swap.read_text().strip() == "0"
 
     plain = await eventually(lambda: phase(kubectl, without_rc, "Running"), 15, what="Running")
-    plain_values = cgroups.read_values(cgroups.pod_path(plain))
-    assert plain_values["memory.limit_in_bytes"] == "209715200"
-    assert plain_values["cpu.cfs_quota_us"] == "200000"
-    assert plain_values["cpu.shares"] == str(200 * 1024 // 1000)
+    expect_limits(cgroups.read_values(cgroups.pod_path(plain)), memory=209715200, quota=200000, shares=204, weight=8)
 
     await kubectl("delete", "pod", with_rc, without_rc, "--wait=true", "--timeout=20s")
     for path in cgroups.absolute_paths(pod_rel):
@@ -220,11 +234,9 @@ spec:
 """)
     obj = await eventually(lambda: phase(kubectl, p, "Running"), 15, what="Running")
     values = cgroups.read_values(cgroups.pod_path(obj))
-    assert int(values["memory.limit_in_bytes"]) >= 2**62  # the v1 "unlimited" value
-    assert values["cpu.cfs_quota_us"] == "-1"
-    assert values["cpu.shares"] == str(750 * 1024 // 1000)  # 200m + 300m + overhead 250m
+    expect_limits(values, memory=None, quota=None, shares=750 * 1024 // 1000, weight=30)  # 200m + 300m + 250m
     a = cgroups.read_values(cgroups.container_path(obj, "a"))
-    assert a["memory.limit_in_bytes"] == str(128 * 2**20)
+    assert a.get("memory.limit_in_bytes", a.get("memory.max")) == str(128 * 2**20)
     await kubectl("delete", "pod", p, "--wait=false")
 
 
@@ -243,6 +255,7 @@ async def test_cpu_limit_throttles(kubectl, node, cgroups):
     after, t1 = cgroups.usage(rel)["cpu_usage_ns"], asyncio.get_running_loop().time()
     cpus = (after - before) / 1e9 / (t1 - t0)
     assert 0.05 <= cpus <= 0.15, f"used {cpus:.3f} CPU with a 100m limit"
+    print(f"cpu use under a 100m limit: {cpus:.3f} CPU, cpu files {cgroups.read_values(rel)}")
     assert throttled(cgroups, rel) > throttled_before
     await kubectl("delete", "pod", p, "--wait=false")
 

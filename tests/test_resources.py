@@ -298,14 +298,16 @@ def test_unset_config_writes_nothing_on_v1() -> None:
 
 def test_container_config_from_request() -> None:
     cfg = container_resource_config(ctr("a", requests={"cpu": "250m", "memory": "64Mi"}))
-    assert cfg == ResourceConfig(cpu_shares=256)
+    assert cfg == ResourceConfig(cpu_shares=256, swap_limit=0)
 
 
 def test_container_config_from_limits() -> None:
     cfg = container_resource_config(ctr("a", limits={"cpu": "500m", "memory": "256Mi"}))
-    assert cfg == ResourceConfig(cpu_shares=512, cpu_quota=50000, cpu_period=100000, memory_limit=256 * MI)
+    assert cfg == ResourceConfig(
+        cpu_shares=512, cpu_quota=50000, cpu_period=100000, memory_limit=256 * MI, swap_limit=0
+    )
     assert container_resource_config(ctr("a", limits={"cpu": "500m"}), enforce_cpu_limits=False) == (
-        ResourceConfig(cpu_shares=512)
+        ResourceConfig(cpu_shares=512, swap_limit=0)
     )
 
 
@@ -315,8 +317,17 @@ def test_container_config_request_and_limit() -> None:
     # An explicit zero request still takes shares from the limit, as the kubelet does.
     zero = container_resource_config(ctr("a", requests={"cpu": "0"}, limits={"cpu": "1"}))
     assert zero.cpu_shares == 1024
-    assert container_resource_config(ctr("a")) == ResourceConfig(cpu_shares=2)
-    assert container_resource_config({"name": "bare"}) == ResourceConfig(cpu_shares=2)
+    assert container_resource_config(ctr("a")) == ResourceConfig(cpu_shares=2, swap_limit=0)
+    assert container_resource_config({"name": "bare"}) == ResourceConfig(cpu_shares=2, swap_limit=0)
+
+
+def test_no_swap_for_containers_pod_level_left_alone() -> None:
+    """NoSwap, the kubelet's default: memory.swap.max 0 for each container, unset for the Pod."""
+    p = pod([ctr("a", limits={"cpu": "500m", "memory": "100Mi"})])
+    container = container_resource_config(p["spec"]["containers"][0])
+    assert container.v2_files()["memory.swap.max"] == "0"
+    assert "memory.swap.max" not in pod_resource_config(p).v2_files()
+    assert "memory.swap.max" not in container.v1_files()  # v1 has no such file
 
 
 # --- cgroup names --------------------------------------------------------------
