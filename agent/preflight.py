@@ -44,6 +44,7 @@ TEST_TOOLS = (
     ("ip", "iproute2", "the network tests' namespaces and links"),
     ("pkill", "procps", "the tests' process checks"),
     ("nsenter", "util-linux", "the tests' namespace checks"),
+    ("qemu-system-x86_64", "qemu-system-x86", "the cgroup v2 lane's VM (tests/v2lane)"),
 )
 PURPOSES = ("run", "demo", "tests")
 

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""The cgroup v2 lane: run selected tests in a throwaway VM with a pure cgroup v2 hierarchy.
+
+This machine is hybrid cgroup v1, so the v2 code paths only run for real inside a VM: QEMU with
+TCG (the host's /dev/kvm is nested PVM-style KVM, under which a stock kernel hangs), Debian's
+generic kernel (it has the 9p modules; the cloud kernel does not) and a busybox initramfs that
+mounts this machine's root read-only over virtio-9p with a tmpfs overlay, so the guest runs the
+very checkout, virtual environment and cached control plane the host has. `guest.py` is PID 1
+in the guest: it mounts cgroup2 alone, brings up loopback, places the tests' processes as the
+variant says, runs pytest and powers off. Its exit code comes back through a writable 9p share.
+
+    tests/v2lane/lane.py                    # every variant, in turn
+    tests/v2lane/lane.py plain swap         # some variants
+    tests/v2lane/lane.py plain -- -k oom    # extra pytest arguments
+
+The kernel and initramfs are cached in ~/.cache/kubelet-emu/v2lane. Needs root (9p passthrough
+of root-owned files), qemu-system-x86 and busybox-static (`kubelet-emu doctor --for tests --install`).
+Only standard-library imports: it runs before anything is installed into a virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubelet-emu" / "v2lane"
+KERNEL_META_PACKAGE = "linux-image-amd64"
+# Modules the initramfs loads to reach the root over 9p (their dependencies are added).
+INITRAMFS_MODULES = ("virtio_pci", "virtio_rng", "9pnet_virtio", "9p", "overlay")
+MEMORY_MIB = 3072
+CPUS = 2
+# A variant that takes longer than this is stuck (TCG is slow, but not this slow).
+VARIANT_TIMEOUT = 20 * 60
+
+# The tests that skip on this hybrid v1 host or show v2 values: cgroup files, processes, stats,
+# the process backend's acceptance Pod (overhead, init container max) and swap.
+CGROUP_TESTS = (
+    "tests/test_cgroups.py",
+    "tests/test_cgroups_report.py",
+)
+POD_TESTS = (
+    "tests/test_process.py::test_acceptance_pod",
+    "tests/test_stats_summary.py",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One boot of the VM: how the guest starts, where the tests' processes sit, which tests run.
+
+    placement: "root" (the root cgroup), "leaf" (a systemd-like service cgroup,
+    /system.slice/kubelet-emu.service) or "cgroupns" (the root of its own cgroup namespace, as in
+    a container). init: "guest" (guest.py is PID 1); another init (e.g. systemd) names its program
+    in `init_program` and reads the same /run/v2lane/variant.json.
+    """
+
+    name: str
+    tests: tuple[str, ...]
+    placement: str = "root"
+    swap: bool = False
+    init: str = "guest"
+    init_program: str = ""
+    cmdline: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("plain", (*CGROUP_TESTS, *POD_TESTS)),
+        Variant("leaf", ("tests/test_cgroups.py", "tests/test_process.py::test_acceptance_pod"), placement="leaf"),
+        Variant(
+            "cgroupns",
+            ("tests/test_cgroups.py", "tests/test_process.py::test_acceptance_pod"),
+            placement="cgroupns",
+        ),
+        Variant("swap", ("tests/test_cgroups.py",), swap=True),
+    )
+}
+
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "rdinit=/init",
+    "panic=-1",
+    "quiet",
+    "loglevel=4",
+    # Pure v2: no v1 hierarchy may claim a controller.
+    "cgroup_no_v1=all",
+    "systemd.unified_cgroup_hierarchy=1",
+)
+
+
+def say(message: str) -> None:
+    print(f"v2lane: {message}", flush=True)
+
+
+def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+# --- kernel and initramfs ----------------------------------------------------------------
+
+
+def kernel_package() -> str:
+    """The versioned kernel package the generic meta package depends on (linux-image-6.1.0-N-amd64)."""
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            name = line.split(":", 1)[-1].strip()
+            if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
+                return name
+        if attempt == 0:  # a fresh machine's package lists may be empty
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+    raise SystemExit(f"v2lane: apt-cache knows no {KERNEL_META_PACKAGE}; this lane needs Debian's package lists")
+
+
+def ensure_kernel() -> tuple[Path, Path, str]:
+    """(vmlinuz, modules directory, kernel release), unpacked into the cache once."""
+    package = kernel_package()
+    home = CACHE / package
+    done = home / ".done"
+    if not done.exists():
+        say(f"fetching {package} (apt-get download, unpacked, not installed)")
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(["apt-get", "download", package], cwd=tmp)
+            (deb,) = Path(tmp).glob("*.deb")
+            run(["dpkg-deb", "-x", str(deb), str(home / "root")])
+        release = next((home / "root/lib/modules").iterdir()).name
+        # modules.dep for the guest's module loading (busybox depmod: kmod is not installed here).
+        run(["busybox", "depmod", "-b", str(home / "root"), release])
+        done.write_text(release)
+    release = done.read_text().strip()
+    return next((home / "root/boot").glob("vmlinuz-*")), home / "root/lib/modules" / release, release
+
+
+def module_order(modules_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Relative paths of the modules and their dependencies, each after what it depends on."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {Path(p).name.removesuffix(".ko").replace("-", "_"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        for dep in deps.get(path, []):
+            visit(dep)
+        if path not in order:
+            order.append(path)
+
+    for name in names:
+        if name in by_name:  # not a module: built into this kernel
+            visit(by_name[name])
+    return order
+
+
+INIT_SCRIPT = """#!/bin/busybox sh
+# Stage 1 (initramfs): the host's root over 9p, read-only, under a tmpfs overlay; then the
+# program lane.init= names becomes PID 1 in it.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /modules.order); do insmod /modules/$m || echo "v2lane: insmod $m failed"; done
+mkdir -p /lower /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /lower || poweroff -f
+mount -t tmpfs -o size=75% tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot || poweroff -f
+init=$(sed -n 's/.*lane\\.init=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+for d in dev proc sys; do mount --move /$d /newroot/$d; done
+# A clean /run holding the writable share (variant.json in, rc and logs out).
+mount -t tmpfs -o mode=755 tmpfs /newroot/run
+mkdir -p /newroot/run/v2lane
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 lane /newroot/run/v2lane || poweroff -f
+exec switch_root /newroot $init
+"""
+
+
+def ensure_initramfs(modules_dir: Path, release: str) -> Path:
+    image = CACHE / f"initramfs-{release}.cpio.gz"
+    if image.exists() and image.stat().st_mtime >= Path(__file__).stat().st_mtime:
+        return image
+    say(f"building {image}")
+    order = module_order(modules_dir, INITRAMFS_MODULES)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for d in ("bin", "proc", "sys", "dev", "modules"):
+            (root / d).mkdir()
+        shutil.copy2("/bin/busybox", root / "bin/busybox")
+        for rel in order:
+            target = root / "modules" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(modules_dir / rel, target)
+        (root / "modules.order").write_text("\n".join(order) + "\n")
+        init = root / "init"
+        init.write_text(INIT_SCRIPT)
+        init.chmod(0o755)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cpio = subprocess.run(
+            ["busybox", "cpio", "-o", "-H", "newc"],
+            cwd=root,
+            input=("\n".join(files) + "\n").encode(),
+            capture_output=True,
+            check=True,
+        ).stdout
+    tmp_image = image.with_suffix(".tmp")
+    with open(tmp_image, "wb") as f:
+        f.write(subprocess.run(["gzip", "-1"], input=cpio, capture_output=True, check=True).stdout)
+    tmp_image.rename(image)
+    return image
+
+
+# --- one boot ------------------------------------------------------------------------------
+
+
+def run_variant(variant: Variant, kernel: Path, initramfs: Path, modules_dir: Path, pytest_args: list[str]) -> int:
+    share = Path(tempfile.mkdtemp(prefix=f"v2lane-{variant.name}-"))
+    python = Path(sys.prefix) / "bin/python"  # the virtual environment this script runs in
+    spec = {
+        **dataclasses.asdict(variant),
+        "repo": str(REPO),
+        "python": str(python),
+        "modules_dir": str(modules_dir),
+        "pytest_args": [*variant.tests, *pytest_args],
+    }
+    (share / "variant.json").write_text(json.dumps(spec, indent=1))
+    # The kernel command line takes no spaces in a value: the init is a script on the share.
+    init = variant.init_program or f"/usr/bin/python3 {REPO / 'tests/v2lane/guest.py'}"
+    wrapper = share / "init"
+    wrapper.write_text(f"#!/bin/sh\nexec {init}\n")
+    wrapper.chmod(0o755)
+    cmdline = [*BASE_CMDLINE, *variant.cmdline, "lane.init=/run/v2lane/init"]
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-m",
+        str(MEMORY_MIB),
+        "-smp",
+        str(CPUS),
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        " ".join(cmdline),
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={share},mount_tag=lane,security_model=passthrough",
+        "-device",
+        "virtio-rng-pci",
+        "-nic",
+        "none",
+    ]
+    say(f"variant {variant.name}: booting ({' '.join(variant.tests)})")
+    started = time.monotonic()
+    # The serial console is the guest's output: shown as it comes and kept in console.log.
+    with open(share / "console.log", "wb") as log:
+        vm = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert vm.stdout is not None
+        for line in iter(vm.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            if time.monotonic() - started > VARIANT_TIMEOUT:
+                vm.kill()
+                say(f"variant {variant.name}: no result after {VARIANT_TIMEOUT} s; the VM was stopped")
+        vm.wait()
+    elapsed = time.monotonic() - started
+    rc_file = share / "rc"
+    rc = int(rc_file.read_text()) if rc_file.exists() else 125
+    say(f"variant {variant.name}: exit {rc} in {elapsed:.0f} s wall (output kept in {share})")
+    (share / "wall_seconds").write_text(f"{elapsed:.1f}\n")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", help=f"of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the variants and their tests")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, pytest_args = parser.parse_args(argv[:split]), argv[split + 1 :]
+    if args.list:
+        for v in VARIANTS.values():
+            print(f"{v.name:10} placement={v.placement} swap={v.swap} init={v.init}: {' '.join(v.tests)}")
+        return 0
+    unknown = [n for n in args.variants if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if os.geteuid() != 0:
+        raise SystemExit("v2lane: run it as root (the guest reads this machine's root-owned files over 9p)")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if not shutil.which(tool):
+            raise SystemExit(f"v2lane: {tool} not found: apt-get install -y {package}")
+    kernel, modules_dir, release = ensure_kernel()
+    initramfs = ensure_initramfs(modules_dir, release)
+    results = {}
+    for name in args.variants or list(VARIANTS):
+        started = time.monotonic()
+        results[name] = (
+            run_variant(VARIANTS[name], kernel, initramfs, modules_dir, pytest_args),
+            time.monotonic() - started,
+        )
+    for name, (rc, wall) in results.items():
+        say(f"{name:10} {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s")
+    return 0 if all(rc == 0 for rc, _ in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
