@@ -84,6 +84,13 @@ VARIANTS: dict[str, Variant] = {
             placement="cgroupns",
         ),
         Variant("swap", ("tests/test_cgroups.py",), swap=True),
+        # Debian's systemd as PID 1, the agent as a systemd service with cgroup_driver = "systemd".
+        Variant(
+            "systemd",
+            ("tests/test_systemd_driver.py",),
+            init="systemd",
+            init_program=f"/usr/bin/python3 {REPO / 'tests/v2lane/systemd_guest.py'}",
+        ),
     )
 }
 
