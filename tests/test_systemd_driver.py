@@ -109,7 +109,7 @@ async def test_driver_creates_updates_and_removes_the_pods_units() -> None:
         # In-place resize: new limits through SetUnitProperties, no limit on memory any more.
         await manager.update_pod(pod, ResourceConfig(cpu_shares=512, cpu_quota=150_000, cpu_period=100_000))
         got = await show(pod_slice, "CPUQuotaPerSecUSec", "MemoryMax", "TasksMax")
-        assert got == {"CPUQuotaPerSecUSec": "1.500s", "MemoryMax": "infinity", "TasksMax": "infinity"}
+        assert got == {"CPUQuotaPerSecUSec": "1.500000s", "MemoryMax": "infinity", "TasksMax": "infinity"}
 
         await manager.teardown_pod(relative)
         assert await asyncio.wait_for(sleeper.wait(), 10) == -9
