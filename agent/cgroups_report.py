@@ -166,6 +166,7 @@ def _report(record_file: Path, manager: CgroupManager, pod_pids_limit: int) -> d
         backend=record.get("backend"),
         cgroup=relative,
         cgroup_path=_display_path(manager, relative),
+        units=manager.unit_names(relative),  # systemd driver: the Pod's slice and container scope
         cgroup_version=version,
         values=None,
         differs=[],
@@ -326,6 +327,8 @@ def format_table(reports: Iterable[Mapping[str, Any]]) -> str:
         lines = [
             f"{pod_key(report)}  handler={report.get('handler')}  qos={report['qos']}  cgroup={report['cgroup_path']}"
         ]
+        if report.get("units"):
+            lines.append("  units: " + "  ".join(report["units"]))
         rows = [["CONTAINER", "CPU REQ", "CPU LIM", "MEM REQ", "MEM LIM"]]
         for c in report["containers"]:
             label = c["name"] + (" (sidecar)" if c["sidecar"] else " (init)" if c["init"] else "")

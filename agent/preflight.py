@@ -157,6 +157,21 @@ def check_cgroups(required: bool = True) -> list[Check]:
     return [Check("cgroups", not missing, detail, fix, required)]
 
 
+def check_systemd(required: bool = True) -> Check:
+    """cgroup_driver = "systemd": systemd is PID 1 and its system D-Bus answers on the usual socket."""
+    fix = 'run on a host booted with systemd (and dbus), or set [node] cgroup_driver = "cgroupfs"'
+    if not os.path.isdir("/run/systemd/system"):
+        try:
+            init = Path("/proc/1/comm").read_text().strip()
+        except OSError:
+            init = "unknown"
+        return Check("systemd", False, f"cgroup_driver is systemd but PID 1 is {init!r}", fix, required)
+    if not os.path.exists("/run/dbus/system_bus_socket"):
+        return Check("systemd", False, "systemd runs but the system D-Bus socket /run/dbus/system_bus_socket does not "
+                     "exist", "apt-get install -y dbus && systemctl start dbus.socket", required)  # fmt: skip
+    return Check("systemd", True, "cgroup_driver systemd: systemd and the system D-Bus are up")
+
+
 def check_netns() -> Check:
     if os.path.exists("/proc/self/ns/net"):
         return Check("network namespaces", True, "/proc/self/ns/net present")
@@ -249,6 +264,8 @@ def host_checks(config: AgentConfig, purpose: str = "run", with_port: bool = Tru
         # The agent itself runs without them (those handlers' Pods are refused); the demo does not.
         checks.append(check_root(why, required=purpose == "demo"))  # tests that need root skip without it
         checks += check_cgroups(required=purpose != "run")
+        if config.node.cgroup_driver == "systemd" and real:
+            checks.append(check_systemd())
     if networked or purpose == "tests":
         checks.append(check_netns())
     for handler in handlers:

@@ -286,6 +286,7 @@ class Reset:
         await self.runtime_containers()
         self.processes()
         await asyncio.to_thread(self.cgroups, uids)
+        await self.systemd_units(uids)
         self.mounts()
         await self.network()
         self.state()
@@ -348,6 +349,28 @@ class Reset:
             self.warn(f"kept cgroup {rel}: {why}")
         for rel, why in report.failed.items():
             self.error(f"cannot remove cgroup {rel}: {why}")
+
+    async def systemd_units(self, uids: set[str]) -> None:
+        """cgroup_driver = "systemd": stop the Pods' slices and scopes, so systemd forgets them too."""
+        if self.targets.cgroup_driver != "systemd" or not os.path.isdir("/run/systemd/system"):
+            return
+        from cgroups.systemd_bus import Systemd, SystemdError
+        from cgroups.systemd_units import escape, scope_for
+
+        root = escape(self.targets.cgroup_root)
+        bus = Systemd()
+        try:
+            for uid in sorted(uids):
+                for tier in ("", "burstable-", "besteffort-"):  # the QoS is not recorded: try each
+                    pod_slice = f"{root}-{tier}pod{escape(uid)}.slice"
+                    for unit in (scope_for(pod_slice), pod_slice):
+                        if await bus.unit_state(unit) == "active":
+                            await bus.stop_unit(unit)
+                            self.done(f"stopped systemd unit {unit}")
+        except SystemdError as exc:
+            self.error(f"cannot stop the Pods' systemd units: {exc}")
+        finally:
+            await bus.close()
 
     def mounts(self) -> None:
         if not self.state_dir.is_dir():

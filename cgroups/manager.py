@@ -2,7 +2,9 @@
 
 Layout as the kubelet's (pkg/kubelet/cm): <root>/[burstable|besteffort/]pod<uid>/<container>
 with the cgroupfs driver, <root>.slice/<root>-burstable.slice/<root>-burstable-pod<uid_>.slice/...
-with systemd naming (we only create directories with those names; we never talk to systemd).
+with the systemd driver, where systemd makes the slices (transient units over D-Bus, see
+cgroups/systemd_driver.py) and the containers' cgroups sit in the Pod's delegated scope:
+<pod slice>/<pod slice stem>-containers.scope/<container>.
 
 v1: the same relative path is created in the cpu, cpuacct, memory and pids hierarchies
 (once per mount point, so comounted "cpu,cpuacct" counts once). Knobs cgroupspy knows are set
@@ -10,12 +12,15 @@ through it; pids.max is a plain file write.
 v2: one directory in the unified hierarchy; controllers are enabled in every ancestor's
 cgroup.subtree_control, so processes must only ever be put in leaves (container cgroups).
 
-All methods are synchronous: cgroupfs operations are fast. Call them via run_in_executor
-from async code where a blocking moment matters (remove() may wait up to ~2 s).
+Pod cgroups are set up, resized and removed with the async setup_pod/update_pod/teardown_pod,
+which talk to systemd with that driver. The other methods are synchronous: cgroupfs operations
+are fast. Call them via run_in_executor from async code where a blocking moment matters
+(remove() may wait up to ~2 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -29,6 +34,8 @@ from cgroupspy.nodes import Node
 
 from cgroups.detect import CgroupError, CgroupMode, detect_mode, parse_controllers
 from cgroups.resources import QUOTA_PERIOD, ResourceConfig, pod_cgroup_parent
+from cgroups.systemd_driver import SystemdDriver
+from cgroups.systemd_units import scope_for
 
 __all__ = [
     "CgroupError",
@@ -194,6 +201,8 @@ class CgroupManager:
             self._dirs = {"unified": self.mode.mounts["unified"]}
         else:
             self._dirs = self._v1_dirs(self.mode.mounts)
+        # Talks to systemd on first use only: naming and file access work without it.
+        self.systemd = SystemdDriver(self) if driver == "systemd" else None
 
     @staticmethod
     def _v1_dirs(mounts: Mapping[str, str]) -> dict[str, str]:
@@ -223,7 +232,23 @@ class CgroupManager:
     def container_path(self, pod: Mapping[str, Any], container_name: str) -> str:
         if not container_name or "/" in container_name or container_name in (".", ".."):
             raise ValueError(f"invalid container name {container_name!r}")
-        return f"{self.pod_path(pod)}/{container_name}"
+        return f"{self.containers_parent(pod)}/{container_name}"
+
+    def containers_parent(self, pod: Mapping[str, Any]) -> str:
+        """Where the containers' cgroups go: the Pod cgroup, or with systemd the Pod's delegated scope."""
+        relative = self.pod_path(pod)
+        if self.driver == "systemd":
+            return f"{relative}/{scope_for(relative.rsplit('/', 1)[-1])}"
+        return relative
+
+    def unit_names(self, relative: str) -> list[str]:
+        """The systemd units behind a Pod cgroup (slice, container scope); [] with cgroupfs."""
+        if self.systemd is None:
+            return []
+        try:
+            return self.systemd.unit_names(relative)
+        except ValueError:
+            return []
 
     def absolute_paths(self, relative: str) -> list[str]:
         """The directory of `relative` in every hierarchy we manage."""
@@ -234,7 +259,34 @@ class CgroupManager:
         """The cgroup.procs files a new process must be written to, in order (one per hierarchy)."""
         return [os.path.join(d, "cgroup.procs") for d in self.absolute_paths(relative)]
 
-    # -- setup
+    # -- Pod lifecycle (async: with the systemd driver these are D-Bus calls)
+
+    async def setup_pod(self, pod: Mapping[str, Any], config: ResourceConfig) -> None:
+        """Create the Pod's cgroup (and parents) with its limits. Idempotent."""
+        if self.systemd is not None:
+            await self.systemd.setup_pod(pod, config)
+        else:
+            await asyncio.to_thread(self.ensure_pod, pod, config)
+
+    async def update_pod(self, pod: Mapping[str, Any], config: ResourceConfig) -> None:
+        """New limits for the Pod's existing cgroup (in-place resize)."""
+        if self.systemd is not None:
+            await self.systemd.update_pod(pod, config)
+        else:
+            await asyncio.to_thread(self.ensure_pod, pod, config)
+
+    async def teardown_pod(self, relative: str) -> None:
+        """Kill what is inside and remove the Pod's cgroup (`relative` = pod_path, as recorded)."""
+        if self.systemd is not None and self.unit_names(relative):
+            await self.systemd.remove_pod(relative)
+        else:
+            await asyncio.to_thread(self.remove, relative)
+
+    async def close(self) -> None:
+        if self.systemd is not None:
+            await self.systemd.close()
+
+    # -- setup (cgroupfs; with systemd, only below the Pod's delegated scope)
 
     def make_room_for_children(self) -> str:
         """On v2, let the top cgroup enable controllers for the Pods' root; "" or what was done.
@@ -327,6 +379,10 @@ class CgroupManager:
                 "the parent's cgroup.subtree_control (at the root it may be bound to a cgroup v1 hierarchy)",
             },
         )
+
+    def write_limits(self, relative: str, config: ResourceConfig) -> None:
+        """Write every limit file of an existing cgroup."""
+        self._apply(relative, config)
 
     def _apply(self, relative: str, config: ResourceConfig) -> None:
         if self.mode.version == 2:
@@ -462,6 +518,10 @@ class CgroupManager:
             self._kill_all(relative, deadline)
         for path in self.absolute_paths(relative):
             self._rmdir_tree(path, deadline if kill else time.monotonic())
+
+    def kill(self, relative: str) -> None:
+        """Kill every process in the cgroup and its descendants (waits up to REMOVE_TIMEOUT)."""
+        self._kill_all(relative, time.monotonic() + REMOVE_TIMEOUT)
 
     def _kill_all(self, relative: str, deadline: float) -> None:
         if os.getpid() in self.pids(relative):

@@ -310,7 +310,7 @@ class OciBackend(Backend):
         await asyncio.to_thread(write_owner, self._pod_dir(pod), pod, self.name, self.handler.name,
                                 self.cgroups.pod_path(pod))  # fmt: skip
         try:
-            await asyncio.to_thread(self.cgroups.ensure_pod, pod, pod_resource_config(pod, self.context.pod_pids_limit))
+            await self.cgroups.setup_pod(pod, pod_resource_config(pod, self.context.pod_pids_limit))
             await asyncio.to_thread(self.cgroups.ensure_container, pod, PAUSE_CGROUP, ResourceConfig())
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
@@ -446,7 +446,7 @@ class OciBackend(Backend):
         self._volume_locks.pop(uid, None)
         if self.cgroups is not None and pod_cgroup:
             with contextlib.suppress(CgroupError, OSError):
-                await asyncio.to_thread(self.cgroups.remove, pod_cgroup)
+                await self.cgroups.teardown_pod(pod_cgroup)
             with contextlib.suppress(OSError, ValueError):
                 await asyncio.to_thread(remove_everywhere, pod_cgroup)
 
@@ -819,7 +819,7 @@ class OciBackend(Backend):
         for key, config in steps:
             if key == POD:
                 try:
-                    await asyncio.to_thread(self.cgroups.ensure_pod, after, config)
+                    await self.cgroups.update_pod(after, config)
                 except (CgroupError, OSError) as exc:
                     raise ResizeError(f"pod cgroup: {exc}") from exc
             else:

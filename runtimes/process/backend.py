@@ -26,7 +26,7 @@ from typing import Any
 
 from cgroups.manager import CgroupError, CgroupManager
 from cgroups.resize import POD, MemoryBelowUsageError, plan_resize
-from cgroups.resources import container_resource_config, pod_resource_config
+from cgroups.resources import ResourceConfig, container_resource_config, pod_resource_config
 from runtimes.base import (
     JSON,
     Backend,
@@ -101,7 +101,7 @@ class ProcessBackend(Backend):
         await asyncio.to_thread(write_owner, pod_dir, pod, self.name, self.handler.name, self.cgroups.pod_path(pod))
         config = pod_resource_config(pod, self.context.pod_pids_limit)
         try:
-            await asyncio.to_thread(self.cgroups.ensure_pod, pod, config)
+            await self.cgroups.setup_pod(pod, config)
         except (CgroupError, OSError) as exc:
             raise SandboxError(f"cannot create the pod cgroup: {exc}") from exc
         # What `kubelet-emu cgroups` needs to explain the limits, even when the agent is not running.
@@ -114,7 +114,7 @@ class ProcessBackend(Backend):
         await self.teardown_pod_network(pod)
         if self.cgroups is not None:
             with contextlib.suppress(CgroupError, OSError):
-                await asyncio.to_thread(self.cgroups.remove, self.cgroups.pod_path(pod))
+                await self.cgroups.teardown_pod(self.cgroups.pod_path(pod))
         pod_dir = self.pods_dir / pod_dir_name(pod)
         if pod["metadata"].get("deletionTimestamp"):
             await asyncio.to_thread(remove_tree, pod_dir)  # logs and specs go with the Pod
@@ -140,7 +140,7 @@ class ProcessBackend(Backend):
         if self.cgroups is not None and cgroup:
             with contextlib.suppress(CgroupError, OSError, ValueError):
                 killed += len(await asyncio.to_thread(self.cgroups.pids, cgroup))
-                await asyncio.to_thread(self.cgroups.remove, cgroup)  # kills what is left, forks included
+                await self.cgroups.teardown_pod(cgroup)  # kills what is left, forks included
         if self.context.network is not None:
             await self.context.network.teardown(record.pod_uid)  # idempotent
         if not await asyncio.to_thread(remove_pod_dir, pod_dir):
@@ -382,7 +382,16 @@ class ProcessBackend(Backend):
     ) -> None:
         if self.cgroups is None:
             raise ResizeError("no cgroups to resize")
-        await asyncio.to_thread(self._resize_cgroups, before, after, containers)
+        steps = await asyncio.to_thread(self._resize_steps, before, after, containers)
+        manager = self.cgroups
+        try:
+            for key, config in steps:
+                if key == POD:
+                    await manager.update_pod(after, config)
+                else:
+                    await asyncio.to_thread(manager.ensure_container, after, key, config)
+        except (CgroupError, OSError) as exc:
+            raise ResizeError(str(exc)) from exc
         # `kubelet-emu cgroups` explains the values from this record: it follows the resize.
         pod_dir = self.pods_dir / pod_dir_name(after)
         record = {
@@ -393,16 +402,15 @@ class ProcessBackend(Backend):
         }
         await asyncio.to_thread((pod_dir / "pod.json").write_text, json.dumps(record))
 
-    def _resize_cgroups(self, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]) -> None:
+    def _resize_steps(
+        self, before: JSON, after: JSON, containers: Mapping[str, ContainerHandle]
+    ) -> list[tuple[str, ResourceConfig]]:
+        """The cgroup writes of a resize, in the kubelet's order, after checking no memory limit
+        falls below usage."""
         manager = self.cgroups
         assert manager is not None
         try:
-            steps = plan_resize(manager, before, after, containers, self.context.pod_pids_limit)
-            for key, config in steps:
-                if key == POD:
-                    manager.ensure_pod(after, config)
-                else:
-                    manager.ensure_container(after, key, config)
+            return plan_resize(manager, before, after, containers, self.context.pod_pids_limit)
         except (MemoryBelowUsageError, CgroupError, OSError) as exc:
             raise ResizeError(str(exc)) from exc
 

@@ -93,6 +93,13 @@ VARIANTS: dict[str, Variant] = {
         # The Pod first: the agent, not a test fixture, must be the one that moves into the leaf.
         Variant("cgroupns", (ACCEPTANCE_POD, *V2_CGROUP_TESTS), placement="cgroupns"),
         Variant("swap", OOM_TESTS, swap=True),
+        # Debian's systemd as PID 1, the agent as a systemd service with cgroup_driver = "systemd".
+        Variant(
+            "systemd",
+            ("tests/test_systemd_driver.py",),
+            init="systemd",
+            init_program=f"/usr/bin/python3 {REPO / 'tests/v2lane/systemd_guest.py'}",
+        ),
     )
 }
 
