@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +33,13 @@ from agent.config.fleet import FLEET_LABEL, FleetNode, FleetSettings, fleet_node
 from agent.events import EventRecorder
 from agent.fleet.ctl import read_health
 from agent.fleet.identity import IdentityError, check_identity
+from agent.fleet.kubelet_api import FleetKubeletAPI
 from agent.fleet.shape import check_fleet_config, node_facts
 from agent.hostinfo import HostInfo, address_toward, read_host_info
 from agent.informer import Informer
 from agent.kube import ApiError, Kube
+from agent.kubelet_api.server import DEFAULT_PORT
+from agent.kubelet_api.tls import ServingNames, TLSConfigError
 from agent.node import NodeAgent
 from agent.pods import PodController, SharedWatches, slim_pod, slim_service
 from agent.tls_memory import shrink_tls_read_buffers
@@ -59,6 +63,7 @@ class Member:
     pods: PodController
     task: asyncio.Task[None] | None = None
     leaving: bool = False
+    sock: socket.socket | None = None  # its kubelet API port, until served
 
 
 def with_count(settings: FleetSettings, count: int | None) -> FleetSettings:
@@ -71,13 +76,22 @@ def with_count(settings: FleetSettings, count: int | None) -> FleetSettings:
 
 
 class Fleet:
-    def __init__(self, kube: Kube, config: AgentConfig, state_dir: Path, host: HostInfo, ip: str, port: int):
+    def __init__(
+        self,
+        kube: Kube,
+        config: AgentConfig,
+        state_dir: Path,
+        host: HostInfo,
+        ip: str,
+        api: FleetKubeletAPI | None = None,
+    ):
         assert config.fleet is not None
+        self.api = api
         self.kube = kube
         self.config = config
         self.settings: FleetSettings = config.fleet
         self.state_dir = state_dir
-        self.host, self.ip, self.port = host, ip, port
+        self.host, self.ip = host, ip
         self.members: dict[str, Member] = {}
         self._route: dict[str, str] = {}  # Pod uid -> node name, for deletions seen after a relist
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -158,12 +172,14 @@ class Fleet:
     # --- members ----------------------------------------------------------------------------------
 
     def _member(self, spec: FleetNode) -> Member:
-        facts = node_facts(self.config, spec, self.settings.name, self.host, self.ip, self.port)
+        sock = self.api.bind() if self.api is not None else None
+        port = sock.getsockname()[1] if sock is not None else DEFAULT_PORT
+        facts = node_facts(self.config, spec, self.settings.name, self.host, self.ip, port)
         node = NodeAgent(self.kube, facts, own_watch=False, spread=True)
         node.recovery_hooks += [self.pods.retry_now, self.nodes.retry_now, self.runtime_classes.retry_now]
         events = EventRecorder(self.kube, spec.name, policy=self.config.events)
         pods = PodController(self.kube, node, facts.config, self.state_dir, events, shared=self.shared)
-        return Member(spec, node, pods)
+        return Member(spec, node, pods, sock=sock)
 
     def _start(self, spec: FleetNode) -> Member:
         member = self._member(spec)
@@ -172,6 +188,9 @@ class Fleet:
         return member
 
     async def _member_main(self, member: Member) -> None:
+        if self.api is not None and member.sock is not None:
+            sock, member.sock = member.sock, None
+            await self.api.serve(member.pods, sock)
         await member.node.register()
         await member.node.run()
 
@@ -197,6 +216,8 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await member.task
         await member.pods.close()
+        if self.api is not None:
+            await self.api.stop_serving(name)
         for gone in (f"{LEASES}/{name}", path):
             try:
                 await self.kube.delete(gone)
@@ -246,7 +267,8 @@ class Fleet:
                 self.spawn(self.remove(member))
                 removed += 1
             elif spec != member.spec:
-                facts = node_facts(self.config, spec, settings.name, self.host, self.ip, self.port)
+                port = member.node.facts.kubelet_port
+                facts = node_facts(self.config, spec, settings.name, self.host, self.ip, port)
                 member.spec = spec
                 member.node.facts = facts
                 member.node.set_config(facts.config)
@@ -289,6 +311,10 @@ class Fleet:
             await asyncio.wait(pending, timeout=STOP_TIMEOUT)
         for member in self.members.values():
             await member.pods.close()
+            if member.sock is not None:
+                member.sock.close()
+        if self.api is not None:
+            await self.api.close()
 
 
 def _ignore(_: JSON) -> None:
@@ -344,7 +370,18 @@ async def run(opts: FleetOptions) -> int:
         return 2
     host = read_host_info(str(opts.state_dir))
     ip = opts.node_ip or address_toward(kube.host)
-    fleet = Fleet(kube, config, opts.state_dir, host, ip, config.kubelet_api.port)
+    api: FleetKubeletAPI | None = None
+    if config.kubelet_api.enabled:
+        api = FleetKubeletAPI(config.kubelet_api, kube, opts.kubeconfig, opts.state_dir)
+        try:
+            await api.start(ServingNames.of(config.fleet.name, host.hostname, ip))
+        except (TLSConfigError, OSError) as exc:
+            log.error(
+                f"kubelet API not started: {exc}; set [kubelet_api] tls_cert_file/tls_key_file or enabled = false"
+            )
+            await kube.close()
+            return 2
+    fleet = Fleet(kube, config, opts.state_dir, host, ip, api)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
