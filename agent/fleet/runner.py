@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,8 @@ class Fleet:
 
     def stats(self) -> JSON:
         members = list(self.members.values())
-        return {
+        traced = {"traced_bytes": tracemalloc.get_traced_memory()[0]} if tracemalloc.is_tracing() else {}
+        return traced | {
             "nodes": len(members),
             "requests_by_verb": self.kube.requests_by_verb,
             "lease_renewals": sum(m.node.lease.renewals for m in members if m.node.lease),
