@@ -73,6 +73,7 @@ class NodeAgent:
         self._last_post = 0.0
         # Called when the API server answers again after an outage (watches retry at once).
         self.recovery_hooks: list[Callable[[], None]] = []
+        self.shared_recovery: Callable[[], None] | None = None
         # The Node as the API server holds it: a change by someone else (the node lifecycle
         # controller's Ready=Unknown) is seen here and corrected, as the kubelet's status loop does.
         self.watch: Informer | None = None
@@ -116,6 +117,9 @@ class NodeAgent:
         network never says so), so they are dropped and new ones made, as the kubelet does."""
         self._last_fingerprint = None
         self.wakeup.set()
+        if self.shared_recovery is not None:
+            self.shared_recovery()  # a fleet: its one connection pool and watches, debounced there
+            return
         self.kube.reset_connections()
         for hook in self.recovery_hooks:
             hook()

@@ -52,6 +52,7 @@ log = logging.getLogger("agent.fleet")
 JSON = dict[str, Any]
 DRAIN_TIMEOUT = 60.0  # seconds a removed node waits for its Pods to go before it leaves anyway
 STOP_TIMEOUT = 4.0
+RECOVERY_DEBOUNCE = 30.0  # seconds between two renewals of the shared connections and watches
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
 
 
@@ -96,6 +97,7 @@ class Fleet:
         self.members: dict[str, Member] = {}
         self._route: dict[str, str] = {}  # Pod uid -> node name, for deletions seen after a relist
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._recovered_at = -RECOVERY_DEBOUNCE
         self.runtime_classes = Informer(
             kube,
             "/apis/node.k8s.io/v1/runtimeclasses",
@@ -164,6 +166,17 @@ class Fleet:
         for member in self.members.values():
             member.pods.wake_all()
 
+    def _api_recovered(self) -> None:
+        """A node's heartbeat works again after failing. A thousand nodes say so at once after an
+        outage: the shared connections and watches are renewed once, not once per node."""
+        now = time.monotonic()
+        if now - self._recovered_at < RECOVERY_DEBOUNCE:
+            return
+        self._recovered_at = now
+        self.kube.reset_connections()
+        for informer in (self.pods, self.nodes, self.runtime_classes):
+            informer.retry_now()
+
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -177,7 +190,7 @@ class Fleet:
         port = sock.getsockname()[1] if sock is not None else DEFAULT_PORT
         facts = node_facts(self.config, spec, self.settings.name, self.host, self.ip, port)
         node = NodeAgent(self.kube, facts, own_watch=False, spread=True)
-        node.recovery_hooks += [self.pods.retry_now, self.nodes.retry_now, self.runtime_classes.retry_now]
+        node.shared_recovery = self._api_recovered
         events = EventRecorder(self.kube, spec.name, policy=self.config.events)
         pods = PodController(self.kube, node, facts.config, self.state_dir, events, shared=self.shared)
         return Member(spec, node, pods, sock=sock)
