@@ -706,7 +706,8 @@ class PodWorker:
         if not self.rec.terminal and self._override is None:
             # A deleted Pod ends terminal: Succeeded only if every container exited 0.
             self.rec.phase = "Succeeded" if all(c.succeeded for c in self.rec.containers) else "Failed"
-        await self.flush()
+        if self.backend is None or self.backend.final_status_write:
+            await self.flush()
         ns, name = self.key.split("/", 1)
         try:
             await self.host.kube.delete(
