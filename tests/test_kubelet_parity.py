@@ -77,9 +77,7 @@ async def node(kubectl, start_agent):
     agent = await start_agent(name, HANDLERS)
     await wait_node_ready(kubectl, name)
     yield name, agent
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
-    )
+    await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
 
 
 async def test_admission_sees_labels_an_admin_added(kubectl: Kubectl, node):

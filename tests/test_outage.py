@@ -195,9 +195,7 @@ async def test_api_server_outage_node_and_pods_recover_within_15s(kubectl, start
         assert stats.get("status_corrections", 0) >= PODS
     finally:
         await proxy.close()
-        await kubectl.run(
-            "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
-        )
+        await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
 
 
 async def test_externally_patched_ready_condition_is_corrected(kubectl, start_agent):

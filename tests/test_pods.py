@@ -80,9 +80,7 @@ async def node(kubectl, start_agent):
     agent = await start_agent(name, HANDLERS)
     await wait_node_ready(kubectl, name)
     yield name, agent
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False
-    )
+    await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
 
 
 async def test_three_runtime_classes_each_pod_runs_on_its_handler(kubectl, node):

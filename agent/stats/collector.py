@@ -136,7 +136,7 @@ class StatsCollector:
                         log_dir=pod_dir + name if measured else None,
                         # The Pod's annotations first, then the handler profile's usage.
                         plan=(emulated_usage.planned_usage(annotations, name) if annotations else None)
-                        or handle.extra.get("usage"),
+                        or (getattr(handle, "extra", None) or {}).get("usage"),
                     )
                 )
             start = _timestamp(worker.rec.start_time) or min((c.start_time for c in containers), default=time.time())
