@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_join_parser(sub, _default_state_dir())
 
+    from agent.fleet.cli import add_fleet_parser
+
+    add_fleet_parser(sub, _default_state_dir())
+
     handlers = sub.add_parser("handlers", help="print and validate the runtime handler table")
     handlers.add_argument("--config", help="agent configuration (TOML)")
 
@@ -103,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     d_node = dsub.add_parser("node-kubeconfig", help="mint a node identity and print its kubeconfig path")
     d_node.add_argument("--dir", type=Path, default=default_dir())
     d_node.add_argument("node")
+    d_fleet = dsub.add_parser(
+        "fleet-kubeconfig",
+        help="apply examples/fleet/rbac.yaml and mint a fleet credential (never admin); print its kubeconfig path",
+    )
+    d_fleet.add_argument("--dir", type=Path, default=default_dir())
+    d_fleet.add_argument("--name", default="fleet", help="the credential's name (user kubelet-emu:fleet:NAME)")
     dsub.add_parser("build", help="only build (or find in the cache) the control-plane binary")
     return p
 
@@ -254,6 +264,13 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
             print(asyncio.run(manage.token_create(args.dir, args.ttl)))
         elif args.dev_command == "node-kubeconfig":
             print(asyncio.run(manage.node_kubeconfig(args.dir, args.node)))
+        elif args.dev_command == "fleet-kubeconfig":
+            from devcluster.fleet_credential import fleet_kubeconfig
+
+            running = manage.read_cluster(args.dir)
+            if running is None:
+                return _fail(f"no dev cluster is running in {args.dir}: run `kubelet-emu dev-cluster up` first")
+            print(asyncio.run(fleet_kubeconfig(running, args.name)))
         elif args.dev_command == "kubectl":
             cluster = manage.read_cluster(args.dir)
             if cluster is None:
@@ -307,6 +324,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from agent.fleet.cli import cmd_fleet
+
+    return cmd_fleet(args)
+
+
 # Import names that differ from the PyPI names, for the missing-package message.
 _DISTRIBUTIONS = {"yaml": "PyYAML"}
 
@@ -322,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "dev-cluster": cmd_dev_cluster,
         "demo": cmd_demo,
         "join": cmd_join,
+        "fleet": _cmd_fleet,
     }
     try:
         return handlers[args.command](args)

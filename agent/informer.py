@@ -37,6 +37,7 @@ class Informer:
         on_upsert: Handler,
         on_delete: Handler,
         field_selector: str | None = None,
+        label_selector: str | None = None,
         name: str = "",
         page_size: int = 500,
         keep_objects: bool = True,
@@ -45,6 +46,7 @@ class Informer:
         self.kube = kube
         self.path = path
         self.field_selector = field_selector
+        self.label_selector = label_selector
         self.on_upsert = on_upsert
         self.on_delete = on_delete
         self.name = name or path
@@ -82,6 +84,7 @@ class Informer:
             page = await self.kube.get(
                 self.path,
                 fieldSelector=self.field_selector,
+                labelSelector=self.label_selector,
                 limit=self.page_size,
                 **({"continue": cont} if cont else {}),
             )
@@ -103,7 +106,9 @@ class Informer:
         self.synced.set()
 
     async def _watch(self) -> None:
-        async for event in self.kube.watch(self.path, self.resource_version, fieldSelector=self.field_selector):
+        async for event in self.kube.watch(
+            self.path, self.resource_version, fieldSelector=self.field_selector, labelSelector=self.label_selector
+        ):
             obj = event["object"]
             if self.transform and event["type"] != "BOOKMARK":
                 obj = self.transform(obj)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -29,9 +30,16 @@ def micro_time(t: datetime) -> str:
 
 class NodeLease:
     def __init__(
-        self, kube: Kube, node_name: str, node_uid: str, on_recovered: Callable[[], None] | None = None
-    ):  # fmt: skip
+        self,
+        kube: Kube,
+        node_name: str,
+        node_uid: str,
+        on_recovered: Callable[[], None] | None = None,
+        spread: bool = False,
+    ):
         self.kube = kube
+        self.spread = spread  # renew at a random phase of the interval (a fleet's nodes spread out)
+        self.paused: Callable[[], bool] = lambda: False  # True: skip renewals (a node made silent on purpose)
         self.on_recovered = on_recovered  # called when a renewal works again after failures
         self.node = node_name
         self.node_uid = node_uid
@@ -89,7 +97,11 @@ class NodeLease:
 
     async def run(self) -> None:
         failures = 0  # in a row
+        first = True
         while True:
+            if self.paused():
+                await asyncio.sleep(RENEW_INTERVAL)
+                continue
             try:
                 await self.renew()
                 if failures:
@@ -98,6 +110,9 @@ class NodeLease:
                         self.on_recovered()  # the node status goes out with it, at once
                 failures = 0
                 delay = RENEW_INTERVAL
+                if first and self.spread:
+                    delay = random.uniform(0, RENEW_INTERVAL)
+                first = False
             except ApiError as exc:
                 self.failures += 1
                 if not failures:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -50,8 +51,16 @@ def explain(exc: ApiError, node: str) -> str:
 
 
 class NodeAgent:
-    def __init__(self, kube: Kube, facts: NodeFacts):
+    def __init__(self, kube: Kube, facts: NodeFacts, *, own_watch: bool = True, spread: bool = False):
+        """`own_watch` False: the Node's watch events come from outside (the fleet's one Node watch
+        calls node_seen). `spread`: heartbeats start at a random phase, and the first periodic
+        status post at a random point of its 5 min, so a fleet registered in a burst does not
+        write in bursts ever after."""
         self.kube = kube
+        self.spread = spread
+        # None: healthy. "not-ready": posts Ready=False. "silent": no Lease renewals and no status
+        # posts, so the node lifecycle controller marks the node Unknown (`kubelet-emu fleet ctl`).
+        self.health: str | None = None
         self.facts = facts
         self.name = facts.name
         self.path = f"/api/v1/nodes/{facts.name}"
@@ -66,16 +75,18 @@ class NodeAgent:
         self.recovery_hooks: list[Callable[[], None]] = []
         # The Node as the API server holds it: a change by someone else (the node lifecycle
         # controller's Ready=Unknown) is seen here and corrected, as the kubelet's status loop does.
-        self.watch = Informer(
-            kube,
-            "/api/v1/nodes",
-            field_selector=f"metadata.name={self.name}",
-            on_upsert=self._node_seen,
-            on_delete=self._node_deleted,
-            name="node",
-            keep_objects=False,
-        )
-        self.recovery_hooks.append(self.watch.retry_now)
+        self.watch: Informer | None = None
+        if own_watch:
+            self.watch = Informer(
+                kube,
+                "/api/v1/nodes",
+                field_selector=f"metadata.name={self.name}",
+                on_upsert=self.node_seen,
+                on_delete=self.node_deleted,
+                name="node",
+                keep_objects=False,
+            )
+            self.recovery_hooks.append(self.watch.retry_now)
         self._warn_reservations()
 
     def _warn_reservations(self) -> None:
@@ -84,11 +95,20 @@ class NodeAgent:
 
     async def run(self) -> None:
         """Heartbeats; call register() first."""
-        self.lease = NodeLease(self.kube, self.name, self.node["metadata"]["uid"], on_recovered=self.api_recovered)
+        self.lease = NodeLease(
+            self.kube, self.name, self.node["metadata"]["uid"], on_recovered=self.api_recovered, spread=self.spread
+        )
+        self.lease.paused = lambda: self.health == "silent"
+        if self.spread:
+            # The status was posted with the Node a moment ago: the next periodic post is due at a
+            # random point of the next 5 min rather than now for every node at once.
+            self._last_post = time.monotonic() - random.uniform(0, STATUS_MAX_SILENCE)
+            self._last_fingerprint = status_fingerprint(self._wanted_status(datetime.now(UTC)))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.run(), name="lease")
             tg.create_task(self._status_loop(), name="node-status")
-            tg.create_task(self.watch.run(), name="node-watch")
+            if self.watch is not None:
+                tg.create_task(self.watch.run(), name="node-watch")
 
     def api_recovered(self) -> None:
         """The heartbeat works again after failing: post the status with it, and end the backoff
@@ -100,12 +120,29 @@ class NodeAgent:
         for hook in self.recovery_hooks:
             hook()
 
-    def _node_seen(self, node: dict[str, Any]) -> None:
+    def node_seen(self, node: dict[str, Any]) -> None:
         if not newer_or_same(node, self.node):
             return  # an echo older than the answer to our last post
         self.node = node
-        if node_status_drifted(node, conditions(datetime.now(UTC))):
+        if self.health != "silent" and node_status_drifted(node, conditions(datetime.now(UTC), ready=self.ready)):
             self.wakeup.set()  # post_status sees the difference and posts ours again
+
+    @property
+    def ready(self) -> bool:
+        return self.health != "not-ready"
+
+    def set_health(self, health: str | None) -> None:
+        """`kubelet-emu fleet ctl`: make this node NotReady (or silent) on purpose, or healthy again."""
+        if health == self.health:
+            return
+        log.info("node health set", extra=kv(node=self.name, health=health or "ok"))
+        self.health = health
+        self._last_fingerprint = None
+        self.wakeup.set()
+
+    def _wanted_status(self, now: datetime) -> dict[str, Any]:
+        previous = (self.node or {}).get("status", {}).get("conditions") or []
+        return node_status(self.facts, now, previous, self.ready)
 
     async def reread(self) -> None:
         """Read the Node from the API server now (its watch may lag behind a change a moment old)."""
@@ -114,9 +151,9 @@ class NodeAgent:
         except ApiError as exc:
             log.warning("cannot read the node", extra=kv(node=self.name, error=exc.describe()))
             return
-        self._node_seen(node)
+        self.node_seen(node)
 
-    def _node_deleted(self, _: dict[str, Any]) -> None:
+    def node_deleted(self, _: dict[str, Any]) -> None:
         log.warning("the Node object was deleted; restart the agent to register it again", extra=kv(node=self.name))
 
     def set_config(self, config: AgentConfig) -> None:
@@ -179,8 +216,7 @@ class NodeAgent:
             self.node = await self._adopt()
             self._labels_dirty = False
         now = datetime.now(UTC)
-        previous = (self.node or {}).get("status", {}).get("conditions") or []
-        status = node_status(self.facts, now, previous)
+        status = self._wanted_status(now)
         fingerprint = status_fingerprint(status)
         silent_for = time.monotonic() - self._last_post
         drifted = node_status_drifted(self.node, status["conditions"])
@@ -200,7 +236,9 @@ class NodeAgent:
             content_type=STRATEGIC_MERGE_PATCH,
             timeout=RENEW_TIMEOUT,
         )
-        self._last_fingerprint = status_fingerprint(node_status(self.facts, now, self.node["status"]["conditions"]))
+        self._last_fingerprint = status_fingerprint(
+            node_status(self.facts, now, self.node["status"]["conditions"], self.ready)
+        )
         self._last_post = time.monotonic()
         return True
 
@@ -209,7 +247,8 @@ class NodeAgent:
         while True:
             self.wakeup.clear()
             try:
-                await self.post_status()
+                if self.health != "silent":
+                    await self.post_status()
                 if failing:
                     log.info("node status posted again", extra=kv(node=self.name))
                 failing = ""

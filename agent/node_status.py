@@ -123,14 +123,16 @@ _CONDITIONS = (
     ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
     ("Ready", "True", "KubeletReady", "kubelet-emu is posting ready status"),
 )
+# Ready=False on purpose (`kubelet-emu fleet ctl NODE not-ready`), for failure-handling tests.
+_NOT_READY = ("Ready", "False", "KubeletNotReady", "made NotReady on purpose by kubelet-emu fleet ctl")
 
 
-def conditions(now: datetime, previous: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, str]]:
+def conditions(now: datetime, previous: Sequence[Mapping[str, Any]] = (), ready: bool = True) -> list[dict[str, str]]:
     """Healthy conditions; a transition time is kept when the status did not change."""
     before = {c.get("type"): c for c in previous}
     stamp = rfc3339(now)
     out = []
-    for ctype, status, reason, message in _CONDITIONS:
+    for ctype, status, reason, message in _CONDITIONS if ready else (*_CONDITIONS[:-1], _NOT_READY):
         old = before.get(ctype)
         transition = old.get("lastTransitionTime") if old and old.get("status") == status else None
         out.append(
@@ -147,13 +149,13 @@ def conditions(now: datetime, previous: Sequence[Mapping[str, Any]] = ()) -> lis
 
 
 def node_status(
-    facts: NodeFacts, now: datetime, previous_conditions: Sequence[Mapping[str, Any]] = ()
+    facts: NodeFacts, now: datetime, previous_conditions: Sequence[Mapping[str, Any]] = (), ready: bool = True
 ) -> dict[str, Any]:
     host = facts.host
     return {
         "capacity": capacity(facts),
         "allocatable": allocatable(facts),
-        "conditions": conditions(now, previous_conditions),
+        "conditions": conditions(now, previous_conditions, ready),
         "addresses": [
             {"type": "InternalIP", "address": facts.internal_ip},
             {"type": "Hostname", "address": host.hostname},

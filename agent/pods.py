@@ -116,8 +116,29 @@ def _cgroup_manager(config: AgentConfig) -> CgroupManager | None:
         return None
 
 
+class SharedWatches:
+    """What the nodes of a fleet share: one RuntimeClass cache, one Pod watch (routed to the
+    nodes by the fleet), one Service cache and one bound on status writes in flight."""
+
+    def __init__(self, runtime_classes: Informer, pods: Informer, services: Informer):
+        self.runtime_classes = runtime_classes
+        self.pods = pods
+        self.services = services
+        self.write_slots = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+
 class PodController:
-    def __init__(self, kube: Kube, node: NodeAgent, config: AgentConfig, state_dir: Path, events: EventRecorder):
+    def __init__(
+        self,
+        kube: Kube,
+        node: NodeAgent,
+        config: AgentConfig,
+        state_dir: Path,
+        events: EventRecorder,
+        shared: SharedWatches | None = None,
+    ):
+        """With `shared` (fleet mode) the watches are the fleet's: it calls pod_upserted and
+        pod_deleted for this node's Pods and wake_all on RuntimeClass changes; run() is not used."""
         self.kube = kube
         self.node = node
         self.config = config
@@ -129,14 +150,19 @@ class PodController:
         self.usage = NodeUsage()
         self._allocatable = allocatable(node.facts)
         self.backends: dict[str, Backend] = {}
-        self.write_slots = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.status_writes = 0
         self.status_corrections = 0  # writes made because someone else changed a Pod's status
         self._finished: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.cgroups = _cgroup_manager(config)
         self.images: Any = None  # images.service.ImageService, set by the runner when a handler needs images
         self.network: Any = None  # network.pods.PodNetworks, set by the runner once the pod CIDR is known
+        if shared is not None:
+            self.cgroups = None  # a fleet runs emulated handlers only
+            self.write_slots = shared.write_slots
+            self.runtime_classes, self.services, self.pods = shared.runtime_classes, shared.services, shared.pods
+            return
+        self.cgroups = _cgroup_manager(config)
+        self.write_slots = asyncio.Semaphore(WRITE_CONCURRENCY)
         self.runtime_classes = Informer(
             kube,
             "/apis/node.k8s.io/v1/runtimeclasses",
@@ -158,11 +184,11 @@ class PodController:
             kube,
             "/api/v1/pods",
             field_selector=f"spec.nodeName={node.name}",
-            on_upsert=self._pod_upserted,
-            on_delete=self._pod_deleted,
+            on_upsert=self.pod_upserted,
+            on_delete=self.pod_deleted,
             name="pods",
             keep_objects=False,  # each worker holds its Pod; one copy per Pod is enough
-            transform=self._slim_pod,
+            transform=self.slim_pod,
         )
 
     async def run(self) -> None:
@@ -180,11 +206,12 @@ class PodController:
 
     # --- watch callbacks -------------------------------------------------------------------------
 
-    def _slim_pod(self, pod: JSON) -> JSON:
+    def slim_pod(self, pod: JSON) -> JSON:
+        """The Pod as its worker keeps it (reusing what the worker already holds of it)."""
         worker = self.workers.get((pod.get("metadata") or {}).get("uid", ""))
         return slim_pod(pod, worker.pod if worker is not None else None)
 
-    def _pod_upserted(self, pod: JSON) -> None:
+    def pod_upserted(self, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
         worker = self.workers.get(uid)
         if worker is not None:
@@ -197,7 +224,7 @@ class PodController:
         self.workers[uid] = worker
         worker.task = self.spawn(worker.run())
 
-    def _pod_deleted(self, pod: JSON) -> None:
+    def pod_deleted(self, pod: JSON) -> None:
         worker = self.workers.get(pod["metadata"]["uid"])
         if worker is not None:
             worker.object_deleted()

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.config.fleet import FleetSettings, parse_fleet
 from agent.config.handlers import _DNS_LABEL, DEFAULT_BACKENDS, _Candidate, _import, _parse_native, _validate
 from agent.config.images import ImageSettings, _parse_images
 from agent.config.kubelet_api import AUTHORIZATION_MODES, SERVING_CERT_SOURCES, KubeletAPISettings, _parse_kubelet_api
@@ -62,6 +63,7 @@ _TOP_KEYS = {
     "network",
     "images",
     "kubelet_api",
+    "fleet",
 }
 
 
@@ -80,6 +82,7 @@ class AgentConfig:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     images: ImageSettings = field(default_factory=ImageSettings)
     kubelet_api: KubeletAPISettings = field(default_factory=KubeletAPISettings)
+    fleet: FleetSettings | None = None  # [fleet]: only `kubelet-emu fleet` reads it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "handlers", dict(self.handlers))
@@ -174,7 +177,9 @@ def load_config(
                 break
             warnings.append(f"{table.file}: {table.where}: default runtime {_q(name)} has no handler; not used")
 
+    fleet = parse_fleet(root.table("fleet"), handlers, warnings) if "fleet" in root.data else None
     return AgentConfig(
+        fleet=fleet,
         handlers=handlers,
         default_runtime=default_runtime,
         missing_handler=missing_handler,
