@@ -224,8 +224,8 @@ class Kube:
     async def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE_PATCH, parse: bool = True) -> JSON:
         return await self.request("PATCH", path, body=body, content_type=content_type, parse=parse)
 
-    async def delete(self, path: str, body: JSON | None = None) -> JSON:
-        return await self.request("DELETE", path, body=body)
+    async def delete(self, path: str, body: JSON | None = None, parse: bool = True) -> JSON:
+        return await self.request("DELETE", path, body=body, parse=parse)
 
     async def watch(
         self, path: str, resource_version: str, *, timeout_seconds: int = 300, **query: Any

@@ -714,6 +714,7 @@ class PodWorker:
             await self.host.kube.delete(
                 f"/api/v1/namespaces/{ns}/pods/{name}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
+                parse=False,  # the answer is the Pod again; the watch brings its removal
             )
         except ApiError as exc:
             if not (exc.not_found or exc.conflict):

@@ -89,7 +89,7 @@ class Bench:
     concurrency: int
     kwok: Any = None  # the bench.kwok module, when KWOK is among the agents
     idle_seconds: float = 5.0
-    cprofile: Path | None = None  # run kubelet-emu under cProfile, one .prof file per run here
+    cprofile: Path | None = None  # run kubelet-emu under cProfile (CPU time), one .prof file per run here
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -116,7 +116,8 @@ class Bench:
             argv += ["--config", str(config), "--state-dir", str(run_dir / "state")]
             if self.cprofile is not None:  # written when the agent exits (SIGTERM at the end of the run)
                 self.cprofile.mkdir(parents=True, exist_ok=True)
-                argv = ["-m", "cProfile", "-o", str(self.cprofile / f"{run.label}.prof"), *argv]
+                profiler = str(ROOT / "bench" / "cpu_profile.py")
+                argv = [profiler, str(self.cprofile / f"{run.label}.prof"), *argv]
         with open(log_path, "wb") as log:
             return await asyncio.create_subprocess_exec(
                 sys.executable, *argv, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=ROOT
