@@ -12,6 +12,7 @@ import cProfile
 import runpy
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -19,6 +20,8 @@ def main() -> None:
         raise SystemExit(__doc__)
     out, module = sys.argv[1], sys.argv[3]
     sys.argv = [module, *sys.argv[4:]]
+    # As `python -m` would: the tree's root first, not bench/ (whose common.py is not the package).
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
     profile = cProfile.Profile(time.process_time)
     try:
         profile.runcall(runpy.run_module, module, run_name="__main__", alter_sys=True)
