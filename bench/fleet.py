@@ -318,6 +318,9 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             print(f"  N={nodes} vs {other}: " + ", ".join(parts))
 
 
+COLORS = {"kubelet-emu": "C0", "kwok": "C1", "null": "C2"}
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -329,13 +332,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for row_axes, nodes in zip(axes, sizes, strict=True):
         ready_ax, pods_ax = row_axes
         for r in (r for r in rows if r["nodes"] == nodes):
+            color = COLORS.get(r["agent"])
             if r.get("ready_curve"):
                 t, c = zip(*r["ready_curve"], strict=True)
-                ready_ax.plot(t, c, label=r["agent"])
+                ready_ax.plot(t, c, label=r["agent"], color=color)
             for tag, style in (("sch", "-"), ("pre", "--")):
                 if r.get(f"{tag}_running_curve"):
                     t, c = zip(*r[f"{tag}_running_curve"], strict=True)
-                    pods_ax.plot(t, c, style, label=f"{r['agent']} ({'scheduler' if tag == 'sch' else 'nodeName'})")
+                    mode = "scheduler" if tag == "sch" else "nodeName"
+                    pods_ax.plot(t, c, style, color=color, label=f"{r['agent']} ({mode})")
         ready_ax.set(title=f"{nodes} nodes: nodes Ready", xlabel="seconds since the agent started", ylabel="Ready")
         pods_ax.set(title=f"{nodes} nodes: Pods Running", xlabel="seconds since the first create", ylabel="Running")
         ready_ax.legend()
