@@ -11,17 +11,36 @@ import asyncio
 import json
 import random
 import statistics
+import uuid
 from datetime import datetime
 
 import pytest
 from conftest import Kubectl, eventually, wait_node_ready
-from test_pods import pod, unique
 
 from agent.config import load_config
 from devcluster import manage
 from runtimes.emulated.profile import Distribution, parse_profile
 
 SEEDED = 22
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def pod(
+    name: str,
+    node: str,
+    runtime_class: str | None = None,
+    restart_policy: str = "Always",
+    containers: str = "[{name: main, image: busybox}]",
+) -> str:
+    rc = f"  runtimeClassName: {runtime_class}\n" if runtime_class else ""
+    return (
+        f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{rc}"
+        f"  restartPolicy: {restart_policy}\n  containers: {containers}\n"
+    )
+
 
 PROFILES = f"""
 default_runtime = "plain"
