@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 
 from agent import __version__, kubeconfig, metrics
 from agent.kubeconfig import KubeconfigError
@@ -186,7 +187,7 @@ class Kube:
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
-            data = body if isinstance(body, bytes) else json.dumps(body)  # bytes: encoded already
+            data = body if isinstance(body, bytes) else orjson.dumps(body)  # bytes: encoded already
         self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
         status = 0  # none: no answer came
         try:
@@ -202,7 +203,8 @@ class Kube:
                 raw = await resp.read()
                 if resp.status >= 300:
                     raise _error_from(resp.status, resp.reason or "", raw, method, path)
-                return json.loads(raw) if raw and parse else {}
+                # orjson: decoding the answers and watch events was a tenth of a Pod's CPU with json.
+                return orjson.loads(raw) if raw and parse else {}
         except aiohttp.ClientError as exc:
             raise ApiError(0, "Unreachable", str(exc) or type(exc).__name__, method, path) from exc
         except TimeoutError as exc:
@@ -222,8 +224,8 @@ class Kube:
     async def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE_PATCH, parse: bool = True) -> JSON:
         return await self.request("PATCH", path, body=body, content_type=content_type, parse=parse)
 
-    async def delete(self, path: str, body: JSON | None = None) -> JSON:
-        return await self.request("DELETE", path, body=body)
+    async def delete(self, path: str, body: JSON | None = None, parse: bool = True) -> JSON:
+        return await self.request("DELETE", path, body=body, parse=parse)
 
     async def watch(
         self, path: str, resource_version: str, *, timeout_seconds: int = 300, **query: Any
@@ -255,7 +257,7 @@ class Kube:
                 if resp.status >= 300:
                     raise _error_from(resp.status, resp.reason or "", await resp.read(), "WATCH", path)
                 async for line in _lines(resp.content):
-                    event = json.loads(line)
+                    event = orjson.loads(line)
                     if event.get("type") == "ERROR":
                         status = event.get("object") or {}
                         raise ApiError(
@@ -299,12 +301,12 @@ async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     # so assemble lines from chunks instead.
     buf = b""
     async for chunk in stream.iter_any():
-        buf += chunk
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl], buf[nl + 1 :]
+        if b"\n" not in chunk:
+            buf += chunk
+            continue
+        *lines, rest = (buf + chunk).split(b"\n")  # one split, not a copy of the rest per line
+        buf = rest
+        for line in lines:
             if line.strip():
                 yield line
     if buf.strip():

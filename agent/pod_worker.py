@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 from agent import ephemeral, metrics
 from agent.admission import NODE_AFFINITY, Rejection
@@ -209,13 +210,13 @@ class PodWorker:
             if self.gone:
                 return
             status = status_patch(self._override or self._status(), self.pod)
-            encoded = json.dumps(status, sort_keys=True)
+            encoded = orjson.dumps(status, option=orjson.OPT_SORT_KEYS)
             fingerprint = hash(encoded)  # a hash, not a copy: memory per Pod
             if fingerprint == self._last_written:
                 return
             ns, name = self.key.split("/", 1)
             # Encoded once: the fingerprint's text is the body's (uid: never patch a namesake).
-            body = f'{{"metadata":{{"uid":{json.dumps(self.uid)}}},"status":{encoded}}}'.encode()
+            body = b'{"metadata":{"uid":' + orjson.dumps(self.uid) + b'},"status":' + encoded + b"}"
             try:
                 await self.host.write_status(ns, name, body)
                 self._last_written = fingerprint
@@ -720,12 +721,14 @@ class PodWorker:
         if not self.rec.terminal and self._override is None:
             # A deleted Pod ends terminal: Succeeded only if every container exited 0.
             self.rec.phase = "Succeeded" if all(c.succeeded for c in self.rec.containers) else "Failed"
-        await self.flush()
+        if self.backend is None or self.backend.final_status_write:
+            await self.flush()
         ns, name = self.key.split("/", 1)
         try:
             await self.host.kube.delete(
                 f"/api/v1/namespaces/{ns}/pods/{name}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
+                parse=False,  # the answer is the Pod again; the watch brings its removal
             )
         except ApiError as exc:
             if not (exc.not_found or exc.conflict):

@@ -175,5 +175,42 @@ async def start(kubeconfig: Path, node_name: str, max_pods: int, log_path: Path)
         )
 
 
+async def start_fleet(
+    kubeconfig: Path, names: list[str], labels: dict[str, str], max_pods: int, log_path: Path
+) -> asyncio.subprocess.Process:
+    """A kwok controller managing the Nodes with `labels` (--manage-nodes-with-label-selector),
+    started first; then the Nodes are created (64 at a time), as `kwokctl scale node` would."""
+    binary = await build()
+    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    with open(log_path, "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(binary),
+            f"--kubeconfig={kubeconfig.resolve()}",
+            f"--config={config_path()}",
+            f"--manage-nodes-with-label-selector={selector}",
+            f"--node-lease-duration-seconds={LEASE_SECONDS}",
+            "--node-ip=127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+    kube = await Kube.from_kubeconfig(str(kubeconfig))
+    sem = asyncio.Semaphore(64)
+
+    async def create(name: str) -> None:
+        body = node_body(name, max_pods)
+        body["metadata"]["labels"].update(labels)
+        async with sem:
+            await kube.create("/api/v1/nodes", body)
+
+    try:
+        await asyncio.gather(*(create(n) for n in names))
+    finally:
+        await kube.close()
+    return proc
+
+
 if __name__ == "__main__":
     print(asyncio.run(build()))

@@ -1,11 +1,14 @@
 """The null agent: the smallest client that runs a node, as a baseline for benchmarks.
 
     python bench/null_agent.py --kubeconfig ADMIN --node-name NAME [--max-pods N]
+                               [--count N --label KEY=VALUE ...]
 
 It creates the Node (Ready) if missing, renews its Lease every 10 s, lists and watches the Pods
 bound to it, patches each Pod that is not Running straight to Running (one merge patch on
 pods/status), and deletes each Pod that has a deletionTimestamp with grace period 0. No other
 logic: how close an agent can get to the API server's own limit. aiohttp only; SIGTERM exits.
+With --count N it is a null fleet: nodes NAME-0 .. NAME-(N-1), one Pod watch for all of them
+(every Pod, filtered by nodeName), a Lease loop per node started at a random offset.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import ssl
 import sys
@@ -88,8 +92,18 @@ def running_status(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 class NullAgent:
-    def __init__(self, session: aiohttp.ClientSession, server: str, node: str, max_pods: int):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        server: str,
+        node: str,
+        max_pods: int,
+        labels: dict[str, str] | None = None,
+        fleet: frozenset[str] | None = None,
+    ):
         self.s, self.server, self.node, self.max_pods = session, server, node, max_pods
+        self.labels = labels or {}
+        self.fleet = fleet  # the nodes of a null fleet: the Pod watch takes every Pod and keeps theirs
         self.sem = asyncio.Semaphore(IN_FLIGHT)
         self.handled: set[str] = set()  # UIDs patched to Running
         self.deleting: set[str] = set()  # UIDs deleted
@@ -115,6 +129,7 @@ class NullAgent:
         code, node = await self.request("GET", path)
         if code == 404:
             labels = {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux", "type": "null-agent"}
+            labels.update(self.labels)
             body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node, "labels": labels}}
             code, node = await self.request("POST", "/api/v1/nodes", json={**body, "status": status})
             if code >= 300:
@@ -125,7 +140,8 @@ class NullAgent:
             raise SystemExit(f"null-agent: cannot set node status: {code} {node}")
         return str(node["metadata"]["uid"])
 
-    async def lease_loop(self, node_uid: str) -> None:
+    async def lease_loop(self, node_uid: str, offset: float = 0.0) -> None:
+        await asyncio.sleep(offset)
         ns_path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
         owner = {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": node_uid}
         while True:
@@ -138,6 +154,8 @@ class NullAgent:
             await asyncio.sleep(RENEW_EVERY)
 
     def handle(self, pod: dict[str, Any]) -> None:
+        if self.fleet is not None and pod.get("spec", {}).get("nodeName") not in self.fleet:
+            return
         meta = pod["metadata"]
         uid = meta["uid"]
         if meta.get("deletionTimestamp"):
@@ -167,7 +185,7 @@ class NullAgent:
 
     async def pods_loop(self) -> None:
         path = "/api/v1/pods"
-        selector = {"fieldSelector": f"spec.nodeName={self.node}"}
+        selector = {"fieldSelector": f"spec.nodeName={self.node}"} if self.fleet is None else {}
         while True:
             try:
                 code, listed = await self.request("GET", path, params=selector)
@@ -214,7 +232,10 @@ async def main() -> int:
     ap.add_argument("--kubeconfig", type=Path, required=True, help="admin kubeconfig (client certificate files)")
     ap.add_argument("--node-name", required=True)
     ap.add_argument("--max-pods", type=int, default=110)
+    ap.add_argument("--count", type=int, default=0, help="a null fleet of this many nodes, NAME-0 ...")
+    ap.add_argument("--label", action="append", default=[], help="KEY=VALUE on every node (repeatable)")
     args = ap.parse_args()
+    labels = dict(item.split("=", 1) for item in args.label)
 
     server, tls = load_kubeconfig(args.kubeconfig)
     stop = asyncio.Event()
@@ -223,9 +244,26 @@ async def main() -> int:
         loop.add_signal_handler(sig, stop.set)
     connector = aiohttp.TCPConnector(ssl=tls, limit=IN_FLIGHT + 4)
     async with aiohttp.ClientSession(connector=connector) as session:
-        agent = NullAgent(session, server, args.node_name, args.max_pods)
-        node_uid = await agent.ensure_node()
-        workers = [asyncio.create_task(agent.lease_loop(node_uid)), asyncio.create_task(agent.pods_loop())]
+        if args.count:
+            names = [f"{args.node_name}-{i}" for i in range(args.count)]
+            fleet = frozenset(names)
+            nodes = [NullAgent(session, server, n, args.max_pods, labels, fleet) for n in names]
+        else:
+            nodes = [NullAgent(session, server, args.node_name, args.max_pods, labels)]
+        agent = nodes[0]  # its Pod watch serves the fleet
+        sem = asyncio.Semaphore(IN_FLIGHT)
+
+        async def register(node: NullAgent) -> str:
+            async with sem:
+                return await node.ensure_node()
+
+        uids = await asyncio.gather(*(register(n) for n in nodes))
+        spread = RENEW_EVERY if args.count else 0.0
+        workers = [
+            asyncio.create_task(n.lease_loop(uid, random.uniform(0, spread)))
+            for n, uid in zip(nodes, uids, strict=True)
+        ]
+        workers.append(asyncio.create_task(agent.pods_loop()))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([*workers, stopper], return_when=asyncio.FIRST_COMPLETED)
         for task in [*workers, stopper, *agent.tasks]:

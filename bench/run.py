@@ -89,6 +89,7 @@ class Bench:
     concurrency: int
     kwok: Any = None  # the bench.kwok module, when KWOK is among the agents
     idle_seconds: float = 5.0
+    cprofile: Path | None = None  # run kubelet-emu under cProfile (CPU time), one .prof file per run here
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -113,6 +114,10 @@ class Bench:
             kubeconfig = await manage.node_kubeconfig(self.cluster.dir, node)
             argv = ["-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", node]
             argv += ["--config", str(config), "--state-dir", str(run_dir / "state")]
+            if self.cprofile is not None:  # written when the agent exits (SIGTERM at the end of the run)
+                self.cprofile.mkdir(parents=True, exist_ok=True)
+                profiler = str(ROOT / "bench" / "cpu_profile.py")
+                argv = [profiler, str(self.cprofile / f"{run.label}.prof"), *argv]
         with open(log_path, "wb") as log:
             return await asyncio.create_subprocess_exec(
                 sys.executable, *argv, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=ROOT
@@ -382,6 +387,7 @@ async def main() -> int:
     ap.add_argument("--keep-cluster", action="store_true", help="leave the dev cluster running at the end")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--plot", type=Path, help="PNG of Pods Running over time, one subplot per N")
+    ap.add_argument("--cprofile", type=Path, help="run kubelet-emu under cProfile; a .prof per run in this dir")
     args = ap.parse_args()
     sizes = args.pods or [1000]
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
@@ -417,7 +423,9 @@ async def main() -> int:
     connector = aiohttp.TCPConnector(ssl=ctx, limit=args.concurrency + 8)
     try:
         async with aiohttp.ClientSession(connector=connector) as s:
-            bench = Bench(cluster, s, work, args.concurrency, kwok, idle_seconds=args.idle_seconds)
+            bench = Bench(
+                cluster, s, work, args.concurrency, kwok, idle_seconds=args.idle_seconds, cprofile=args.cprofile
+            )
             for run in runs:
                 await bench.run(run)
     finally:

@@ -245,11 +245,13 @@ async def up(
     fresh: bool = False,
     cluster_signing_duration: str | None = None,
     metrics_server: bool = False,
+    scheduler_qps: float = 0,
 ) -> Cluster:
     """Start the cluster in `directory`, or return the one running there. `fresh`: a cluster
     started here begins with an empty etcd (benchmarks: earlier runs' history neither fills
     etcd's quota nor slows it down). `metrics_server`: also start metrics-server (built on first
-    use) and wait until the metrics API is available, for `kubectl top`."""
+    use) and wait until the metrics API is available, for `kubectl top`. `scheduler_qps` raises
+    kube-scheduler's client QPS (0: its default of 50) for benchmarks that bind thousands of Pods."""
     directory = directory.resolve()
     running = read_cluster(directory)
     if running:
@@ -267,6 +269,8 @@ async def up(
     (directory / "cluster.json").unlink(missing_ok=True)
     log_path = directory / "devcluster.log"
     extra = ["--cluster-signing-duration", cluster_signing_duration] if cluster_signing_duration else []
+    if scheduler_qps:
+        extra += ["--scheduler-qps", f"{scheduler_qps:g}"]
     with open(log_path, "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             str(binary), "up", "--dir", str(directory), "--port", str(port),

@@ -82,6 +82,7 @@ func up(args []string) error {
 	fs.StringVar(&clusterCIDR, "cluster-cidr", clusterCIDR, "range the controller-manager splits into one /24 pod CIDR per node")
 	var apiserverArgs repeated
 	fs.Var(&apiserverArgs, "apiserver-arg", "one more kube-apiserver flag (--name=value), after the built-in ones; repeatable")
+	schedQPS := fs.Float64("scheduler-qps", 0, "kube-scheduler's client QPS (burst twice that); 0 keeps its default of 50 (benchmarks binding thousands of Pods raise it)")
 	signing := fs.Duration("cluster-signing-duration", 365*24*time.Hour, "lifetime of the certificates the controller-manager signs for CSRs (short values for rotation tests)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -163,7 +164,7 @@ func up(args []string) error {
 	}
 
 	compErr := make(chan error, 2)
-	go func() { compErr <- runScheduler(ctx, p.schedulerKubeconfig, schedPort) }()
+	go func() { compErr <- runScheduler(ctx, p.schedulerKubeconfig, schedPort, *schedQPS) }()
 	go func() { compErr <- runControllerManager(ctx, p, cmPort, *grace, *signing) }()
 
 	state := clusterState{Server: server, AdminKubeconfig: p.adminKubeconfig, CACert: p.caCert, EtcdURL: etcdURL, Pid: os.Getpid()}
@@ -217,13 +218,17 @@ func parseInto(fs *pflag.FlagSet, args []string) error {
 	return fs.Parse(args)
 }
 
-func runScheduler(ctx context.Context, kubeconfig string, port int) error {
+func runScheduler(ctx context.Context, kubeconfig string, port int, qps float64) error {
 	opts := schedoptions.NewOptions()
 	fs := pflag.NewFlagSet("kube-scheduler", pflag.ContinueOnError)
 	for _, f := range opts.Flags.FlagSets {
 		fs.AddFlagSet(f)
 	}
-	if err := parseInto(fs, []string{
+	var extra []string
+	if qps > 0 { // the deprecated flags are the only way short of a config file
+		extra = append(extra, fmt.Sprintf("--kube-api-qps=%g", qps), fmt.Sprintf("--kube-api-burst=%d", int(2*qps)))
+	}
+	if err := parseInto(fs, append([]string{
 		"--kubeconfig=" + kubeconfig,
 		"--authentication-kubeconfig=" + kubeconfig,
 		"--authorization-kubeconfig=" + kubeconfig,
@@ -231,7 +236,7 @@ func runScheduler(ctx context.Context, kubeconfig string, port int) error {
 		"--leader-elect=false",
 		"--bind-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(port),
-	}); err != nil {
+	}, extra...)); err != nil {
 		return err
 	}
 	cc, sched, err := schedapp.Setup(ctx, opts)

@@ -172,6 +172,12 @@ class Backend(abc.ABC):
         self.handler = handler
         self.context = context
 
+    @property
+    def final_status_write(self) -> bool:
+        """False: a deleted Pod goes without its terminated status written first (the emulated
+        backend's `final_status = false`, for scale runs). The kubelet always writes it."""
+        return True
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend-wide resources when the agent stops (running containers stay)."""
 

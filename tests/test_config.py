@@ -591,6 +591,49 @@ def test_imported_default_without_handler_falls_through(tmp_path: Path, bin_dir:
                      id="feature-not-bool"),
         pytest.param('[runtimes.fast]\nbackend = "emulated"\noptions = []\n', "[runtimes.fast]",
                      "options must be a table, not an array", id="options-not-table"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nstart_latency = "soon"\n',
+                     "[runtimes.fast.options]", "start_latency: 'soon' is not a duration such as 500ms, 2s or 1m",
+                     id="profile-duration-garbage"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nrun_time = -1\n',
+                     "[runtimes.fast.options]", "run_time must be a finite duration of 0 or more, not -1",
+                     id="profile-duration-negative"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nimage_pull = true\n',
+                     "[runtimes.fast.options]", 'image_pull must be a duration such as "2s"',
+                     id="profile-duration-bool"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'start_latency = { distribution = "gamma" }\n', "[runtimes.fast.options]",
+                     "start_latency.distribution is 'gamma'; use one of: fixed (value), uniform (min, max), "
+                     "lognormal (median, p99)", id="profile-unknown-distribution"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'start_latency = { median = "1s", p99 = "5s" }\n', "[runtimes.fast.options]",
+                     "start_latency.distribution is missing", id="profile-distribution-missing"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'start_latency = { distribution = "lognormal", median = "1s" }\n', "[runtimes.fast.options]",
+                     "start_latency: a lognormal distribution needs median, p99; p99 is missing",
+                     id="profile-lognormal-without-p99"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'start_latency = { distribution = "lognormal", median = "2s", p99 = "1s" }\n',
+                     "[runtimes.fast.options]", "start_latency: p99 (1s) must be above the median (2s)",
+                     id="profile-lognormal-p99-below-median"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'run_time = { distribution = "uniform", min = "5s", max = "1s" }\n', "[runtimes.fast.options]",
+                     "run_time: max (1s) is below min (5s)", id="profile-uniform-inverted"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\n'
+                     'run_time = { distribution = "fixed", value = "1s", p99 = "2s" }\n', "[runtimes.fast.options]",
+                     "run_time: p99 is not a fixed parameter; set value", id="profile-extra-parameter"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nfailure_probability = 1.5\n',
+                     "[runtimes.fast.options]", "failure_probability must be a number from 0 to 1, not 1.5",
+                     id="profile-probability-range"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nfailure_exit_code = 0\n',
+                     "[runtimes.fast.options]", "failure_exit_code must be an integer from 1 to 255, not 0",
+                     id="profile-exit-code-zero"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\ncpu_usage = "lots"\n',
+                     "[runtimes.fast.options]", "cpu_usage 'lots' is not a CPU quantity", id="profile-cpu-garbage"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nmemory_usage = "-1Mi"\n',
+                     "[runtimes.fast.options]", "memory_usage '-1Mi' is not a size", id="profile-memory-negative"),
+        pytest.param('[runtimes.fast]\nbackend = "emulated"\n[runtimes.fast.options]\nfinal_status = "no"\n',
+                     "[runtimes.fast.options]", "final_status must be true or false, not 'no'",
+                     id="profile-final-status-type"),
         pytest.param("[node]\nmax_pods = 0\n", "[node]", "max_pods must be a positive integer, not 0",
                      id="max-pods-zero"),
         pytest.param('[node]\nmax_pods = "110"\n', "[node]", "max_pods must be an integer, not a string",
@@ -735,6 +778,7 @@ bakend = "process"
 selinux = true
 [runtimes.fast.options]
 anything = "goes"
+run_tme = "2s"
 """,
     )
     cfg = load_config(cfg_file)
@@ -746,9 +790,11 @@ anything = "goes"
         f'{f}: [node.reserved]: unknown key "ephemeral-storage" ignored',
         f'{f}: [runtimes.fast]: unknown key "bakend" ignored (did you mean "backend"?)',
         f'{f}: [runtimes.fast.features]: unknown key "selinux" ignored',
+        f'{f}: [runtimes.fast.options]: unknown key "anything" ignored',
+        f'{f}: [runtimes.fast.options]: unknown key "run_tme" ignored (did you mean "run_time"?)',
     )
     assert cfg.handlers["fast"].backend == "emulated"
-    assert cfg.handlers["fast"].options == {"anything": "goes"}
+    assert cfg.handlers["fast"].options == {"anything": "goes", "run_tme": "2s"}
 
 
 def test_no_handlers_warns(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.tables import ConfigError, _q, _read_toml, _Table
+from runtimes.emulated import profile
 from runtimes.handler import Handler
 
 DEFAULT_BACKENDS = frozenset({"emulated", "process", "oci"})
@@ -94,10 +95,22 @@ def _parse_native(t: _Table, name: str, warnings: list[str]) -> _Candidate:
         default_run_as_group=_id(t, "default_run_as_group"),
         user_namespaces=features.bool_("user_namespaces", False),
         recursive_read_only_mounts=features.bool_("recursive_read_only_mounts", False),
-        options=t.table("options").data,  # free-form: the backend checks its own options
+        options=t.table("options").data,  # free-form for other backends: they check their own
         source=t.file,
     )
+    if handler.backend == "emulated":
+        _check_emulation_profile(t.table("options"), warnings)
     return _Candidate(handler, t)
+
+
+def _check_emulation_profile(options: _Table, warnings: list[str]) -> None:
+    """An emulated handler's options are its profile (runtimes/emulated/profile.py): checked here,
+    so a typo stops the agent at start rather than at the first Pod."""
+    options.warn_unknown(set(profile.KEYS), warnings)
+    try:
+        profile.parse_profile(options.data)
+    except profile.ProfileError as exc:
+        raise options.error(str(exc)) from None
 
 
 def _from_containerd(root: _Table, agent_file: str) -> _Imported:

@@ -42,7 +42,7 @@ from agent.kube import ApiError, Kube
 from agent.kubelet_api.server import DEFAULT_PORT
 from agent.kubelet_api.tls import ServingNames, TLSConfigError
 from agent.node import NodeAgent
-from agent.pods import PodController, SharedWatches, slim_pod, slim_service
+from agent.pods import PodController, SharedWatches, slim_service
 from agent.tls_memory import shrink_tls_read_buffers
 from common.logfmt import kv
 from runtimes.registry import known_backends
@@ -132,7 +132,8 @@ class Fleet:
     # --- routing of the shared watches ------------------------------------------------------------
 
     def _slim_ours(self, pod: JSON) -> JSON:
-        return slim_pod(pod) if pod.get("spec", {}).get("nodeName") in self.members else pod
+        member = self.members.get(pod.get("spec", {}).get("nodeName"))
+        return member.pods.slim_pod(pod) if member is not None else pod
 
     def _pod_upserted(self, pod: JSON) -> None:
         name = pod["spec"].get("nodeName")

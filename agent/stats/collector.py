@@ -136,7 +136,9 @@ class StatsCollector:
                         start_time=started,
                         cgroup=cgroups.container_path(pod, name) if measured else None,
                         log_dir=pod_dir + name if measured else None,
-                        plan=emulated_usage.planned_usage(annotations, name) if annotations else None,
+                        # The Pod's annotations first, then the handler profile's usage.
+                        plan=(emulated_usage.planned_usage(annotations, name) if annotations else None)
+                        or (getattr(handle, "extra", None) or {}).get("usage"),
                         container_id=handle.id,
                         image=handle.image,
                     )
