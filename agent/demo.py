@@ -207,7 +207,7 @@ async def demo(directory: Path, port: int) -> int:
 
 async def _show_resize(cluster: manage.Cluster, directory: Path, config: Path) -> None:
     """An in-place resize of the runc Pod, followed in its cgroups by `kubelet-emu cgroups --watch`."""
-    _say("5. In-place resize of boxed-web (runc) to 400m/64Mi: the cgroups change, the container keeps running")
+    _say("6. In-place resize of boxed-web (runc) to 400m/64Mi: the cgroups change, the container keeps running")
     watch = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", "cgroups", "--watch", "default/boxed-web",
         "--state-dir", str(directory / "agent-state"), "--config", str(config),
@@ -231,6 +231,13 @@ async def _show_resize(cluster: manage.Cluster, directory: Path, config: Path) -
     columns = "custom-columns=POD:.metadata.name,RESTARTS:.status.containerStatuses[0].restartCount,"
     columns += "ALLOCATED:.status.containerStatuses[0].allocatedResources,CONDITIONS:.status.conditions[*].type"
     _say((await _kubectl(cluster, "get", "pod", "boxed-web", "-o", columns))[1])
+    # A resize that did not fit (other Pods on the node) says why, as `kubectl describe` would.
+    _, pending = await _kubectl(
+        cluster, "get", "pod", "boxed-web", "-o",
+        'jsonpath={.status.conditions[?(@.type=="PodResizePending")].message}',
+    )  # fmt: skip
+    if pending.strip():
+        _say(f"   resize pending: {pending.strip()}")
 
 
 def _fetch(url: str) -> str:
@@ -259,7 +266,7 @@ async def _show_boxed_web(cluster: manage.Cluster) -> None:
 async def _show_kubelet_api(cluster: manage.Cluster) -> None:
     """kubectl logs, exec and the Summary API, all through the API server to the agent's port 10250."""
     await asyncio.sleep(3)  # a few ticks of the counter, and a second stats sample for the CPU rates
-    _say("6. The kubelet API through the API server")
+    _say("7. The kubelet API through the API server")
     for args in (
         ("logs", "counter", "-c", "counter", "--tail", "3"),
         ("exec", "boxed-web", "--", "ps", "-o", "pid,comm"),
@@ -300,7 +307,7 @@ async def _start_metrics_server(cluster: manage.Cluster) -> bool:
 async def _show_top(cluster: manage.Cluster, timeout: float = 60.0) -> None:
     """`kubectl top` through the aggregated metrics API: metrics-server needs two scrapes of the node
     (15 s apart) before it has a CPU rate."""
-    _say("7. kubectl top (metrics-server, through the API server's aggregation layer)")
+    _say("8. kubectl top (metrics-server, through the API server's aggregation layer)")
     deadline = time.monotonic() + timeout
     for args in (("top", "node"), ("top", "pod")):
         while True:
