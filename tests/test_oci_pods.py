@@ -494,7 +494,8 @@ async def test_service_environment_variables(kubectl, node, busybox_ref, runtime
     plain = await _env_of_ns(kubectl, ns, "unlinked")
     assert plain["KUBERNETES_SERVICE_HOST"] == kube_ip
     assert not [k for k in plain if k.startswith("WEB_FRONT")]
-    await kubectl("delete", "namespace", ns, "--wait=false")
+    # Waited for: the agent tears the Pods down (rootfs, shm) before the fixture stops it.
+    await kubectl("delete", "namespace", ns, "--wait=true", "--timeout=90s")
 
 
 async def _terminated(kubectl: Kubectl, pod_name: str) -> dict | None:

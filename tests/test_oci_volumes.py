@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtimes.base import CreateContainerConfigError
-from runtimes.oci.volumes import prepare_pod_volumes, write_atomically
+from runtimes.oci.volumes import prepare_pod_volumes, remove_pod_volumes, write_atomically
 
 OBJECTS = {
     ("ConfigMap", "ns", "cfg"): {
@@ -62,6 +62,14 @@ async def test_config_map_secret_downward_and_projected(tmp_path: Path) -> None:
         {"name": "h1", "hostPath": {"path": "/var/log"}},
     )  # fmt: skip
     volumes = await prepare_pod_volumes(spec, tmp_path, lookup, "node", "10.0.0.1", allow_host_path=False)
+    try:
+        await _check_volumes(spec, tmp_path, volumes)
+    finally:
+        remove_pod_volumes(tmp_path)  # the Secret tmpfs mounts go with the Pod, here with the test
+    assert not [line for line in Path("/proc/self/mounts").read_text().splitlines() if str(tmp_path) in line]
+
+
+async def _check_volumes(spec: dict, tmp_path: Path, volumes: dict) -> None:
     root = tmp_path / "volumes"
     assert sorted(volumes) == ["c1", "d1", "e1", "p1", "s1"]  # hostPath left out: build_spec refuses it
     assert volumes["c1"].read_only and not volumes["e1"].read_only
