@@ -144,9 +144,9 @@ class NodeAgent:
         self._last_fingerprint = None
         self.wakeup.set()
 
-    def _wanted_status(self, now: datetime) -> dict[str, Any]:
+    def _wanted_status(self, now: datetime, facts: NodeFacts | None = None) -> dict[str, Any]:
         previous = (self.node or {}).get("status", {}).get("conditions") or []
-        return node_status(self.facts, now, previous, self.ready)
+        return node_status(facts or self.facts, now, previous, self.ready)
 
     async def reread(self) -> None:
         """Read the Node from the API server now (its watch may lag behind a change a moment old)."""
@@ -217,10 +217,16 @@ class NodeAgent:
     async def post_status(self, force: bool = False) -> bool:
         """Patch status/ when it changed, or when the last post is too old. Returns whether it posted."""
         if self._labels_dirty:
-            self.node = await self._adopt()
-            self._labels_dirty = False
+            self._labels_dirty = False  # cleared first: a reload during _adopt() stays pending
+            try:
+                self.node = await self._adopt()
+            except BaseException:
+                self._labels_dirty = True
+                raise
         now = datetime.now(UTC)
-        status = self._wanted_status(now)
+        # The facts this post sends: a reload during the PATCH must not count as posted.
+        facts = self.facts
+        status = self._wanted_status(now, facts)
         fingerprint = status_fingerprint(status)
         silent_for = time.monotonic() - self._last_post
         drifted = node_status_drifted(self.node, status["conditions"])
@@ -241,7 +247,7 @@ class NodeAgent:
             timeout=RENEW_TIMEOUT,
         )
         self._last_fingerprint = status_fingerprint(
-            node_status(self.facts, now, self.node["status"]["conditions"], self.ready)
+            node_status(facts, now, self.node["status"]["conditions"], self.ready)
         )
         self._last_post = time.monotonic()
         return True

@@ -171,3 +171,44 @@ def test_reserved_beyond_capacity_is_warned_with_the_values(caplog):
     with caplog.at_level(logging.WARNING, logger="agent.node"):
         NodeAgent(None, f)  # type: ignore[arg-type]  # warned when the agent starts (and on reload)
     assert [r.getMessage() for r in caplog.records] == [cpu, memory]
+
+
+async def test_a_reload_while_a_status_post_is_in_flight_is_posted_too():
+    """A SIGHUP that lands during a status PATCH (found in CI: right after registration) must not
+    count as posted: the next post sends the new handlers, not a fingerprint of them."""
+    import asyncio
+
+    from agent.node import NodeAgent
+
+    class SlowKube:
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+            self.gate = asyncio.Event()
+            self.node = {"metadata": {"labels": {}}, "spec": {}, "status": {"conditions": []}}
+
+        async def request(self, method: str, path: str, body: dict, **_: object) -> dict:
+            self.sent.append(body["status"])
+            await self.gate.wait()
+            self.node = {**self.node, "status": body["status"]}  # what a GET returns from now on
+            return self.node
+
+        async def get(self, path: str) -> dict:
+            return self.node
+
+        async def patch(self, path: str, body: dict) -> dict:
+            return self.node
+
+    kube = SlowKube()
+    first = facts()
+    agent = NodeAgent(kube, first, own_watch=False)  # type: ignore[arg-type]
+    agent.node = kube.node
+    in_flight = asyncio.create_task(agent.post_status())
+    await asyncio.sleep(0)
+    handlers = {**first.config.handlers, "procs": Handler(name="procs", backend="process")}
+    agent.set_config(dataclasses.replace(first.config, handlers=handlers))  # the SIGHUP
+    kube.gate.set()
+    assert await in_flight
+    assert await agent.post_status()  # the reload is still to be posted
+    assert "procs" not in {h["name"] for h in kube.sent[0]["runtimeHandlers"]}
+    assert "procs" in {h["name"] for h in kube.sent[1]["runtimeHandlers"]}
+    assert not await agent.post_status()  # and then nothing new
