@@ -167,7 +167,7 @@ spec:
     metadata: {{labels: {{app: {FLEET}-web}}}}
     spec:
       runtimeClassName: {FLEET}-kata
-      containers: [{{name: web, image: registry.invalid/web, resources: {{requests: {{cpu: 500m}}}}}}]
+      containers: [{{name: web, image: registry.invalid/web, resources: {{requests: {{cpu: '4'}}}}}}]
 """)
 
     async def running() -> list[dict[str, Any]] | None:
@@ -178,9 +178,9 @@ spec:
     pods = await eventually(running, 60, interval=1, what="30 kata Pods Running")
     used = {p["spec"]["nodeName"] for p in pods}
     # Only the large nodes have the kata handler, so only they match the RuntimeClass's nodeSelector;
-    # 30 Pods of 500m would not fit on one of them with the others' spread, so several are used.
+    # 30 Pods of 4 CPUs need 120 CPUs: at least four of the 32-CPU large nodes, whatever the scoring.
     assert used <= {f"{FLEET}-large-{i}" for i in range(LARGE)}
-    assert len(used) >= 3
+    assert len(used) >= 4
     assert all(p["status"]["containerStatuses"][0]["containerID"].startswith("emulated://kata-") for p in pods)
 
 

@@ -210,7 +210,8 @@ async def test_lifecycle_hooks_post_start_pre_stop_and_sleep(kubectl, node, hook
         assert "/post-start" in hook_server.paths()
         deleted_at = time.time()
         await kubectl.run("delete", "pod", sleeper, "--wait=false")
-        await eventually(lambda: exists(term), 30, what="SIGTERM after the preStop sleep")
+        # Written by the trap: the file exists a moment before its line does.
+        await eventually(lambda: written(term), 30, what="SIGTERM after the preStop sleep")
         assert float(term.read_text()) - deleted_at >= 2.5, "SIGTERM came before the preStop sleep ended"
 
         # A failing postStart: FailedPostStartHook, the container killed and restarted per policy.
@@ -240,6 +241,10 @@ async def test_lifecycle_hooks_post_start_pre_stop_and_sleep(kubectl, node, hook
 
 async def exists(path: Path) -> bool:
     return path.exists()
+
+
+async def written(path: Path) -> bool:
+    return path.exists() and path.read_text().strip() != ""
 
 
 async def _running(kubectl: Kubectl, name: str) -> dict[str, Any] | None:
