@@ -34,6 +34,10 @@ MASKED = (
     "postgresql.service",
     "e2scrub_reap.service",
     "systemd-pstore.service",
+    # tmpfiles' "D /tmp" empties /tmp at boot (in the overlay), hiding a checkout or venv that lives
+    # there, as CI's clean clone does.
+    "systemd-tmpfiles-setup.service",
+    "systemd-tmpfiles-clean.service",
 )
 
 TARGET = """[Unit]
