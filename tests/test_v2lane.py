@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 LANE = Path(__file__).parent / "v2lane" / "lane.py"
@@ -42,3 +43,11 @@ def test_variants_boot_pure_v2_and_name_their_tests() -> None:
             assert (LANE.parents[2] / path).exists(), f"variant {variant.name} names a missing file {path}"
     assert lane.VARIANTS["swap"].swap
     assert lane.VARIANTS["cgroupns"].tests[0] == lane.ACCEPTANCE_POD  # the agent moves into the leaf itself
+
+
+def test_a_silent_hung_vm_is_stopped_by_the_watchdog(tmp_path: Path) -> None:
+    # A guest that hangs prints nothing: the timeout must not wait for a line to arrive.
+    started = time.monotonic()
+    lane.stream_console(["sh", "-c", "echo booted; exec sleep 60"], tmp_path / "console.log", 1.5, "test")
+    assert time.monotonic() - started < 20
+    assert (tmp_path / "console.log").read_text() == "booted\n"
