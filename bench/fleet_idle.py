@@ -5,8 +5,9 @@
 Starts `kubelet-emu fleet --count N` against a running dev cluster (with its fleet credential),
 polls the Nodes until all N are Ready, then counts the fleet's own API requests over --idle
 seconds (SIGUSR1 writes them to <state>/agent-stats.json). --trace runs the fleet under
-tracemalloc and reports the Python heap it holds (divide the difference of two counts by the
-difference of the counts for bytes per node). Prints one JSON line; nothing is asserted.
+tracemalloc and reports the Python heap it holds and its largest allocation sites (divide the
+difference of two counts by the difference of the counts for bytes per node); --cprofile FILE
+runs it under cProfile (CPU time, bench/cpu_profile.py). Prints one JSON line; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ async def main() -> int:
     ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle API traffic to count (0: skip)")
     ap.add_argument("--trace", action="store_true", help="run the fleet under tracemalloc (slower start)")
+    ap.add_argument("--cprofile", type=Path, help="run the fleet under cProfile (CPU time); the .prof is written here")
     ap.add_argument("--name", default="bf")
     args = ap.parse_args()
     cluster = manage.read_cluster(args.dir)
@@ -88,7 +90,10 @@ async def main() -> int:
     kubeconfig = await fleet_kubeconfig(cluster, "bench")
     pki = cluster.dir / "pki"
     ssl_ctx = admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
-    argv = [sys.executable, *(["-X", "tracemalloc=1"] if args.trace else []), "-m", "agent.cli", "fleet"]
+    argv = [sys.executable, *(["-X", "tracemalloc=1"] if args.trace else [])]
+    if args.cprofile is not None:  # written when the fleet exits (SIGTERM at the end)
+        argv += [str(Path(__file__).with_name("cpu_profile.py")), str(args.cprofile)]
+    argv += ["-m", "agent.cli", "fleet"]
     argv += ["--config", str(work / "fleet.toml"), "--kubeconfig", str(kubeconfig), "--count", str(args.count)]
     argv += ["--state-dir", str(work / "state")]
     log_path = work / "fleet.log"
@@ -117,6 +122,7 @@ async def main() -> int:
             result["rss_mib"] = round(rss(proc.pid) / 2**20, 1)
             if "traced_bytes" in before:
                 result["traced_mib"] = round(before["traced_bytes"] / 2**20, 1)
+                result["top_allocations"] = before.get("top_allocations", [])
             if args.idle > 0:
                 await asyncio.sleep(args.idle)
                 after = await read_stats(proc, stats_path)

@@ -304,7 +304,7 @@ class Fleet:
 
     def stats(self) -> JSON:
         members = list(self.members.values())
-        traced = {"traced_bytes": tracemalloc.get_traced_memory()[0]} if tracemalloc.is_tracing() else {}
+        traced = _heap_profile() if tracemalloc.is_tracing() else {}
         return traced | {
             "nodes": len(members),
             "requests_by_verb": self.kube.requests_by_verb,
@@ -335,6 +335,20 @@ class Fleet:
 
 def _ignore(_: JSON) -> None:
     pass
+
+
+def _heap_profile(top: int = 40) -> JSON:
+    """Under tracemalloc (bench/fleet_idle.py --trace): the heap held and where it was allocated,
+    the largest sites first, to see what each idle node costs."""
+    snapshot = tracemalloc.take_snapshot().filter_traces((tracemalloc.Filter(False, tracemalloc.__file__),))
+    sites = snapshot.statistics("lineno")[:top]
+    return {
+        "traced_bytes": tracemalloc.get_traced_memory()[0],
+        "top_allocations": [
+            {"site": f"{s.traceback[0].filename}:{s.traceback[0].lineno}", "bytes": s.size, "blocks": s.count}
+            for s in sites
+        ],
+    }
 
 
 async def _after(wait: Any, then: Callable[[JSON], None], pod: JSON) -> None:
