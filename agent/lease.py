@@ -69,15 +69,17 @@ class NodeLease:
         now = datetime.now(UTC)
         if self._lease is None:
             try:
-                self._lease = await self.kube.request("GET", self.path, timeout=RENEW_TIMEOUT)
+                self._lease = kept(await self.kube.request("GET", self.path, timeout=RENEW_TIMEOUT))
             except ApiError as exc:
                 if not exc.not_found:
                     raise
-                self._lease = await self.kube.request(
-                    "POST",
-                    "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
-                    body=self._body(now),
-                    timeout=RENEW_TIMEOUT,
+                self._lease = kept(
+                    await self.kube.request(
+                        "POST",
+                        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                        body=self._body(now),
+                        timeout=RENEW_TIMEOUT,
+                    )
                 )
                 self.renewals += 1
                 return
@@ -86,7 +88,7 @@ class NodeLease:
             holderIdentity=self.node, leaseDurationSeconds=LEASE_DURATION_SECONDS, renewTime=micro_time(now)
         )
         try:
-            self._lease = await self.kube.request("PUT", self.path, body=lease, timeout=RENEW_TIMEOUT)
+            self._lease = kept(await self.kube.request("PUT", self.path, body=lease, timeout=RENEW_TIMEOUT))
         except ApiError as exc:
             self._lease = None  # re-read on the next try (conflict, deleted, ...)
             if exc.conflict or exc.not_found:
@@ -121,3 +123,10 @@ class NodeLease:
                 delay = min(RETRY_MAX, RETRY_FIRST * 2**failures)
                 failures += 1
             await asyncio.sleep(delay)
+
+
+def kept(lease: dict[str, Any]) -> dict[str, Any]:
+    """The Lease as held until the next renewal, without its managedFields: an update that omits
+    them keeps the server's, and a fleet holds one Lease per node."""
+    lease.get("metadata", {}).pop("managedFields", None)
+    return lease

@@ -24,6 +24,7 @@ from agent.node_status import (
     node_status,
     node_taints,
     reservation_warnings,
+    slim_node,
     status_fingerprint,
 )
 from agent.status_reconcile import newer_or_same, node_status_drifted
@@ -31,7 +32,7 @@ from common.logfmt import kv
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 10.0  # check every 10 s, post when something changed
+STATUS_INTERVAL = 10.0  # the shortest wait between two looks when nothing woke the loop
 STATUS_MAX_SILENCE = 300.0  # post at least every 5 min otherwise
 STATUS_RETRY = 2.0  # after a failed post
 
@@ -64,7 +65,7 @@ class NodeAgent:
         self.facts = facts
         self.name = facts.name
         self.path = f"/api/v1/nodes/{facts.name}"
-        self.node: dict[str, Any] | None = None
+        self._node: dict[str, Any] | None = None  # slimmed: see `node`
         self.lease: NodeLease | None = None
         self.registered = asyncio.Event()
         self._last_fingerprint: Any = None
@@ -123,6 +124,17 @@ class NodeAgent:
         self.kube.reset_connections()
         for hook in self.recovery_hooks:
             hook()
+
+    @property
+    def node(self) -> dict[str, Any] | None:
+        """The Node as last seen: what admission and the status loop read (labels, taints, spec,
+        conditions). Kept slim: a whole Node (managedFields, images, nodeInfo) is ~10 KiB, which a
+        fleet of 1000 nodes would hold 1000 times."""
+        return self._node
+
+    @node.setter
+    def node(self, node: dict[str, Any] | None) -> None:
+        self._node = slim_node(node) if node is not None else None
 
     def node_seen(self, node: dict[str, Any]) -> None:
         if not newer_or_same(node, self.node):
@@ -269,4 +281,15 @@ class NodeAgent:
                 failing = message
                 self._last_fingerprint = None  # post as soon as the API server is back
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), STATUS_RETRY if failing else STATUS_INTERVAL)
+                await asyncio.wait_for(self.wakeup.wait(), self._status_wait(failing))
+
+    def _status_wait(self, failing: str) -> float:
+        """Seconds until the status loop looks again. The status is made of the node's facts and
+        health only, and every change of those (a reload, `fleet ctl`, a drift seen on the Node)
+        sets `wakeup`; so between changes the loop sleeps until the periodic post is due instead
+        of rebuilding the status every 10 s (a fleet of 1000 nodes did that 100 times a second)."""
+        if failing:
+            return STATUS_RETRY
+        if self.health == "silent":
+            return STATUS_INTERVAL
+        return max(1.0, self._last_post + STATUS_MAX_SILENCE - time.monotonic() + 0.05)

@@ -200,7 +200,22 @@ def node_object(facts: NodeFacts, now: datetime) -> dict[str, Any]:
 
 
 def status_fingerprint(status: Mapping[str, Any]) -> Any:
-    """What counts as a change worth posting: everything except heartbeat times."""
+    """What counts as a change worth posting: everything except heartbeat times. The rest of the
+    status is kept as a hash of its text, not the text (a fleet keeps one per node)."""
     conds = tuple((c["type"], c["status"], c["reason"], c.get("lastTransitionTime")) for c in status["conditions"])
     rest = {k: v for k, v in status.items() if k != "conditions"}
-    return (conds, repr(sorted(rest.items())))
+    return (conds, hash(repr(sorted(rest.items()))))
+
+
+def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Node the agent reads again: identity, labels and annotations, the spec
+    (taints, unschedulable, podCIDR) and the conditions."""
+    meta = node.get("metadata") or {}
+    return {
+        "metadata": {k: meta[k] for k in SLIM_NODE_METADATA if k in meta},
+        "spec": node.get("spec") or {},
+        "status": {"conditions": (node.get("status") or {}).get("conditions") or []},
+    }
+
+
+SLIM_NODE_METADATA = ("name", "uid", "resourceVersion", "creationTimestamp", "labels", "annotations")

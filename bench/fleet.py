@@ -54,7 +54,9 @@ from devcluster import manage
 from devcluster.fleet_credential import fleet_kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENTS = ("kubelet-emu", "kwok", "null")
+# kubelet-emu-scale: the same fleet with `final_status = false` (no terminated status write before
+# a deletion, for scale runs; the kubelet, and kubelet-emu by default, write it).
+AGENTS = ("kubelet-emu", "kubelet-emu-scale", "kwok", "null")
 LABEL = "bench.kubelet-emu.io/fleet"
 MiB = 2**20
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
@@ -67,6 +69,8 @@ events = "warnings"
 max_pods = {max_pods}
 [runtimes.bench]
 backend = "emulated"
+[runtimes.bench.options]
+final_status = {final_status}
 [fleet]
 name = "{name}"
 node_name = "{name}-{{index}}"
@@ -120,7 +124,12 @@ class FleetBench:
             argv += ["--count", str(run.nodes), "--max-pods", str(max_pods), "--label", f"{LABEL}={prefix}"]
         else:
             config = run_dir / "fleet.toml"
-            config.write_text(FLEET_CONFIG.format(name=prefix, count=run.nodes, label=LABEL, max_pods=max_pods))
+            final_status = "false" if run.agent == "kubelet-emu-scale" else "true"
+            config.write_text(
+                FLEET_CONFIG.format(
+                    name=prefix, count=run.nodes, label=LABEL, max_pods=max_pods, final_status=final_status
+                )
+            )
             kubeconfig = await fleet_kubeconfig(self.cluster, "bench")
             argv = ["-m", "agent.cli", "fleet", "--config", str(config), "--kubeconfig", str(kubeconfig)]
             argv += ["--count", str(run.nodes), "--state-dir", str(run_dir / "state")]
@@ -304,21 +313,21 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     print("\nkubelet-emu / other (below 1: kubelet-emu is faster or smaller):")
     for nodes in sorted({r["nodes"] for r in rows}):
         by_agent = {r["agent"]: r for r in rows if r["nodes"] == nodes}
-        emu = by_agent.get("kubelet-emu")
-        if emu is None:
-            continue
-        for other, r in by_agent.items():
-            if other == "kubelet-emu":
+        for mine, emu in by_agent.items():
+            if not mine.startswith("kubelet-emu"):
                 continue
-            parts = []
-            for key in RATIO_KEYS:
-                a, b = emu.get(key), r.get(key)
-                if isinstance(a, int | float) and isinstance(b, int | float) and b:
-                    parts.append(f"{key} {a / b:.2f}")
-            print(f"  N={nodes} vs {other}: " + ", ".join(parts))
+            for other, r in by_agent.items():
+                if other.startswith("kubelet-emu"):
+                    continue
+                parts = []
+                for key in RATIO_KEYS:
+                    a, b = emu.get(key), r.get(key)
+                    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+                        parts.append(f"{key} {a / b:.2f}")
+                print(f"  N={nodes} {mine} vs {other}: " + ", ".join(parts))
 
 
-COLORS = {"kubelet-emu": "C0", "kwok": "C1", "null": "C2"}
+COLORS = {"kubelet-emu": "C0", "kwok": "C1", "null": "C2", "kubelet-emu-scale": "C3"}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -58,7 +58,7 @@ async def ready_count(s: aiohttp.ClientSession, server: str, selector: str) -> t
 async def read_stats(proc: asyncio.subprocess.Process, path: Path) -> dict[str, Any]:
     path.unlink(missing_ok=True)
     proc.send_signal(signal.SIGUSR1)
-    for _ in range(100):
+    for _ in range(600):  # a heap snapshot of 1000 nodes under tracemalloc takes a while
         if path.exists():
             try:
                 return json.loads(path.read_text())

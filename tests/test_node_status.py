@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from agent.config import AgentConfig, Handler, NodeSettings, Taint
 from agent.hostinfo import HostInfo, go_arch
+from agent.lease import kept
 from agent.node_status import (
     NodeFacts,
     allocatable,
@@ -17,6 +18,7 @@ from agent.node_status import (
     node_status,
     reservation_warnings,
     runtime_handlers,
+    slim_node,
     status_fingerprint,
 )
 
@@ -212,3 +214,28 @@ async def test_a_reload_while_a_status_post_is_in_flight_is_posted_too():
     assert "procs" not in {h["name"] for h in kube.sent[0]["runtimeHandlers"]}
     assert "procs" in {h["name"] for h in kube.sent[1]["runtimeHandlers"]}
     assert not await agent.post_status()  # and then nothing new
+
+
+def test_the_node_kept_in_memory_is_slim_but_has_what_admission_and_status_read() -> None:
+    node = {
+        "metadata": {
+            "name": "n",
+            "uid": "u",
+            "resourceVersion": "7",
+            "labels": {"team": "a"},
+            "managedFields": [{"manager": "x", "fieldsV1": {"f:status": {}}}],
+        },
+        "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}], "podCIDR": "10.0.0.0/24"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "images": [{"names": ["a"]}], "nodeInfo": {}},
+    }
+    slim = slim_node(node)
+    assert slim == {
+        "metadata": {"name": "n", "uid": "u", "resourceVersion": "7", "labels": {"team": "a"}},
+        "spec": node["spec"],
+        "status": {"conditions": node["status"]["conditions"]},
+    }
+
+
+def test_a_renewed_lease_is_kept_without_its_managed_fields() -> None:
+    lease = {"metadata": {"name": "n", "resourceVersion": "3", "managedFields": [{}]}, "spec": {"holderIdentity": "n"}}
+    assert kept(lease) == {"metadata": {"name": "n", "resourceVersion": "3"}, "spec": {"holderIdentity": "n"}}
