@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -79,7 +80,9 @@ async def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle API traffic to count (0: skip)")
     ap.add_argument("--trace", action="store_true", help="run the fleet under tracemalloc (slower start)")
     ap.add_argument("--cprofile", type=Path, help="run the fleet under cProfile (CPU time); the .prof is written here")
-    ap.add_argument("--name", default="bf")
+    # A fresh prefix by default: the Leases of an earlier run's Nodes are deleted by the garbage
+    # collector some time after their Nodes, under new nodes of the same names.
+    ap.add_argument("--name", default=f"bf{secrets.token_hex(2)}", help="node name prefix")
     args = ap.parse_args()
     cluster = manage.read_cluster(args.dir)
     if cluster is None:
