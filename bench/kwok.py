@@ -123,6 +123,24 @@ async def delete_node(kubeconfig: Path, node_name: str) -> None:
         await kube.close()
 
 
+async def _run(binary: Path, kubeconfig: Path, manage: str, log_path: Path) -> asyncio.subprocess.Process:
+    """A kwok controller with the release's stages, managing the Nodes `manage` selects."""
+    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
+    with open(log_path, "ab") as log:
+        return await asyncio.create_subprocess_exec(
+            str(binary),
+            f"--kubeconfig={kubeconfig.resolve()}",
+            f"--config={config_path()}",
+            manage,
+            f"--node-lease-duration-seconds={LEASE_SECONDS}",
+            "--node-ip=127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+
+
 async def start(kubeconfig: Path, node_name: str, max_pods: int, log_path: Path) -> asyncio.subprocess.Process:
     """(Re)create the fake Node and start a kwok controller for it alone. The caller stops it."""
     binary = await build()
@@ -132,20 +150,7 @@ async def start(kubeconfig: Path, node_name: str, max_pods: int, log_path: Path)
         await kube.create("/api/v1/nodes", node_body(node_name, max_pods))
     finally:
         await kube.close()
-    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
-    with open(log_path, "ab") as log:
-        return await asyncio.create_subprocess_exec(
-            str(binary),
-            f"--kubeconfig={kubeconfig.resolve()}",
-            f"--config={config_path()}",
-            f"--manage-single-node={node_name}",
-            f"--node-lease-duration-seconds={LEASE_SECONDS}",
-            "--node-ip=127.0.0.1",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
+    return await _run(binary, kubeconfig, f"--manage-single-node={node_name}", log_path)
 
 
 async def start_fleet(
@@ -153,22 +158,8 @@ async def start_fleet(
 ) -> asyncio.subprocess.Process:
     """A kwok controller managing the Nodes with `labels` (--manage-nodes-with-label-selector),
     started first; then the Nodes are created (64 at a time), as `kwokctl scale node` would."""
-    binary = await build()
-    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
     selector = ",".join(f"{k}={v}" for k, v in labels.items())
-    with open(log_path, "ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            str(binary),
-            f"--kubeconfig={kubeconfig.resolve()}",
-            f"--config={config_path()}",
-            f"--manage-nodes-with-label-selector={selector}",
-            f"--node-lease-duration-seconds={LEASE_SECONDS}",
-            "--node-ip=127.0.0.1",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
+    proc = await _run(await build(), kubeconfig, f"--manage-nodes-with-label-selector={selector}", log_path)
     kube = await Kube.from_kubeconfig(str(kubeconfig))
     sem = asyncio.Semaphore(64)
 
