@@ -1,11 +1,14 @@
-"""Shared parts of the benchmarks: /proc readings, Pod bodies, bulk create/delete and the admin watch."""
+"""Shared parts of the benchmarks: /proc readings, starting and stopping the agent under test, Pod
+bodies, bulk create/delete, the admin watch, API server request counters and the printed results."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import re
+import signal
 import ssl
 import sys
 import time
@@ -15,6 +18,9 @@ from typing import Any
 
 import aiohttp
 
+from devcluster import manage
+
+ROOT = Path(__file__).resolve().parent.parent
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 
 
@@ -42,6 +48,30 @@ def check_agent(agent: asyncio.subprocess.Process, name: str, log_path: Path) ->
     """Raise AgentExitedError (exit code and log tail) when the agent process has exited."""
     if agent.returncode is not None:
         raise AgentExitedError(agent_exit_message(name, agent.returncode, log_path))
+
+
+async def start_node_agent(
+    cluster: manage.Cluster, node: str, config: Path, work: Path, *extra_args: str
+) -> asyncio.subprocess.Process:
+    """`kubelet-emu run` as `node` with `config`: state in work/state, output in work/agent.log."""
+    kubeconfig = await manage.node_kubeconfig(cluster.dir, node)
+    with open(work / "agent.log", "wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", node,
+            "--config", str(config), "--state-dir", str(work / "state"), *extra_args,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+
+
+async def stop_agent(agent: asyncio.subprocess.Process, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout` seconds."""
+    if agent.returncode is None:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(agent.wait(), timeout)
+        except TimeoutError:
+            agent.kill()
+            await agent.wait()
 
 
 def run_main(main: Callable[[], Any]) -> int:
@@ -121,6 +151,26 @@ def admin_ssl(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca_cert))
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+def cluster_admin_ssl(cluster: manage.Cluster) -> ssl.SSLContext:
+    """The dev cluster's admin client identity (pki/admin.crt), trusting its CA."""
+    pki = cluster.dir / "pki"
+    return admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
+
+
+async def create_namespace(s: aiohttp.ClientSession, server: str, namespace: str, node: str, tries: int) -> None:
+    """Create `namespace`, then wait (`tries` times 0.1 s at most) until `node` is registered and
+    the namespace has its default ServiceAccount, without which Pod creation is refused."""
+    async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
+        assert r.status < 300, await r.text()
+    for _ in range(tries):
+        async with s.get(f"{server}/api/v1/nodes/{node}") as r:
+            node_ok = r.status == 200
+        async with s.get(f"{server}/api/v1/namespaces/{namespace}/serviceaccounts/default") as r:
+            if node_ok and r.status == 200:
+                return
+        await asyncio.sleep(0.1)
 
 
 def pod_name(i: int) -> str:
@@ -265,19 +315,50 @@ async def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+async def request_totals(s: aiohttp.ClientSession, server: str) -> list[tuple[dict[str, str], float]]:
+    """The API server's `apiserver_request_total` samples: (labels, value) each."""
+    async with s.get(f"{server}/metrics") as r:
+        text = await r.text()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels_text, _, value = line.rpartition("} ")
+            samples.append((dict(_LABEL.findall(labels_text)), float(value)))
+    return samples
+
+
 async def pod_requests(s: aiohttp.ClientSession, server: str) -> dict[str, float]:
     """The API server's `apiserver_request_total` for Pods, summed by verb: "PATCH" for pods,
     "PATCH status" for pods/status (other subresources, like binding, are left out)."""
-    async with s.get(f"{server}/metrics") as r:
-        text = await r.text()
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels_text, _, value = line.rpartition("} ")
-        labels = dict(_LABEL.findall(labels_text))
+    for labels, value in await request_totals(s, server):
         if labels.get("resource") != "pods" or labels.get("subresource") not in ("", "status"):
             continue
         key = labels["verb"] + (" status" if labels["subresource"] else "")
-        totals[key] = totals.get(key, 0.0) + float(value)
+        totals[key] = totals.get(key, 0.0) + value
     return totals
+
+
+def parse_agents(ap: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated --agents, each one of `known` (else an argparse error)."""
+    agents = [a.strip() for a in text.split(",") if a.strip()]
+    if unknown := set(agents) - set(known):
+        ap.error(f"unknown agents: {', '.join(sorted(unknown))}")
+    return agents
+
+
+def require_matplotlib(ap: argparse.ArgumentParser) -> None:
+    """--plot's check, made before the runs rather than after minutes of them."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
+
+
+def print_results(results: dict[str, Any], json_path: Path | None) -> None:
+    """One `key  value` line per result, and the same as JSON in `json_path` when given."""
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value}")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))

@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -39,15 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     Watcher,
-    admin_ssl,
     check_agent,
+    cluster_admin_ssl,
     create_pods,
     delete_pods,
+    parse_agents,
     pct,
     pod_body,
     proc_stats,
+    request_totals,
+    require_matplotlib,
     rss,
     run_main,
+    stop_agent,
     wait_for,
 )
 from devcluster import manage
@@ -60,7 +62,6 @@ AGENTS = ("kubelet-emu", "kubelet-emu-scale", "kwok", "null")
 LABEL = "bench.kubelet-emu.io/fleet"
 MiB = 2**20
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
-_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
 
 FLEET_CONFIG = """
 default_runtime = "bench"
@@ -91,17 +92,11 @@ class Run:
 
 async def writes_by_resource(s: aiohttp.ClientSession, server: str) -> dict[str, float]:
     """apiserver_request_total's write verbs, summed per resource (nodes, leases, pods, events...)."""
-    async with s.get(f"{server}/metrics") as r:
-        text = await r.text()
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels_text, _, value = line.rpartition("} ")
-        labels = dict(_LABEL_RE.findall(labels_text))
+    for labels, value in await request_totals(s, server):
         if labels.get("verb") in WRITE_VERBS:
             key = labels.get("resource", "") + ("/" + labels["subresource"] if labels.get("subresource") else "")
-            totals[key] = totals.get(key, 0.0) + float(value)
+            totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
@@ -266,13 +261,7 @@ class FleetBench:
         )
 
     async def cleanup(self, agent: asyncio.subprocess.Process, prefix: str) -> None:
-        if agent.returncode is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(agent.wait(), 30)
-            except TimeoutError:
-                agent.kill()
-                await agent.wait()
+        await stop_agent(agent, 30)
         params = {"labelSelector": f"{LABEL}={prefix}"}
         async with self.s.delete(f"{self.server}/api/v1/nodes", params=params) as r:
             await r.read()
@@ -374,22 +363,16 @@ async def main() -> int:
     ap.add_argument("--plot", type=Path, help="PNG: nodes Ready and Pods Running over time, a row per N")
     args = ap.parse_args()
     sizes = args.nodes or [100]
-    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    if unknown := set(agents) - set(AGENTS):
-        ap.error(f"unknown agents: {', '.join(sorted(unknown))}")
+    agents = parse_agents(ap, args.agents, AGENTS)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (checked now, not after minutes of runs)
-        except ImportError:
-            ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
+        require_matplotlib(ap)
     if "kwok" in agents:
         from bench import kwok
 
         await kwok.build()
     started_here = manage.read_cluster(args.dir) is None
     cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True, scheduler_qps=args.scheduler_qps)
-    pki = cluster.dir / "pki"
-    ctx = admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
+    ctx = cluster_admin_ssl(cluster)
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     rows: list[dict[str, Any]] = []
     try:

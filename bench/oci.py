@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -31,14 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
-    admin_ssl,
     check_agent,
+    cluster_admin_ssl,
+    create_namespace,
     create_pods,
     delete_pods,
     pct,
     pod_body,
+    print_results,
     rss,
     run_main,
+    start_node_agent,
     wait_for,
 )
 from devcluster import manage
@@ -95,27 +97,13 @@ async def main() -> int:
             f'cgroup_root = "kubelet-emu-bench"\n[runtimes.runc]\nbackend = "oci"\nruntime_path = "{runc}"\n'
             f'runtime_root = "{work / "runc"}"\n'
         )
-        kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
-        with open(work / "agent.log", "wb") as log:
-            agent = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
-                "--config", str(config), "--state-dir", str(work / "state"),
-                stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-            )  # fmt: skip
-        ctx = admin_ssl(cluster.ca_cert, cluster.dir / "pki" / "admin.crt", cluster.dir / "pki" / "admin.key")
+        agent = await start_node_agent(cluster, NODE, config, work)
+        ctx = cluster_admin_ssl(cluster)
         namespace = f"bench-oci-{int(time.time())}"
         image = f"{registry.host}/busybox:1"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=32)) as s:
             server = cluster.server
-            async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
-                assert r.status < 300, await r.text()
-            for _ in range(300):
-                async with s.get(f"{server}/api/v1/nodes/{NODE}") as r:
-                    node_ok = r.status == 200
-                async with s.get(f"{server}/api/v1/namespaces/{namespace}/serviceaccounts/default") as r:
-                    if node_ok and r.status == 200:
-                        break
-                await asyncio.sleep(0.1)
+            await create_namespace(s, server, namespace, NODE, tries=300)
             check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
             watcher = Watcher(s, server, namespace)
             watch_task = asyncio.create_task(watcher.run())
@@ -175,11 +163,7 @@ async def main() -> int:
         from cgroups.manager import CgroupManager
 
         CgroupManager(root="kubelet-emu-bench").remove("kubelet-emu-bench", kill=True)
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    print_results(results, args.json)
     return 0
 
 

@@ -29,17 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
-    admin_ssl,
     check_agent,
+    cluster_admin_ssl,
+    create_namespace,
     create_pods,
     delete_pods,
     network_helper_rss,
     pct,
     pod_body,
+    print_results,
     proc_stats,
     rss,
     run_main,
     shim_rss,
+    start_node_agent,
     wait_for,
 )
 from devcluster import manage
@@ -71,30 +74,16 @@ async def main() -> int:
         f'cgroup_root = "kubelet-emu-bench"\n[runtimes.bench]\nbackend = "{args.backend}"\n'
         f"[network]\nenabled = {str(not args.no_pod_network).lower()}\n" + args.extra_config.replace("\\n", "\n") + "\n"
     )
-    kubeconfig = await manage.node_kubeconfig(cluster.dir, NODE)
-    with open(work / "agent.log", "wb") as log:
-        agent = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", "run", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
-            "--config", str(config), "--state-dir", str(work / "state"),
-            stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-        )  # fmt: skip
+    agent = await start_node_agent(cluster, NODE, config, work)
 
-    ctx = admin_ssl(cluster.ca_cert, cluster.dir / "pki" / "admin.crt", cluster.dir / "pki" / "admin.key")
+    ctx = cluster_admin_ssl(cluster)
     namespace = f"bench-{int(time.time())}"
     results: dict = {"pods": args.pods, "backend": args.backend, "events": args.events}
     results["pod_network"] = not args.no_pod_network
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=args.concurrency)) as s:
         server = cluster.server
-        async with s.post(f"{server}/api/v1/namespaces", json={"metadata": {"name": namespace}}) as r:
-            assert r.status < 300, await r.text()
         # Wait for the node, its default ServiceAccount, and an idle agent.
-        for _ in range(200):
-            async with s.get(f"{server}/api/v1/nodes/{NODE}") as r:
-                node_ok = r.status == 200
-            async with s.get(f"{server}/api/v1/namespaces/{namespace}/serviceaccounts/default") as r:
-                if node_ok and r.status == 200:
-                    break
-            await asyncio.sleep(0.1)
+        await create_namespace(s, server, namespace, NODE, tries=200)
         await asyncio.sleep(2)
         check_agent(agent, NODE, work / "agent.log")  # died at start: its exit code and log
         idle_rss = rss(agent.pid)
@@ -177,11 +166,7 @@ async def main() -> int:
         agent_events_posted=stats["events_posted"],
         pod_status_writes_while_idle=idle_writes,
     )
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    print_results(results, args.json)
     return 0
 
 

@@ -40,18 +40,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.pod_network import remove_node_network
 from bench.common import (
     Watcher,
-    admin_ssl,
     check_agent,
+    cluster_admin_ssl,
     create_pods,
     delete_pods,
     network_helper_rss,
+    parse_agents,
     pct,
     pod_body,
     pod_requests,
     proc_stats,
+    require_matplotlib,
     rss,
     run_main,
     shim_rss,
+    stop_agent,
     wait_for,
 )
 from devcluster import manage
@@ -152,13 +155,7 @@ class Bench:
                 await r.read()
 
     async def cleanup(self, run: Run, node: str, namespace: str, agent: asyncio.subprocess.Process) -> None:
-        if agent.returncode is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(agent.wait(), 15)
-            except TimeoutError:
-                agent.kill()
-                await agent.wait()
+        await stop_agent(agent, 15)
         if run.agent == "kubelet-emu":  # its Pod networks outlive the agent by design
             await remove_node_network(self.work / node / "state", node)
         if run.agent == "kwok":
@@ -390,14 +387,9 @@ async def main() -> int:
     ap.add_argument("--cprofile", type=Path, help="run kubelet-emu under cProfile; a .prof per run in this dir")
     args = ap.parse_args()
     sizes = args.pods or [1000]
-    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    if unknown := set(agents) - set(AGENTS):
-        ap.error(f"unknown agents: {', '.join(sorted(unknown))}")
+    agents = parse_agents(ap, args.agents, AGENTS)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (checked now, not after minutes of runs)
-        except ImportError:
-            ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
+        require_matplotlib(ap)
     if args.process_pods and os.geteuid() != 0:
         ap.error("--process-pods needs root (Pod cgroups)")
     kwok = None
@@ -410,8 +402,7 @@ async def main() -> int:
 
     started_here = manage.read_cluster(args.dir) is None
     cluster = await manage.up(args.dir, port=args.port, quiet=False, fresh=True)
-    pki = cluster.dir / "pki"
-    ctx = admin_ssl(cluster.ca_cert, pki / "admin.crt", pki / "admin.key")
+    ctx = cluster_admin_ssl(cluster)
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
     # The process run goes first: it is not compared with the other agents, and after
     # thousands of Pods created and deleted the API server answers slower for a while

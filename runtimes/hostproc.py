@@ -5,8 +5,10 @@ good by its pid and start time, waiting for one to exit, and where a Pod's files
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from runtimes.shimlib import proc_start_ticks
@@ -48,3 +50,16 @@ def alive(pid: int, start_ticks: int) -> bool:
         return proc_start_ticks(pid) == start_ticks
     except (OSError, ValueError, IndexError):
         return False
+
+
+async def shim_exit(run_dir: Path, state: JSON) -> JSON | None:
+    """The exit record (exit.json) the container's shim writes in `run_dir`, once it is there; None
+    when the shim (state's shim_pid and shim_start_ticks) is gone without one."""
+    exit_file = run_dir / "exit.json"
+    while not exit_file.exists():
+        await process_exit(state["shim_pid"], timeout=5.0)
+        if not exit_file.exists() and not alive(state["shim_pid"], state["shim_start_ticks"]):
+            await asyncio.sleep(0.1)  # a shim writes the record just before it exits: look once more
+            if not exit_file.exists():
+                return None
+    return json.loads(exit_file.read_text())

@@ -20,6 +20,19 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)  # readers never see half a file
 
 
+def write_exit(directory: str, status: int) -> None:
+    """exit.json in `directory` for a waitpid() status: the exit code as a shell reports it (128
+    plus the signal for a killed process), the signal, and the time."""
+    result: dict[str, int | str | None]
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        result = {"exit_code": 128 + sig, "signal": sig}
+    else:
+        result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
+    result["finished_at"] = now()
+    write_json(os.path.join(directory, "exit.json"), result)
+
+
 def proc_start_ticks(pid: int) -> int:
     """Start time of a process in clock ticks since boot: with the pid, it names one process for good."""
     with open(f"/proc/{pid}/stat") as f:

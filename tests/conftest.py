@@ -10,13 +10,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.pod_network import remove_node_network
+from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
 
 
@@ -194,6 +195,49 @@ async def start_agent(cluster: manage.Cluster, tmp_path: Path) -> AsyncIterator[
     kubectl = Kubectl(cluster)
     for node in {a.node for a in started}:
         await delete_node(kubectl, node)
+
+
+@pytest.fixture(scope="module")
+def cgroups(request: pytest.FixtureRequest) -> Iterator[CgroupManager]:
+    """The Pod cgroups under the test module's own CGROUP_ROOT, removed with whatever is left in
+    them once the module is done (every Pod is gone by then)."""
+    root = request.module.CGROUP_ROOT
+    manager = CgroupManager(detect_mode(), root=root)
+    yield manager
+    manager.remove(root, kill=True)
+
+
+async def ready_node(
+    kubectl: Kubectl,
+    start_agent: Callable[..., Awaitable[AgentProcess]],
+    name: str,
+    config: str,
+    state_dir: Path | None = None,
+) -> AgentProcess:
+    """An agent started as node `name` with `config`, once the node is Ready."""
+    agent = await start_agent(name, config, state_dir=state_dir)
+    await wait_node_ready(kubectl, name)
+    return agent
+
+
+async def delete_node_pods(kubectl: Kubectl, node: str, wait: bool = True) -> None:
+    """Delete the Pods bound to `node`. With `wait`, with a 1 s grace period and until they are
+    gone: process and OCI containers outlive a stopped agent by design, so a test's node fixture
+    does this while its agent still runs."""
+    how = ["--grace-period=1", "--wait=true", "--timeout=60s"] if wait else ["--wait=false"]
+    await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={node}", *how, check=False)
+
+
+async def pod_phase(kubectl: Kubectl, name: str, phase: str) -> dict[str, Any] | None:
+    """The Pod, when it is in `phase`."""
+    obj = await kubectl.get("pod", name)
+    return obj if obj and obj.get("status", {}).get("phase") == phase else None
+
+
+async def events_for(kubectl: Kubectl, name: str) -> list[dict[str, Any]]:
+    """The Events about the object called `name`."""
+    out = await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")
+    return out["items"]
 
 
 async def delete_node(kubectl: Kubectl, node: str) -> None:

@@ -12,12 +12,75 @@ import struct
 import subprocess
 import termios
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cgroups.detect import CgroupError, CgroupMode, detect_mode
+
+# The process backend puts each Pod in its own cgroup: creating one needs root.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups")
+
+# Three emulated handlers, for the RuntimeClass and Pod-lifecycle tests of the emulated backend.
+EMULATED_HANDLERS = """
+default_runtime = "alpha"
+[runtimes.alpha]
+backend = "emulated"
+[runtimes.beta]
+backend = "emulated"
+[runtimes.gamma]
+backend = "emulated"
+"""
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or earlier session on the same cluster) has used."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def process_config(cgroup_root: str, node: str = "", runtimes: str = "") -> str:
+    """An agent config whose default handler `procs` runs Pods as host processes, their cgroups
+    under `cgroup_root`; `node` adds [node] settings, `runtimes` more sections."""
+    return f"""
+default_runtime = "procs"
+[node]
+cgroup_root = "{cgroup_root}"
+{node}[runtimes.procs]
+backend = "process"
+{runtimes}"""
+
+
+def runtime_class(name: str, handler: str, extra: str = "") -> str:
+    return f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {name}}}\nhandler: {handler}\n{extra}"
+
+
+def pod(
+    name: str,
+    node: str | None,
+    runtime_class: str | None = None,
+    *,
+    annotations: dict[str, str] | None = None,
+    restart_policy: str = "Always",
+    extra_spec: str = "",
+    containers: str = "[{name: main, image: busybox}]",
+) -> str:
+    """A Pod manifest (YAML) for the emulated backend's tests."""
+    lines = ["apiVersion: v1", "kind: Pod", "metadata:", f"  name: {name}"]
+    if annotations:
+        lines.append("  annotations:")
+        lines += [f'    {k}: "{v}"' for k, v in annotations.items()]
+    lines.append("spec:")
+    if node:
+        lines.append(f"  nodeName: {node}")
+    if runtime_class:
+        lines.append(f"  runtimeClassName: {runtime_class}")
+    lines.append(f"  restartPolicy: {restart_policy}")
+    lines.append(f"  containers: {containers}")
+    if extra_spec:
+        lines.append(extra_spec)
+    return "\n".join(lines) + "\n"
 
 
 def ctr(name: str = "c", requests: dict | None = None, limits: dict | None = None, **extra: Any) -> dict:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
+from conftest import Kubectl, eventually, ready_node, wait_node_ready
+from helpers import needs_root, process_config, unique
 
 from cgroups.manager import CgroupManager, detect_mode
 from runtimes.oci.cgroups import cgroup_mounts, remove_everywhere
@@ -32,27 +33,13 @@ from runtimes.sandbox_records import mounts_under
 
 pytest_plugins = ["registry_fixture"]
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-chaos-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-pod_pids_limit = 256
-[runtimes.procs]
-backend = "process"
-"""
+CONFIG = process_config(CGROUP_ROOT, node="pod_pids_limit = 256\n")
 LOOP = "trap 'exit 0' TERM; while :; do sleep 1; done"
 CYCLES = int(os.environ.get("KUBELET_EMU_CHAOS_CYCLES", "100"))
 GONE_BOUND = 30.0  # seconds after the restart until every deleted Pod's leftovers are gone
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +139,7 @@ class Leftovers:
 
 async def start_node(kubectl, start_agent, state: Path, name: str | None = None):
     name = name or unique("emu-chaos")
-    agent = await start_agent(name, CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, CONFIG, state)
     return name, agent
 
 

@@ -23,10 +23,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
+from conftest import Kubectl, delete_node_pods, eventually, ready_node
 from helpers import read_pty_until, set_winsize
 
-from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
 
 pytest_plugins = ["registry_fixture"]
@@ -75,25 +74,14 @@ async def runtime_classes(cluster):
     await kubectl.run("delete", "runtimeclass", ISOLATED, PROCS, FAKE, check=False)
 
 
-@pytest.fixture(scope="module")
-def cgroups():
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)
-
-
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path, runtime_classes, cgroups):
     name = f"emu-debug-{uuid.uuid4().hex[:6]}"
     state = tmp_path / "state"
-    agent = await start_agent(name, config(tmp_path / "runc"), state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, config(tmp_path / "runc"), state)
     yield name, agent, state, tmp_path / "runc"
     # Containers outlive a stopped agent by design: delete the node's Pods while it runs.
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 async def running(kubectl: Kubectl, name: str) -> dict | None:
@@ -155,8 +143,7 @@ async def test_kubectl_debug_into_a_runc_pod_shares_the_targets_pid_namespace(ku
     await asyncio.sleep(2)
     assert (await ephemeral_status(kubectl, "boxed", "dbg")) == done
     await agent.stop()
-    await start_agent(name, config(runc_root), state_dir=state)
-    await wait_node_ready(kubectl, name)
+    await ready_node(kubectl, start_agent, name, config(runc_root), state)
     await asyncio.sleep(3)
     after = await ephemeral_status(kubectl, "boxed", "dbg")
     assert after is not None and after["state"] == done["state"] and after["restartCount"] == 0, after

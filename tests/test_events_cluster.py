@@ -8,42 +8,25 @@ on the backend).
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
+from conftest import Kubectl, delete_node_pods, eventually, ready_node
+from helpers import needs_root, process_config, unique
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-[runtimes.procs]
-backend = "process"
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+CONFIG = process_config(CGROUP_ROOT)
 
 
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-events")
-    await start_agent(name, CONFIG, state_dir=tmp_path / "state")
-    await wait_node_ready(kubectl, name)
+    await ready_node(kubectl, start_agent, name, CONFIG, tmp_path / "state")
     yield name
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 def pod_yaml(name: str, node: str, command: str, container_extra: str = "") -> str:

@@ -6,7 +6,6 @@ Through the real agent, the real control plane and kubectl, on the process backe
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 import uuid
@@ -15,21 +14,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import Kubectl, condition, eventually, free_port, wait_node_ready
+from conftest import Kubectl, condition, delete_node_pods, eventually, free_port, ready_node
+from helpers import needs_root, process_config, unique
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-[runtimes.procs]
-backend = "process"
-"""
+CONFIG = process_config(CGROUP_ROOT)
 
 # A gRPC server with the standard health service: SERVING for the service "" when started with
 # "serving", NOT_SERVING otherwise. Run by the container with this venv's python.
@@ -58,20 +49,12 @@ asyncio.run(main())
 """
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-17b")
-    await start_agent(name, CONFIG, state_dir=tmp_path / "state")
-    await wait_node_ready(kubectl, name)
+    await ready_node(kubectl, start_agent, name, CONFIG, tmp_path / "state")
     yield name
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 def pod_yaml(name: str, node: str, command: str, container_extra: str = "", grace: int = 5) -> str:

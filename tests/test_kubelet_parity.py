@@ -9,75 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import pytest
-from conftest import Kubectl, condition, eventually, wait_node_ready
+from conftest import (
+    Kubectl,
+    condition,
+    delete_node_pods,
+    events_for,
+    eventually,
+    pod_phase,
+    ready_node,
+)
+from helpers import EMULATED_HANDLERS, pod, runtime_class, unique
 
 pytestmark = pytest.mark.cluster
-
-HANDLERS = """
-default_runtime = "alpha"
-[runtimes.alpha]
-backend = "emulated"
-[runtimes.beta]
-backend = "emulated"
-[runtimes.gamma]
-backend = "emulated"
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def runtime_class(name: str, handler: str, extra: str = "") -> str:
-    return f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {name}}}\nhandler: {handler}\n{extra}"
-
-
-def pod(
-    name: str,
-    node: str | None,
-    runtime_class: str | None = None,
-    *,
-    annotations: dict[str, str] | None = None,
-    restart_policy: str = "Always",
-    extra_spec: str = "",
-    containers: str = "[{name: main, image: busybox}]",
-) -> str:
-    lines = ["apiVersion: v1", "kind: Pod", "metadata:", f"  name: {name}"]
-    if annotations:
-        lines.append("  annotations:")
-        lines += [f'    {k}: "{v}"' for k, v in annotations.items()]
-    lines.append("spec:")
-    if node:
-        lines.append(f"  nodeName: {node}")
-    if runtime_class:
-        lines.append(f"  runtimeClassName: {runtime_class}")
-    lines.append(f"  restartPolicy: {restart_policy}")
-    lines.append(f"  containers: {containers}")
-    if extra_spec:
-        lines.append(extra_spec)
-    return "\n".join(lines) + "\n"
-
-
-async def pod_phase(kubectl: Kubectl, name: str, phase: str):
-    obj = await kubectl.get("pod", name)
-    return obj if obj and obj.get("status", {}).get("phase") == phase else None
-
-
-async def events_for(kubectl: Kubectl, name: str) -> list[dict]:
-    out = await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")
-    return out["items"]
 
 
 @pytest.fixture
 async def node(kubectl, start_agent):
+    """A fresh node with three emulated handlers; yields (name, agent)."""
     name = unique("emu-parity")
-    agent = await start_agent(name, HANDLERS)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, EMULATED_HANDLERS)
     yield name, agent
-    await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
+    await delete_node_pods(kubectl, name, wait=False)
 
 
 async def _settled(kubectl: Kubectl, name: str) -> None:

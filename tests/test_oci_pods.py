@@ -19,11 +19,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, eventually, free_port, wait_node_ready
+from conftest import Kubectl, eventually, free_port, ready_node
 from helpers import check_exec_tty_and_resize, exposed_files
 
 from agent.pod_network import default_bridge
-from cgroups.manager import CgroupManager, detect_mode
 from cgroups.quantity import parse_quantity
 from devcluster import manage
 from images.build import BUSYBOX_PATH, busybox_files, push_image
@@ -117,19 +116,11 @@ async def runtime_classes(cluster):
     await kubectl.run("delete", "runtimeclass", ISOLATED, PROCS, LIGHT, check=False)
 
 
-@pytest.fixture(scope="module")
-def cgroups():
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)
-
-
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path, runtime_classes, cgroups):
     name = f"emu-oci-{uuid.uuid4().hex[:6]}"
     state = tmp_path / "state"
-    agent = await start_agent(name, config(tmp_path / "runc"), state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, config(tmp_path / "runc"), state)
     yield name, agent, state
     await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=90s", check=False)
 

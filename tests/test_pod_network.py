@@ -18,7 +18,8 @@ import urllib.request
 import uuid
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
+from conftest import Kubectl, eventually, ready_node
+from helpers import process_config, unique
 
 from agent.pod_network import default_bridge
 from cgroups.manager import CgroupManager, detect_mode
@@ -29,20 +30,13 @@ pytestmark = [
 ]
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-[runtimes.procs]
+CONFIG = process_config(
+    CGROUP_ROOT,
+    runtimes="""[runtimes.hostnet]
 backend = "process"
-[runtimes.hostnet]
-backend = "process"
-options = {{ pod_network = false }}
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+options = { pod_network = false }
+""",
+)
 
 
 def pod(name: str, node: str, command: list[str], **spec: object) -> str:
@@ -92,8 +86,7 @@ def cgroup_root():
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-net")
-    agent = await start_agent(name, CONFIG, state_dir=tmp_path / "state")
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, CONFIG, tmp_path / "state")
     yield name, agent
     await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=60s")
 
@@ -196,8 +189,7 @@ async def test_first_process_handler_added_by_sighup_brings_pod_networks(kubectl
     """An emulated-only node never loads the network code; a SIGHUP that adds a process handler
     starts the node's Pod network, and that handler's Pods get their own IPs."""
     name = unique("emu-net-hup")
-    agent = await start_agent(name, '[runtimes.fast]\nbackend = "emulated"\n', state_dir=tmp_path / "state")
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, '[runtimes.fast]\nbackend = "emulated"\n', tmp_path / "state")
     assert not (tmp_path / "state" / "network").exists()
     agent.reload(CONFIG)
     try:

@@ -9,78 +9,31 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 
 import pytest
-from conftest import Kubectl, condition, eventually, wait_node_ready
+from conftest import (
+    condition,
+    delete_node_pods,
+    events_for,
+    eventually,
+    pod_phase,
+    ready_node,
+    wait_node_ready,
+)
+from helpers import EMULATED_HANDLERS, pod, runtime_class, unique
 
 from agent.hostinfo import address_toward
 
 pytestmark = pytest.mark.cluster
-
-HANDLERS = """
-default_runtime = "alpha"
-[runtimes.alpha]
-backend = "emulated"
-[runtimes.beta]
-backend = "emulated"
-[runtimes.gamma]
-backend = "emulated"
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def runtime_class(name: str, handler: str, extra: str = "") -> str:
-    return f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {name}}}\nhandler: {handler}\n{extra}"
-
-
-def pod(
-    name: str,
-    node: str | None,
-    runtime_class: str | None = None,
-    *,
-    annotations: dict[str, str] | None = None,
-    restart_policy: str = "Always",
-    extra_spec: str = "",
-    containers: str = "[{name: main, image: busybox}]",
-) -> str:
-    lines = ["apiVersion: v1", "kind: Pod", "metadata:", f"  name: {name}"]
-    if annotations:
-        lines.append("  annotations:")
-        lines += [f'    {k}: "{v}"' for k, v in annotations.items()]
-    lines.append("spec:")
-    if node:
-        lines.append(f"  nodeName: {node}")
-    if runtime_class:
-        lines.append(f"  runtimeClassName: {runtime_class}")
-    lines.append(f"  restartPolicy: {restart_policy}")
-    lines.append(f"  containers: {containers}")
-    if extra_spec:
-        lines.append(extra_spec)
-    return "\n".join(lines) + "\n"
-
-
-async def pod_phase(kubectl: Kubectl, name: str, phase: str):
-    obj = await kubectl.get("pod", name)
-    return obj if obj and obj.get("status", {}).get("phase") == phase else None
-
-
-async def events_for(kubectl: Kubectl, name: str) -> list[dict]:
-    out = await kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")
-    return out["items"]
 
 
 @pytest.fixture
 async def node(kubectl, start_agent):
     """A fresh node with three emulated handlers; yields (name, agent)."""
     name = unique("emu-pods")
-    agent = await start_agent(name, HANDLERS)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, EMULATED_HANDLERS)
     yield name, agent
-    await kubectl.run("delete", "pods", "--field-selector", f"spec.nodeName={name}", "--wait=false", check=False)
+    await delete_node_pods(kubectl, name, wait=False)
 
 
 async def test_three_runtime_classes_each_pod_runs_on_its_handler(kubectl, node):
@@ -142,7 +95,7 @@ async def test_runtime_class_deleted_after_pod_created(kubectl, start_agent):
     p = unique("p-norc")
     await kubectl.apply(pod(p, name, rc))  # bound to a node whose agent has not started yet
     await kubectl("delete", "runtimeclass", rc)
-    await start_agent(name, HANDLERS)
+    await start_agent(name, EMULATED_HANDLERS)
     obj = await eventually(lambda: pod_phase(kubectl, p, "Failed"), 15, what="Failed")
     assert obj["status"]["reason"] == "RuntimeClassNotFound"
     assert rc in obj["status"]["message"]
@@ -153,7 +106,7 @@ async def test_runtime_class_deleted_after_pod_created(kubectl, start_agent):
 
 async def test_retry_mode_waits_pending_then_runs_after_reload(kubectl, start_agent):
     name = unique("emu-retry")
-    config = 'missing_handler = "retry"\n' + HANDLERS
+    config = 'missing_handler = "retry"\n' + EMULATED_HANDLERS
     agent = await start_agent(name, config)
     await wait_node_ready(kubectl, name)
     rc = unique("rc-late")
@@ -182,8 +135,8 @@ async def test_retry_mode_waits_pending_then_runs_after_reload(kubectl, start_ag
 
 async def test_scheduler_follows_runtime_class_node_selector_and_overhead(kubectl, start_agent):
     special, plain = unique("emu-special"), unique("emu-plain")
-    await start_agent(special, HANDLERS + '[runtimes.special]\nbackend = "emulated"\n')
-    await start_agent(plain, HANDLERS)
+    await start_agent(special, EMULATED_HANDLERS + '[runtimes.special]\nbackend = "emulated"\n')
+    await start_agent(plain, EMULATED_HANDLERS)
     await wait_node_ready(kubectl, special)
     await wait_node_ready(kubectl, plain)
     rc = unique("rc-special")
@@ -208,7 +161,7 @@ async def test_scheduler_follows_runtime_class_node_selector_and_overhead(kubect
 
 async def test_admission_counts_overhead_and_node_selector(kubectl, start_agent):
     name = unique("emu-admit")
-    await start_agent(name, HANDLERS + "[node]\nmax_pods = 3\n")
+    await start_agent(name, EMULATED_HANDLERS + "[node]\nmax_pods = 3\n")
     node_obj = await wait_node_ready(kubectl, name)
     cpu_milli = int(node_obj["status"]["allocatable"]["cpu"]) * 1000
     rc = unique("rc-heavy")
@@ -323,14 +276,14 @@ async def test_on_failure_crash_loop_backs_off_with_growing_delays(kubectl, node
 async def test_agent_restart_keeps_running_pods(kubectl, start_agent, tmp_path):
     name = unique("emu-restart")
     state = tmp_path / "state"
-    agent = await start_agent(name, HANDLERS, state_dir=state)
+    agent = await start_agent(name, EMULATED_HANDLERS, state_dir=state)
     await wait_node_ready(kubectl, name)
     p = unique("p-keep")
     await kubectl.apply(pod(p, name))
     before = await eventually(lambda: pod_phase(kubectl, p, "Running"), 10, what="Running")
     agent.kill(signal.SIGKILL)
     await agent.wait(5)
-    await start_agent(name, HANDLERS, state_dir=state)
+    await start_agent(name, EMULATED_HANDLERS, state_dir=state)
     await asyncio.sleep(3)
     after = await kubectl.get("pod", p)
     assert after["status"]["phase"] == "Running"

@@ -9,34 +9,18 @@ import asyncio
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, condition, eventually, wait_node_ready
+from conftest import Kubectl, condition, delete_node_pods, eventually, ready_node
+from helpers import needs_root, process_config, unique
 
-from cgroups.manager import CgroupManager, detect_mode
+from cgroups.manager import CgroupManager
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-pod_pids_limit = 256
-[runtimes.procs]
-backend = "process"
-[runtimes.fake]
-backend = "emulated"
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+CONFIG = process_config(CGROUP_ROOT, node="pod_pids_limit = 256\n", runtimes='[runtimes.fake]\nbackend = "emulated"\n')
 
 
 async def phase(kubectl: Kubectl, name: str, want: str):
@@ -53,25 +37,14 @@ async def container_state(kubectl: Kubectl, name: str, key: str, reason: str | N
     return None
 
 
-@pytest.fixture(scope="module")
-def cgroups() -> Iterator[CgroupManager]:
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)  # the test root itself, once every Pod is gone
-
-
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-proc")
     state = tmp_path / "state"
-    agent = await start_agent(name, CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, CONFIG, state)
     yield name, agent, state
     # Wait for the deletion: process containers outlive a stopped agent by design.
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 def pod_yaml(

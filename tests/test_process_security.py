@@ -8,47 +8,29 @@ container's own process and run `kubectl exec` as a user would.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, eventually, wait_node_ready
-from helpers import exposed_files
+from conftest import Kubectl, delete_node_pods, eventually, ready_node
+from helpers import exposed_files, needs_root, process_config, unique
 
-from cgroups.manager import CgroupManager, detect_mode
+from cgroups.manager import CgroupManager
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-sec-{uuid.uuid4().hex[:6]}"
 ROOT_CLASS = f"rootprocs-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-[runtimes.procs]
-backend = "process"
-[runtimes.rootprocs]
+CONFIG = process_config(
+    CGROUP_ROOT,
+    runtimes="""[runtimes.rootprocs]
 backend = "process"
 default_run_as_user = 0
 default_run_as_group = 0
 allow_privileged = true
 allow_host_path = true
-"""
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def cgroups():
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)
+""",
+)
 
 
 @pytest.fixture
@@ -58,13 +40,9 @@ async def node(kubectl, start_agent, tmp_path):
     state.mkdir(mode=0o700)  # private, as it should be on a node
     await kubectl.apply(f"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {{name: {ROOT_CLASS}}}\n"
                         "handler: rootprocs\n")  # fmt: skip
-    agent = await start_agent(name, CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, CONFIG, state)
     yield name, agent, state
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 def pod_yaml(name: str, node: str, command: str, *, spec: str = "", container: str = "") -> str:

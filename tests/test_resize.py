@@ -10,54 +10,29 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import condition, eventually, wait_node_ready
+from conftest import condition, delete_node_pods, eventually, ready_node
+from helpers import needs_root, process_config, unique
 
-from cgroups.manager import CgroupManager, detect_mode
 from cgroups.quantity import cpu_millis
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the process backend needs root for pod cgroups"),
-]
+pytestmark = [pytest.mark.cluster, needs_root]
 
 CGROUP_ROOT = f"kubelet-emu-test-{uuid.uuid4().hex[:6]}"
-CONFIG = f"""
-default_runtime = "procs"
-[node]
-cgroup_root = "{CGROUP_ROOT}"
-[runtimes.procs]
-backend = "process"
-"""
+CONFIG = process_config(CGROUP_ROOT)
 MI = 2**20
 REPO = Path(__file__).resolve().parent.parent
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def cgroups() -> Iterator[CgroupManager]:
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)
 
 
 @pytest.fixture
 async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-rsz")
     state = tmp_path / "state"
-    agent = await start_agent(name, CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, CONFIG, state)
     yield name, agent, state
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
 
 
 async def running(kubectl, name):
@@ -368,8 +343,7 @@ async def test_agent_killed_during_a_resize_completes_it_once(kubectl, node, cgr
     agent.kill(signal.SIGKILL)
     await agent.wait(10)
     free_memory(cgroups, ctr_rel)  # meanwhile the usage drops
-    restarted = await start_agent(name, CONFIG, state_dir=state)
-    await wait_node_ready(kubectl, name)
+    restarted = await ready_node(kubectl, start_agent, name, CONFIG, state)
 
     async def applied():
         values = cgroups.read_values(ctr_rel)

@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Kubectl, condition, eventually, wait_node_ready
+from conftest import Kubectl, condition, delete_node_pods, eventually, ready_node
+from helpers import unique
 
-from cgroups.manager import CgroupManager, detect_mode
 from devcluster import manage
 
 pytest_plugins = ["registry_fixture"]
@@ -45,17 +45,6 @@ runtime_root = "{runc_root}"
 """
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def cgroups():
-    manager = CgroupManager(detect_mode(), root=CGROUP_ROOT)
-    yield manager
-    manager.remove(CGROUP_ROOT, kill=True)
-
-
 @pytest.fixture(scope="module")
 async def runtime_class(cluster):
     name = unique("rc-rsz-oci")
@@ -73,13 +62,9 @@ async def node(kubectl, start_agent, tmp_path, cgroups, runtime_class):
     name = unique("emu-rszo")
     runc_root = tmp_path / "runc"
     (tmp_path / "agent.toml").write_text(config(runc_root))
-    agent = await start_agent(name, config(runc_root), state_dir=tmp_path / "state")
-    await wait_node_ready(kubectl, name)
+    agent = await ready_node(kubectl, start_agent, name, config(runc_root), tmp_path / "state")
     yield name, runc_root
-    await kubectl.run(
-        "delete", "pods", "--field-selector", f"spec.nodeName={name}", "--grace-period=1",
-        "--wait=true", "--timeout=60s", check=False,
-    )  # fmt: skip
+    await delete_node_pods(kubectl, name)
     await agent.stop()
 
 

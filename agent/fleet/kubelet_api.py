@@ -29,6 +29,7 @@ from agent.kube import Kube
 from agent.kubelet_api import tls
 from agent.kubelet_api.authn import Authenticator
 from agent.kubelet_api.authz import Authorizer, Decision
+from agent.kubelet_api.context import find_pod
 from agent.kubelet_api.server import OWN_ROUTES, Handler, auth_middleware, client_ca
 from agent.kubelet_api.slow_clients import GuardedSockSite, server_logger
 from common.logfmt import kv
@@ -68,11 +69,7 @@ class FleetAPIContext:
         return self.state_dir / "pods"
 
     def find_pod(self, namespace: str, name: str) -> PodWorker | None:
-        key = f"{namespace}/{name}"
-        for worker in self.controller.workers.values():
-            if worker.key == key and not worker.gone:
-                return worker
-        return None
+        return find_pod(self.controller, namespace, name)
 
 
 class FleetAuthorizer:

@@ -31,8 +31,13 @@ class KubeletAPIContext:
         return self.state_dir / "pods"
 
     def find_pod(self, namespace: str, name: str) -> PodWorker | None:
-        key = f"{namespace}/{name}"
-        for worker in self.controller.workers.values():
-            if worker.key == key and not worker.gone:
-                return worker
-        return None
+        return find_pod(self.controller, namespace, name)
+
+
+def find_pod(controller: PodController, namespace: str, name: str) -> PodWorker | None:
+    """The worker of the Pod `namespace`/`name` among the controller's, unless it is gone."""
+    key = f"{namespace}/{name}"
+    for worker in controller.workers.values():
+        if worker.key == key and not worker.gone:
+            return worker
+    return None

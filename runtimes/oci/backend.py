@@ -56,7 +56,7 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, env_context
-from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
+from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit, shim_exit
 from runtimes.oci.cgroups import remove_everywhere
 from runtimes.oci.seccomp import profile_type
 from runtimes.oci.spec import (
@@ -708,18 +708,13 @@ class OciBackend(Backend):
 
     async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
         run_dir = Path(handle.extra["run_dir"])
-        exit_file = run_dir / "exit.json"
         state = handle.extra["state"]
-        while not exit_file.exists():
-            await process_exit(state["shim_pid"], timeout=5.0)
-            if not exit_file.exists() and not alive(state["shim_pid"], state["shim_start_ticks"]):
-                await asyncio.sleep(0.1)
-                if not exit_file.exists():
-                    return ContainerExit(
-                        exit_code=137, finished_at=_now(), reason="Error",
-                        message="the container's shim disappeared; its exit status is unknown",
-                    )  # fmt: skip
-        result = json.loads(exit_file.read_text())
+        result = await shim_exit(run_dir, state)
+        if result is None:
+            return ContainerExit(
+                exit_code=137, finished_at=_now(), reason="Error",
+                message="the container's shim disappeared; its exit status is unknown",
+            )  # fmt: skip
         # The container's cgroup (a fresh one per container) stays until remove_container.
         reason = "OOMKilled" if self._oom_killed(handle) else None
         return ContainerExit(

@@ -35,7 +35,7 @@ import time
 
 from runtimes.crilog import CriLogWriter
 from runtimes.oci.attach import AttachHub
-from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
+from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_exit, write_json
 
 DRAIN_AFTER_EXIT = 2.0  # seconds to keep reading the pipes after init exits (a daemonized child may hold them)
 
@@ -214,13 +214,7 @@ def main(spec_path: str) -> int:
     if hub is not None:
         hub.close()
     log.close()
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        result = {"exit_code": 128 + sig, "signal": sig}
-    else:
-        result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
-    result["finished_at"] = now()
-    write_json(os.path.join(directory, "exit.json"), result)
+    write_exit(directory, status)
     return 0
 
 

@@ -42,7 +42,7 @@ from runtimes.base import (
     StreamingProcess,
 )
 from runtimes.container_env import EnvError, container_env, env_context, expand
-from runtimes.hostproc import alive, parse_time, pod_dir_name, process_exit
+from runtimes.hostproc import alive, parse_time, pod_dir_name, shim_exit
 from runtimes.private_files import private_dir, remove_tree, write_private
 from runtimes.process.exec import attach_to_container, connect_in_pod, exec_in_container, run_in_container
 from runtimes.process.security import NODE_SECRET_PATHS, resolve
@@ -293,18 +293,13 @@ class ProcessBackend(Backend):
 
     async def wait_container(self, handle: ContainerHandle) -> ContainerExit:
         run_dir = Path(handle.extra["run_dir"])
-        exit_file = run_dir / "exit.json"
         state = handle.extra["state"]
-        while not exit_file.exists():
-            await process_exit(state["shim_pid"], timeout=5.0)
-            if not exit_file.exists() and not alive(state["shim_pid"], state["shim_start_ticks"]):
-                await asyncio.sleep(0.1)
-                if not exit_file.exists():
-                    return ContainerExit(
-                        exit_code=137, finished_at=datetime.now(UTC), reason="Error",
-                        message="the container's shim disappeared; its exit status is unknown",
-                    )  # fmt: skip
-        result = json.loads(exit_file.read_text())
+        result = await shim_exit(run_dir, state)
+        if result is None:
+            return ContainerExit(
+                exit_code=137, finished_at=datetime.now(UTC), reason="Error",
+                message="the container's shim disappeared; its exit status is unknown",
+            )  # fmt: skip
         reason = None
         if await asyncio.to_thread(self._oom_kills, handle) > state.get("oom_before", 0):  # a walk of the cgroup tree
             reason = "OOMKilled"

@@ -33,7 +33,7 @@ import time
 from network.netns import setns_fd
 from runtimes.crilog import CriLogWriter
 from runtimes.process.confine import confine
-from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_json
+from runtimes.shimlib import become_subreaper, load_libc, now, proc_start_ticks, write_exit, write_json
 
 
 def _child(spec: dict, out_w: int, err_w: int, tty: int | None = None) -> None:
@@ -208,13 +208,7 @@ def main(spec_path: str) -> int:
         _, status = os.waitpid(pid, 0)
     _reap_orphans()
     log.close()
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        result = {"exit_code": 128 + sig, "signal": sig}
-    else:
-        result = {"exit_code": os.WEXITSTATUS(status), "signal": None}
-    result["finished_at"] = now()
-    write_json(os.path.join(directory, "exit.json"), result)
+    write_exit(directory, status)
     return 0
 
 
