@@ -219,6 +219,7 @@ class FleetBench:
             if mode == "scheduler":
                 body["spec"]["nodeSelector"] = {LABEL: prefix}
             bodies.append(body)
+        writes0 = await writes_by_resource(self.s, self.server)
         cpu0, _ = proc_stats(agent.pid)
         t0 = time.monotonic()
         create_s = await create_pods(self.s, self.server, ns, bodies, self.args.concurrency)
@@ -231,6 +232,9 @@ class FleetBench:
         gone = await wait_for(lambda: len(watcher.gone) >= n or agent.returncode is not None, 120 + n / 20)
         t_gone = max(watcher.gone.values()) - t1 if watcher.gone else float("nan")
         cpu2, _ = proc_stats(agent.pid)
+        writes1 = await writes_by_resource(self.s, self.server)
+        # Every write the cluster took in the phase (the creates and deletes included), per Pod.
+        per_pod = {k: round((writes1.get(k, 0) - writes0.get(k, 0)) / n, 2) for k in writes1}
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
             await task
@@ -250,13 +254,14 @@ class FleetBench:
                 f"{tag}_time_to_all_gone_s": round(t_gone, 2),
                 f"{tag}_cpu_s": round(cpu2 - cpu0, 2),
                 f"{tag}_cpu_s_to_running": round(cpu1 - cpu0, 2),
+                f"{tag}_writes_per_pod": {k: v for k, v in per_pod.items() if v},
                 f"{tag}_running_curve": [(round(t - t0, 3), c) for t, c in watcher.running_curve],
             }
         )
         print(
             f"    {mode}: {len(watcher.running)}/{n} Running in {t_running:.2f} s (create {create_s:.2f} s), "
             f"p50 {pct(latencies, 50):.3f} p99 {pct(latencies, 99):.3f}, gone in {t_gone:.2f} s, "
-            f"CPU {cpu2 - cpu0:.2f} s",
+            f"CPU {cpu2 - cpu0:.2f} s, writes per Pod {row[f'{tag}_writes_per_pod']}",
             file=sys.stderr,
         )
 
