@@ -15,19 +15,17 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from grpclib.client import Channel
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from grpclib.health.v1.health_grpc import HealthStub
-from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from multidict import CIMultiDict
 from yarl import URL
 
 from agent import probe_metrics
 from runtimes.container_env import expand
+
+if TYPE_CHECKING:
+    from grpclib.const import Status
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +249,14 @@ def _go_duration(seconds: float) -> str:
 async def _grpc(action: JSON, pod_ip: str, timeout: float) -> ProbeResult:
     """grpc.health.v1.Health/Check on the Pod's IP, as pkg/probe/grpc: SERVING is a success, any other
     answer or error a failure, in the kubelet's wording. No TLS (the kubelet's probe has none either)."""
+    # Imported on first use: grpclib and protobuf are ~10 MiB that a node (or a fleet of emulated
+    # nodes) without gRPC probes never needs.
+    from grpclib.client import Channel
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+    from grpclib.health.v1.health_grpc import HealthStub
+    from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
     port = action.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise _ProbeError(f"invalid port number: {port}")
@@ -291,6 +297,8 @@ async def _grpc(action: JSON, pod_ip: str, timeout: float) -> ProbeResult:
 
 def _grpc_code(status: Status) -> str:
     """Go's codes.Code.String(): DEADLINE_EXCEEDED -> DeadlineExceeded (OK, Canceled as in grpc-go)."""
+    from grpclib.const import Status
+
     if status == Status.CANCELLED:
         return "Canceled"
     return "".join(part.capitalize() for part in status.name.split("_"))

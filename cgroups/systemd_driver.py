@@ -19,11 +19,10 @@ import contextlib
 import os
 import signal
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgroups.detect import CgroupError
 from cgroups.resources import ResourceConfig
-from cgroups.systemd_bus import Systemd
 from cgroups.systemd_units import (
     expand_slice,
     resource_properties,
@@ -32,6 +31,9 @@ from cgroups.systemd_units import (
     slice_of_path,
     slice_properties,
 )
+
+if TYPE_CHECKING:
+    from cgroups.systemd_bus import Systemd
 
 HOLDER = "holder"  # the leaf under the Pod's scope the holder process lives in
 _HOLDER_COMMAND = "sleep infinity </dev/null >/dev/null 2>&1 & echo $!"
@@ -47,7 +49,12 @@ class SystemdDriver:
 
     def __init__(self, manager: Any, systemd: Systemd | None = None):
         self.manager = manager
-        self.systemd = systemd or Systemd()
+        if systemd is None:
+            # Imported here: dbus-fast is ~10 MiB that hosts on the cgroupfs driver never need.
+            from cgroups.systemd_bus import Systemd
+
+            systemd = Systemd()
+        self.systemd = systemd
         self._parents: set[str] = set()  # root/QoS slices known to be running
         self._lock = asyncio.Lock()
 
