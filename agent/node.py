@@ -52,12 +52,22 @@ def explain(exc: ApiError, node: str) -> str:
 
 
 class NodeAgent:
-    def __init__(self, kube: Kube, facts: NodeFacts, *, own_watch: bool = True, spread: bool = False):
+    def __init__(
+        self,
+        kube: Kube,
+        facts: NodeFacts,
+        *,
+        own_watch: bool = True,
+        spread: bool = False,
+        heartbeat: Kube | None = None,
+    ):
         """`own_watch` False: the Node's watch events come from outside (the fleet's one Node watch
         calls node_seen). `spread`: heartbeats start at a random phase, and the first periodic
         status post at a random point of its 5 min, so a fleet registered in a burst does not
-        write in bursts ever after."""
+        write in bursts ever after. `heartbeat`: the client for Lease renewals and status posts
+        (a fleet's small pool, Kube.sibling); by default `kube`."""
         self.kube = kube
+        self.heartbeat = heartbeat or kube
         self.spread = spread
         # None: healthy. "not-ready": posts Ready=False. "silent": no Lease renewals and no status
         # posts, so the node lifecycle controller marks the node Unknown (`kubelet-emu fleet ctl`).
@@ -98,7 +108,7 @@ class NodeAgent:
     async def run(self) -> None:
         """Heartbeats; call register() first."""
         self.lease = NodeLease(
-            self.kube, self.name, self.node["metadata"]["uid"], on_recovered=self.api_recovered, spread=self.spread
+            self.heartbeat, self.name, self.node["metadata"]["uid"], on_recovered=self.api_recovered, spread=self.spread
         )
         self.lease.paused = lambda: self.health == "silent"
         if self.spread:
@@ -251,7 +261,7 @@ class NodeAgent:
                 extra=kv(node=self.name, ready=held.get("Ready")),
             )
         # The heartbeat's timeout, not the default 30 s: a post stuck on a dead connection is retried.
-        self.node = await self.kube.request(
+        self.node = await self.heartbeat.request(
             "PATCH",
             self.path + "/status",
             body={"status": status},

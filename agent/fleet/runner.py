@@ -52,6 +52,7 @@ log = logging.getLogger("agent.fleet")
 JSON = dict[str, Any]
 DRAIN_TIMEOUT = 60.0  # seconds a removed node waits for its Pods to go before it leaves anyway
 STOP_TIMEOUT = 4.0
+HEARTBEAT_CONNECTIONS = 8  # 100 renewals a second for 1000 nodes need 1 or 2 at a time
 RECOVERY_DEBOUNCE = 30.0  # seconds between two renewals of the shared connections and watches
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
 
@@ -90,6 +91,7 @@ class Fleet:
         assert config.fleet is not None
         self.api = api
         self.kube = kube
+        self.heartbeat = kube.sibling(HEARTBEAT_CONNECTIONS)  # Leases and status posts: see Kube.sibling
         self.config = config
         self.settings: FleetSettings = config.fleet
         self.state_dir = state_dir
@@ -175,6 +177,7 @@ class Fleet:
             return
         self._recovered_at = now
         self.kube.reset_connections()
+        self.heartbeat.reset_connections()
         for informer in (self.pods, self.nodes, self.runtime_classes):
             informer.retry_now()
 
@@ -190,7 +193,7 @@ class Fleet:
         sock = self.api.bind() if self.api is not None else None
         port = sock.getsockname()[1] if sock is not None else DEFAULT_PORT
         facts = node_facts(self.config, spec, self.settings.name, self.host, self.ip, port)
-        node = NodeAgent(self.kube, facts, own_watch=False, spread=True)
+        node = NodeAgent(self.kube, facts, own_watch=False, spread=True, heartbeat=self.heartbeat)
         node.shared_recovery = self._api_recovered
         events = EventRecorder(self.kube, spec.name, policy=self.config.events)
         pods = PodController(self.kube, node, facts.config, self.state_dir, events, shared=self.shared)
@@ -331,6 +334,7 @@ class Fleet:
                 member.sock.close()
         if self.api is not None:
             await self.api.close()
+        await self.heartbeat.close()
 
 
 def _ignore(_: JSON) -> None:
