@@ -9,8 +9,11 @@ one TokenReview cache; authorization keeps one SubjectAccessReview cache per nod
 The per-node cost is a socket and its asyncio server.
 
 The route modules are the single node's own: they read the node from the context, which here
-follows the connection (a ContextVar set by the first middleware). /stats and /metrics are not
-served: their collectors belong to one node.
+follows the connection (a ContextVar set by the first middleware). /stats/summary and
+/metrics/resource are the fleet's own (agent/fleet/stats.py): a node's emulated Pods and their sum,
+made when that node is asked, since the single node's collector samples the host. /metrics,
+/metrics/cadvisor and /metrics/probes are not served: they describe the process or the host, not
+a node of the fleet.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import KubeletAPISettings
+from agent.fleet import stats as fleet_stats
 from agent.kube import Kube
 from agent.kubelet_api import tls
 from agent.kubelet_api.authn import Authenticator
@@ -102,6 +106,7 @@ class FleetKubeletAPI:
         self.runner: web.AppRunner | None = None
         self.ssl_context: Any = None
         self.authorizer = FleetAuthorizer(kube, settings.authorization_mode)
+        self.stats = fleet_stats.FleetStats(state_dir / "pods")
 
     async def start(self, names: tls.ServingNames) -> None:
         """Raises tls.TLSConfigError or OSError (the caller says which file or setting)."""
@@ -118,6 +123,7 @@ class FleetKubeletAPI:
         ctx = FleetAPIContext(self.kube, self.state_dir)
         for name in ROUTES:
             importlib.import_module(name).add_routes(app, ctx)  # type: ignore[arg-type]
+        fleet_stats.add_routes(app, ctx, self.stats)
         self.runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=1.0, logger=server_logger()
         )
@@ -153,6 +159,7 @@ class FleetKubeletAPI:
         site = GuardedSockSite(self.runner, sock, ssl_context=self.ssl_context)
         await site.start()
         self._sites[controller.node.name] = (port, site)
+        self.stats.serving(controller.node.name)
 
     async def stop_serving(self, name: str) -> None:
         entry = self._sites.pop(name, None)
@@ -161,6 +168,7 @@ class FleetKubeletAPI:
             self._by_port.pop(port, None)
             await site.stop()
         self.authorizer.forget(name)
+        self.stats.forget(name)
 
     async def close(self) -> None:
         if self.runner is not None:

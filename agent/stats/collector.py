@@ -73,6 +73,54 @@ def _timestamp(t: datetime | None) -> float | None:
     return t.timestamp() if t is not None else None
 
 
+def pod_targets(controller: Any, pods_dir: Path, only_cgroups: bool = False) -> list[PodTarget]:
+    """What to sample of a PodController's started Pods (on the loop: it reads the workers)."""
+    cgroups = getattr(controller, "cgroups", None)
+    found = []
+    for worker in list(controller.workers.values()):
+        backend, sandbox = worker.backend, worker.sandbox
+        if backend is None or sandbox is None or worker.gone:
+            continue  # not started, or over: the kubelet reports neither
+        measured = cgroups is not None and backend.name not in NO_CGROUP_BACKENDS
+        if only_cgroups and not measured:
+            continue
+        pod = worker.pod
+        meta = pod["metadata"]
+        annotations = meta.get("annotations") if backend.name == "emulated" else None
+        pod_dir = f"{pods_dir}/{meta['namespace']}_{meta['name']}_{meta['uid']}/" if measured else ""
+        containers = []
+        for name, handle in list(worker.handles.items()):
+            started = _timestamp(handle.started_at)
+            if started is None:
+                continue  # created, not started
+            containers.append(
+                ContainerTarget(
+                    name=name,
+                    start_time=started,
+                    cgroup=cgroups.container_path(pod, name) if measured else None,
+                    log_dir=pod_dir + name if measured else None,
+                    # The Pod's annotations first, then the handler profile's usage.
+                    plan=(emulated_usage.planned_usage(annotations, name) if annotations else None)
+                    or (getattr(handle, "extra", None) or {}).get("usage"),
+                    container_id=handle.id,
+                    image=handle.image,
+                )
+            )
+        start = _timestamp(worker.rec.start_time) or min((c.start_time for c in containers), default=time.time())
+        found.append(
+            PodTarget(
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+                start_time=start,
+                cgroup=cgroups.pod_path(pod) if measured else None,
+                netns=sandbox.netns,
+                containers=containers,
+            )
+        )
+    return found
+
+
 def _host_reader() -> CgroupUsageReader | None:
     try:
         return CgroupUsageReader(detect_mode())
@@ -112,50 +160,7 @@ class StatsCollector:
     # --- on the loop: what to sample ------------------------------------------------------------
 
     def targets(self, only_cgroups: bool = False) -> list[PodTarget]:
-        cgroups = getattr(self.controller, "cgroups", None)
-        found = []
-        for worker in list(self.controller.workers.values()):
-            backend, sandbox = worker.backend, worker.sandbox
-            if backend is None or sandbox is None or worker.gone:
-                continue  # not started, or over: the kubelet reports neither
-            measured = cgroups is not None and backend.name not in NO_CGROUP_BACKENDS
-            if only_cgroups and not measured:
-                continue
-            pod = worker.pod
-            meta = pod["metadata"]
-            annotations = meta.get("annotations") if backend.name == "emulated" else None
-            pod_dir = f"{self.pods_dir}/{meta['namespace']}_{meta['name']}_{meta['uid']}/" if measured else ""
-            containers = []
-            for name, handle in list(worker.handles.items()):
-                started = _timestamp(handle.started_at)
-                if started is None:
-                    continue  # created, not started
-                containers.append(
-                    ContainerTarget(
-                        name=name,
-                        start_time=started,
-                        cgroup=cgroups.container_path(pod, name) if measured else None,
-                        log_dir=pod_dir + name if measured else None,
-                        # The Pod's annotations first, then the handler profile's usage.
-                        plan=(emulated_usage.planned_usage(annotations, name) if annotations else None)
-                        or (getattr(handle, "extra", None) or {}).get("usage"),
-                        container_id=handle.id,
-                        image=handle.image,
-                    )
-                )
-            start = _timestamp(worker.rec.start_time) or min((c.start_time for c in containers), default=time.time())
-            found.append(
-                PodTarget(
-                    name=meta["name"],
-                    namespace=meta["namespace"],
-                    uid=meta["uid"],
-                    start_time=start,
-                    cgroup=cgroups.pod_path(pod) if measured else None,
-                    netns=sandbox.netns,
-                    containers=containers,
-                )
-            )
-        return found
+        return pod_targets(self.controller, self.pods_dir, only_cgroups)
 
     # --- shared, cached sampling ------------------------------------------------------------------
 
