@@ -91,7 +91,7 @@ async def test_lease_renewed_at_least_every_10s(kubectl, start_agent):
     assert lease["metadata"]["ownerReferences"][0]["kind"] == "Node"
 
     seen: list[datetime] = []
-    end = time.monotonic() + 60
+    end = time.monotonic() + 32  # three periods and a bit: enough to see the rhythm
     while time.monotonic() < end:
         lease = await kubectl.get("lease", "-n", "kube-node-lease", name)
         renew = datetime.fromisoformat(lease["spec"]["renewTime"].replace("Z", "+00:00"))
@@ -99,7 +99,7 @@ async def test_lease_renewed_at_least_every_10s(kubectl, start_agent):
             seen.append(renew)
         await asyncio.sleep(1)
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(seen)]
-    assert len(seen) >= 6, seen
+    assert len(seen) >= 3, seen
     assert max(gaps) <= 11.0, gaps  # 10 s period plus request latency
 
 
