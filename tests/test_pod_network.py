@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 
 import pytest
-from conftest import Kubectl, eventually, ready_node
+from conftest import Kubectl, delete_node_pods, eventually, ready_node
 from helpers import process_config, unique
 
 from agent.pod_network import default_bridge
@@ -88,8 +88,9 @@ async def node(kubectl, start_agent, tmp_path):
     name = unique("emu-net")
     agent = await ready_node(kubectl, start_agent, name, CONFIG, tmp_path / "state")
     yield name, agent
-    # Short grace: the test's shells ignore SIGTERM, and the default 30 s made this teardown 43 s.
-    await kubectl.run("delete", "pods", "--all", "--grace-period=1", "--wait=true", "--timeout=60s")
+    # This node's Pods only, with a short grace: "--all" also waited for Pods other tests left on
+    # nodes that are gone (58 s in CI), and the test's shells ignore SIGTERM.
+    await delete_node_pods(kubectl, name)
 
 
 async def test_process_pods_get_ips_and_reach_each_other(kubectl, node):
@@ -167,7 +168,7 @@ async def test_fifty_pods_leave_nothing_behind(kubectl, node):
     assert len(set(ips)) == 50  # no address handed out twice
     bridge = default_bridge(name)
     assert len(bridge_ports(bridge)) >= 50
-    await kubectl.run("delete", "pods", "--all", "--wait=true", "--timeout=90s")
+    await delete_node_pods(kubectl, name)
 
     left: dict[str, int] = {}
 
@@ -205,4 +206,4 @@ async def test_first_process_handler_added_by_sighup_brings_pod_networks(kubectl
         obj = await kubectl.get("pod", "late")
         assert ip != obj["status"]["hostIP"]
     finally:
-        await kubectl.run("delete", "pods", "--all", "--grace-period=1", "--wait=true", "--timeout=60s")
+        await delete_node_pods(kubectl, name)

@@ -51,3 +51,12 @@ def test_a_silent_hung_vm_is_stopped_by_the_watchdog(tmp_path: Path) -> None:
     lane.stream_console(["sh", "-c", "echo booted; exec sleep 60"], tmp_path / "console.log", 1.5, "test")
     assert time.monotonic() - started < 20
     assert (tmp_path / "console.log").read_text() == "booted\n"
+
+
+def test_summary_is_one_line_per_variant_and_fails_when_one_failed(capsys) -> None:
+    assert lane.summarize({"plain": (0, 291.0, False), "leaf": (0, 92.0, True)}) == 0
+    assert lane.summarize({"plain": (0, 291.0, False), "swap": (1, 89.0, False)}) == 1
+    out = capsys.readouterr()
+    lines = (out.out + out.err).splitlines()
+    assert any("leaf" in line and "passed in 92 s (on a second boot" in line for line in lines)
+    assert any("swap" in line and "FAILED (exit 1) in 89 s" in line for line in lines)

@@ -357,10 +357,16 @@ def main(argv: list[str] | None = None) -> int:
             say(f"variant {name}: the VM gave no result; booting it once more")
             rc = run_variant(VARIANTS[name], kernel, initramfs, modules_dir, pytest_args, args.tests)
         results[name] = (rc, time.monotonic() - started, hung)
+    return summarize(results)
+
+
+def summarize(results: dict[str, tuple[int, float, bool]]) -> int:
+    """One line per variant (exit code, wall time, whether it took a second boot); the lane's
+    exit code: 0 when every variant passed."""
     for name, (rc, wall, hung) in results.items():
         again = " (on a second boot: the first VM hung)" if hung else ""
         say(f"{name:10} {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s{again}")
-    return 0 if all(rc == 0 for rc, _ in results.values()) else 1
+    return 0 if all(rc == 0 for rc, _, _ in results.values()) else 1
 
 
 if __name__ == "__main__":
