@@ -133,7 +133,10 @@ async def test_rotation_with_one_minute_certificates(signing_cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("KUBELET_EMU_SKIP_SLOW") == "1", reason="KUBELET_EMU_SKIP_SLOW=1 asks to skip the 3-minute certificates (about 8 minutes)")
+@pytest.mark.skipif(
+    os.environ.get("KUBELET_EMU_SKIP_SLOW") == "1",
+    reason="KUBELET_EMU_SKIP_SLOW=1 asks to skip the 3-minute certificates (about 8 minutes)",
+)
 async def test_rotation_with_three_minute_certificates(signing_cluster, tmp_path):
     cluster = await signing_cluster("3m")
     await rotate_and_watch(cluster, tmp_path, "emu-rotate-3m", rotations=2, timeout=480)
